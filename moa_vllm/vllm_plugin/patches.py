@@ -1,0 +1,205 @@
+"""Every monkeypatch moa-vllm applies to vLLM, in one place. All target vLLM 0.32.x (see compat.py).
+
+- backend_alias: AttentionBackendEnum._member_map_["MOA"] -> CUSTOM, so `--attention-backend moa` resolves.
+- cpu_backend_selection: CpuPlatform.get_attn_backend_cls ignores any selected backend; honour CUSTOM.
+- config_check: <current platform>.check_and_update_config; load and verify the plan and turn prefix caching off
+  in the API-server process, before any worker starts.
+- layer_kv_spec: Attention.get_kv_cache_spec; full-attention layers never reach the backend's customize_spec,
+  so the per-layer MoASpec (sinks + widest window) is produced here.
+- request_lengths: GPUModelRunner._build_attention_metadata (CPUModelRunner inherits it); publish each row's N
+  (prompt + max_tokens) for the metadata builder, which sees no sampling parameters.
+
+Each patch is idempotent and is tested in tests/vllm_plugin/test_patches.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
+
+BACKEND_PATH = "moa_vllm.vllm_plugin.backend.MoABackend"
+ALIAS = "MOA"
+_MARK = "_moa_vllm_patched"
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    target: str
+    vllm_version: str
+    apply: Callable[[], None]
+
+
+def _wrap_once(owner: type, attr: str, make: Callable[[Callable], Callable], classmethod_: bool = False) -> None:
+    """Replace owner.attr by make(original) unless already done; classmethods keep their binding."""
+    current = owner.__dict__.get(attr)
+    if current is not None and getattr(getattr(current, "__func__", current), _MARK, False):
+        return
+    original = getattr(owner, attr)  # bound for classmethods
+    new = make(original)
+    setattr(new, _MARK, True)
+    setattr(owner, attr, classmethod(new) if classmethod_ else new)
+
+
+def moa_selected(vllm_config) -> bool:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if vllm_config.attention_config.backend != AttentionBackendEnum.CUSTOM:
+        return False
+    try:
+        return AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+    except ValueError:
+        return False
+
+
+# ---- backend_alias ---------------------------------------------------------------------------------------------
+def _backend_alias() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    # A new enum member would not survive pickling into spawned workers; an alias of CUSTOM does.
+    AttentionBackendEnum._member_map_.setdefault(ALIAS, AttentionBackendEnum.CUSTOM)
+
+
+# ---- cpu_backend_selection ---------------------------------------------------------------------------------------
+def _cpu_backend_selection() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    def make(original):
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+            if (
+                selected_backend == AttentionBackendEnum.CUSTOM
+                and not attn_selector_config.use_mla
+                and attn_selector_config.attn_type == AttentionType.DECODER
+            ):
+                return AttentionBackendEnum.CUSTOM.get_path()
+            return original(selected_backend, attn_selector_config, num_heads)
+
+        return get_attn_backend_cls
+
+    _wrap_once(CpuPlatform, "get_attn_backend_cls", make, classmethod_=True)
+
+
+# ---- config_check --------------------------------------------------------------------------------------------------
+def _check_moa_config(vllm_config) -> None:
+    from moa_vllm.plan import PlanError
+    from moa_vllm.vllm_plugin.settings import plan_from_vllm_config, plan_path
+
+    if not moa_selected(vllm_config):
+        if isinstance(vllm_config.additional_config, dict) and "moa" in vllm_config.additional_config:
+            raise PlanError(
+                "additional_config.moa.plan is set but the attention backend is not moa: add --attention-backend moa"
+            )
+        return
+    if vllm_config.model_config is None:
+        return
+    plan = plan_from_vllm_config(vllm_config)
+    max_len = vllm_config.model_config.max_model_len
+    logger.info(
+        "moa-vllm: plan %s (%s, %d sinks), density at max_model_len=%d: %.3f",
+        plan_path(vllm_config.additional_config),
+        plan.metadata.method,
+        plan.sink_tokens,
+        max_len,
+        plan.density(max_len),
+    )
+    if vllm_config.cache_config.enable_prefix_caching:
+        logger.info("moa-vllm: prefix caching is off for MoA layers (sink and window blocks are per request)")
+        vllm_config.cache_config.enable_prefix_caching = False
+
+
+def _config_check() -> None:
+    from vllm.platforms import current_platform
+
+    def make(original):
+        def check_and_update_config(cls, vllm_config):
+            original(vllm_config)
+            _check_moa_config(vllm_config)
+
+        return check_and_update_config
+
+    _wrap_once(type(current_platform), "check_and_update_config", make, classmethod_=True)
+
+
+# ---- layer_kv_spec -------------------------------------------------------------------------------------------------
+def moa_layer_spec(layer, vllm_config):
+    """The MoASpec of one MoA attention layer."""
+    from moa_vllm.vllm_plugin.backend import layer_index
+    from moa_vllm.vllm_plugin.kv_spec import MoASpec
+
+    plan = layer.impl.plan
+    max_len = vllm_config.model_config.max_model_len
+    return MoASpec(
+        block_size=vllm_config.cache_config.block_size,
+        num_kv_heads=layer.num_kv_heads,
+        head_size=layer.head_size,
+        head_size_v=layer.head_size_v,
+        dtype=layer.kv_cache_torch_dtype,
+        sliding_window=max(plan.layer_max_window(layer_index(layer.layer_name), max_len), 1),
+        sink_tokens=plan.sink_tokens,
+    )
+
+
+def _layer_kv_spec() -> None:
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    def make(original):
+        def get_kv_cache_spec(self, vllm_config):
+            from moa_vllm.vllm_plugin.backend import MoAImpl
+
+            if isinstance(getattr(self, "impl", None), MoAImpl):
+                return moa_layer_spec(self, vllm_config)
+            return original(self, vllm_config)
+
+        return get_kv_cache_spec
+
+    _wrap_once(Attention, "get_kv_cache_spec", make)
+
+
+# ---- request_lengths -----------------------------------------------------------------------------------------------
+def publish_request_lengths(runner, num_reqs: int) -> None:
+    from moa_vllm.vllm_plugin import request_lengths
+
+    prompts, max_tokens = [], []
+    for req_id in runner.input_batch.req_ids[:num_reqs]:
+        state = runner.requests.get(req_id)
+        params = getattr(state, "sampling_params", None)
+        prompts.append(state.num_prompt_tokens if state is not None else runner.max_model_len)
+        max_tokens.append(params.max_tokens if params is not None else None)
+    request_lengths.publish(prompts, max_tokens, runner.max_model_len)
+
+
+def _request_lengths() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make(original):
+        @functools.wraps(original)
+        def _build_attention_metadata(self, *args, **kwargs):
+            if moa_selected(self.vllm_config):
+                num_reqs = kwargs["num_reqs"] if "num_reqs" in kwargs else args[1]
+                publish_request_lengths(self, num_reqs)
+            return original(self, *args, **kwargs)
+
+        return _build_attention_metadata
+
+    _wrap_once(GPUModelRunner, "_build_attention_metadata", make)
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("backend_alias", "AttentionBackendEnum._member_map_", "0.32", _backend_alias),
+    Patch("cpu_backend_selection", "CpuPlatform.get_attn_backend_cls", "0.32", _cpu_backend_selection),
+    Patch("config_check", "<platform>.check_and_update_config", "0.32", _config_check),
+    Patch("layer_kv_spec", "Attention.get_kv_cache_spec", "0.32", _layer_kv_spec),
+    Patch("request_lengths", "GPUModelRunner._build_attention_metadata", "0.32", _request_lengths),
+)
+
+
+def apply_all() -> None:
+    for patch in PATCHES:
+        patch.apply()

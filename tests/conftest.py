@@ -1,0 +1,21 @@
+"""Shared fixtures: the embedded model folder and the shipped plans."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PLANS = REPO / "plans" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The embedded model, prepared on first use; MOA_VLLM_MODEL_DIR points at an existing copy instead."""
+    if os.environ.get("MOA_VLLM_MODEL_DIR"):
+        return Path(os.environ["MOA_VLLM_MODEL_DIR"])
+    from moa_vllm.model import prepare_embedded_model
+
+    return prepare_embedded_model(progress=False)
