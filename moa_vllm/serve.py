@@ -72,9 +72,11 @@ def server_env(extra: list[str]) -> dict[str, str]:
 
 def serve(model: str | None, plan_path: str, extra: list[str]) -> None:
     """Replace this process by the vLLM OpenAI server."""
-    from moa_vllm.model import EMBEDDED_MODEL_NAME
+    served_name = None
+    if model in (None, "embedded"):
+        from moa_vllm.model import EMBEDDED_MODEL_NAME
 
-    served_name = EMBEDDED_MODEL_NAME if model in (None, "embedded") else None
+        served_name = EMBEDDED_MODEL_NAME
     model_dir = resolve_model(model)
     validate(model_dir, plan_path)
     argv = server_argv(model_dir, plan_path, extra, served_name)

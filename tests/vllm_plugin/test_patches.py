@@ -1,0 +1,154 @@
+"""Each monkeypatch in moa_vllm.vllm_plugin.patches, exercised against the installed vLLM (no engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from moa_vllm.plan import PlanError
+from moa_vllm.vllm_plugin import register
+from moa_vllm.vllm_plugin.patches import BACKEND_PATH, PATCHES, apply_all
+from tests.conftest import PLANS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    register()
+
+
+def test_every_patch_names_its_vllm_version():
+    assert {p.name for p in PATCHES} == {
+        "backend_alias",
+        "cpu_backend_selection",
+        "config_check",
+        "layer_kv_spec",
+        "request_lengths",
+    }
+    assert all(p.vllm_version == "0.32" for p in PATCHES)
+
+
+def test_patches_are_idempotent():
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    before = (CpuPlatform.__dict__["get_attn_backend_cls"], GPUModelRunner._build_attention_metadata)
+    apply_all()
+    after = (CpuPlatform.__dict__["get_attn_backend_cls"], GPUModelRunner._build_attention_metadata)
+    assert before == after
+
+
+def test_backend_alias():
+    from vllm.config.attention import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert AttentionBackendEnum["MOA"] is AttentionBackendEnum.CUSTOM
+    assert AttentionConfig.validate_backend_before("moa") is AttentionBackendEnum.CUSTOM
+    assert AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+
+
+@pytest.mark.parametrize(("selected", "expected"), [("CUSTOM", BACKEND_PATH), ("CPU_ATTN", "cpu_attn")])
+def test_cpu_backend_selection(selected, expected):
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    cfg = AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=128)
+    assert expected in CpuPlatform.get_attn_backend_cls(AttentionBackendEnum[selected], cfg)
+
+
+# VllmConfig is a pydantic dataclass: a PlanError raised in its __post_init__ reaches the caller wrapped in a
+# ValidationError whose message is the PlanError's.
+CONFIG_ERRORS = (PlanError, ValidationError)
+
+
+def _engine_config(model_dir, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(model_dir), max_model_len=512, **kwargs).create_engine_config()
+
+
+def test_config_check_accepts_plan_and_disables_prefix_caching(model_dir):
+    cfg = _engine_config(
+        model_dir,
+        attention_backend="moa",
+        enable_prefix_caching=True,
+        additional_config={"moa": {"plan": str(PLANS / "uniform-d0.25.json")}},
+    )
+    assert cfg.cache_config.enable_prefix_caching is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"attention_backend": "moa"}, "needs a plan file"),
+        (
+            {"attention_backend": "moa", "additional_config": {"moa": {"plan": "/nope/plan.json"}}},
+            "/nope/plan.json: plan file not found",
+        ),
+        ({"attention_backend": "moa", "additional_config": {"moa": {"path": "x"}}}, "additional_config.moa"),
+        ({"additional_config": {"moa": {"plan": str(PLANS / "dense.json")}}}, "add --attention-backend moa"),
+    ],
+)
+def test_config_check_rejects_bad_flags(model_dir, monkeypatch, kwargs, message):
+    monkeypatch.delenv("MOA_VLLM_PLAN", raising=False)
+    with pytest.raises(CONFIG_ERRORS, match=message):
+        _engine_config(model_dir, **kwargs)
+
+
+def test_config_check_rejects_plan_for_another_model(model_dir, tmp_path):
+    data = json.loads((PLANS / "dense.json").read_text())
+    data["model"]["head_dim"] = 128
+    path = tmp_path / "wrong.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CONFIG_ERRORS, match="wrong.json: plan does not fit the model: model.head_dim is 128"):
+        _engine_config(model_dir, attention_backend="moa", additional_config={"moa": {"plan": str(path)}})
+
+
+def test_layer_kv_spec_builds_moa_spec_per_layer(model_dir):
+    """Attention.get_kv_cache_spec on real MoA layers of the real model config."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    from moa_vllm.vllm_plugin.kv_spec import MoASpec
+
+    cfg = _engine_config(
+        model_dir,
+        attention_backend="moa",
+        block_size=32,
+        additional_config={"moa": {"plan": str(PLANS / "uniform-d0.25.json")}},
+    )
+    with set_current_vllm_config(cfg):
+        layer = Attention(
+            num_heads=9,
+            head_size=64,
+            scale=0.125,
+            num_kv_heads=3,
+            cache_config=cfg.cache_config,
+            prefix="model.layers.7.self_attn.attn",
+        )
+        spec = layer.get_kv_cache_spec(cfg)
+    assert isinstance(spec, MoASpec)
+    assert (spec.sink_tokens, spec.sliding_window, spec.block_size) == (64, 128 - 64, 32)  # 0.25 * 512 = 128
+
+
+def test_request_lengths_publishes_rows_in_batch_order():
+    from types import SimpleNamespace
+
+    from moa_vllm.vllm_plugin import request_lengths
+    from moa_vllm.vllm_plugin.patches import publish_request_lengths
+
+    def req(prompt, max_tokens):
+        return SimpleNamespace(num_prompt_tokens=prompt, sampling_params=SimpleNamespace(max_tokens=max_tokens))
+
+    runner = SimpleNamespace(
+        max_model_len=1000,
+        input_batch=SimpleNamespace(req_ids=["b", "a", "c"]),
+        requests={"a": req(100, 50), "b": req(900, 500), "c": req(10, None)},
+    )
+    publish_request_lengths(runner, num_reqs=3)
+    assert request_lengths.current(4, 1000).tolist() == [1000, 150, 1000, 1000]
+    publish_request_lengths(runner, num_reqs=2)
+    assert request_lengths.current(2, 1000).tolist() == [1000, 150]
