@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from moa_vllm.data import natural_prompt
 from moa_vllm.plan import dense_plan, fingerprint_from_hf_config, load_hf_config, save_plan
 from tests.vllm_plugin.conftest import close_llm, make_llm
 from tests.vllm_plugin.matching import assert_greedy_close
-from tests.vllm_plugin.prompts import natural_prompt
 
 pytestmark = pytest.mark.engine
 
