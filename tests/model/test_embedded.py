@@ -1,14 +1,17 @@
 """The embedded model conversion: content, idempotence, repair, exact reload, and that it really is the chat model.
 
-One real conversion is shared by the module (about 30 s on 2 cores), the repair test does a second one.
+One real conversion (tens of seconds on 2 cores) is shared by the module.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,27 +35,28 @@ QUESTION = "What is the capital of France?"
 class Built:
     path: Path
     gguf_model: torch.nn.Module  # what transformers loaded from the GGUF during the build (float32)
+    gguf_tokenizer: Any
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     """Prepare once into a temporary cache, keeping the GGUF-loaded model as the reference for the logits check."""
-    loaded: list[torch.nn.Module] = []
+    loaded: list[tuple[Any, Any]] = []
     load = embedded._load_gguf
 
-    def keep_model(gguf: Path):
+    def keep_model(gguf: Path) -> tuple[Any, Any]:
         model, tokenizer = load(gguf)
-        loaded.append(model)
+        loaded.append((model, tokenizer))
         return model, tokenizer
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(embedded, "_load_gguf", keep_model)
         path = prepare_embedded_model(tmp_path_factory.mktemp("cache") / EMBEDDED_MODEL_NAME, progress=False)
     assert len(loaded) == 1
-    return Built(path, loaded[0])
+    return Built(path, *loaded[0])
 
 
-def _chat_ids(tokenizer) -> torch.Tensor:
+def _chat_ids(tokenizer: Any) -> torch.Tensor:
     messages = [{"role": "user", "content": QUESTION}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
         "input_ids"
@@ -94,7 +98,26 @@ def test_second_prepare_is_a_verified_no_op(built: Built) -> None:
     assert _mtimes(built.path) == before
 
 
-def test_damaged_files_are_detected_and_rebuilt(built: Built) -> None:
+def test_gguf_is_rehashed_when_touched_and_rejected_when_changed(
+    built: Built, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    gguf = tmp_path / embedded.GGUF_FILE
+    shutil.copy2(find_embedded_gguf(), gguf)  # keeps the mtime: verified by size+mtime alone
+    monkeypatch.setattr(embedded, "find_embedded_gguf", lambda: gguf)
+    assert is_prepared(built.path)
+    stat = gguf.stat()
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a reinstall: same bytes, new mtime
+    assert is_prepared(built.path)
+    with open(gguf, "r+b") as f:  # same size and mtime after the utime below, different bytes
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)[0]
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last ^ 1]))
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
+    assert not is_prepared(built.path)
+
+
+def test_damaged_files_are_detected_and_rebuilt(built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
     tokenizer_file = built.path / "tokenizer.json"
     original = tokenizer_file.read_bytes()
     tokenizer_file.write_bytes(original[: len(original) // 2])  # truncated: caught by the size check
@@ -105,8 +128,12 @@ def test_damaged_files_are_detected_and_rebuilt(built: Built) -> None:
     config_file = built.path / "config.json"
     config_file.write_text(config_file.read_text().replace('"llama"', '"llamb"'))  # same size: caught by the hash
     assert not is_prepared(built.path)
+    first_marker = json.loads((built.path / embedded.MARKER).read_text())
+    # The repair path is under test here, not the conversion: reuse what the fixture loaded (saves ~30 s of parsing).
+    monkeypatch.setattr(embedded, "_load_gguf", lambda gguf: (built.gguf_model, built.gguf_tokenizer))
     assert prepare_embedded_model(built.path, progress=False) == built.path
     assert is_prepared(built.path)
+    assert json.loads((built.path / embedded.MARKER).read_text())["files"] == first_marker["files"]  # deterministic
     assert json.loads(config_file.read_text())["model_type"] == "llama"
     assert [p.name for p in built.path.parent.iterdir() if p.name.startswith(".") and p.is_dir()] == []
 
@@ -117,7 +144,10 @@ def test_reload_reproduces_the_gguf_logits_exactly(built: Built) -> None:
 
     saved = AutoModelForCausalLM.from_pretrained(built.path, dtype=torch.float32)
     assert saved.lm_head.weight is saved.model.embed_tokens.weight
-    reference = built.gguf_model.to(torch.bfloat16).to(torch.float32)  # the bf16 rounding the save applies
+    reference = built.gguf_model
+    with torch.no_grad():
+        for param in reference.parameters():  # the bf16 rounding the save applies; buffers (RoPE) stay float32
+            param.copy_(param.to(torch.bfloat16))
     ids = _chat_ids(AutoTokenizer.from_pretrained(built.path))
     with torch.no_grad():
         assert torch.equal(saved(ids).logits, reference(ids).logits)

@@ -50,3 +50,27 @@ def test_dense_plan_matches_stock_exactly_on_most_prompts(outputs):
     """float32 on both sides: rounding-level divergence is allowed by convention, but must stay rare."""
     exact = sum(outputs["stock"][i][0] == outputs["moa"][i][0] for i in range(len(LENGTHS)))
     assert exact >= len(LENGTHS) - 1
+
+
+BF16_LENGTHS = [20, 300, 900]
+
+
+@pytest.fixture(scope="module")
+def bf16_outputs(model_dir, tokenizer, tmp_path_factory):
+    plan = save_plan(
+        dense_plan(fingerprint_from_hf_config(load_hf_config(model_dir))),
+        tmp_path_factory.mktemp("plans") / "dense.json",
+    )
+    prompts = [natural_prompt(tokenizer, n, seed=50 + i) for i, n in enumerate(BF16_LENGTHS)]
+    results = {}
+    for name, plan_path in (("stock", None), ("moa", plan)):
+        llm = make_llm(model_dir, plan_path, dtype="bfloat16", max_model_len=1024)
+        results[name] = _run(llm, prompts)
+        close_llm(llm)
+    return results
+
+
+@pytest.mark.parametrize("i", range(len(BF16_LENGTHS)))
+def test_dense_plan_matches_stock_bf16(bf16_outputs, i):
+    (a, a5), (b, b5) = bf16_outputs["stock"][i], bf16_outputs["moa"][i]
+    assert_greedy_close(a, a5, b, b5, f"bf16 prompt of {BF16_LENGTHS[i]} tokens")
