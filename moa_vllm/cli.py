@@ -99,8 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--length", type=int, nargs="*", default=[2048, 4096, 8192])
     show.set_defaults(func=cmd_plan_show)
 
-    srv = sub.add_parser("serve", help="vLLM OpenAI server with the moa backend; other flags go to vLLM")
-    srv.add_argument("model", nargs="?", default=None, help="HF model folder (default: the embedded model)")
+    srv = sub.add_parser(
+        "serve",
+        usage="moa-vllm serve [MODEL | --model MODEL] --plan PLAN [vLLM server flags ...]",
+        help="vLLM OpenAI server with the moa backend; other flags go to vLLM",
+    )
+    # MODEL is taken from the leftovers (see main): an optional positional would swallow the value of an unknown
+    # flag such as `--port 8000`.
+    srv.add_argument("--model", default=None, help="HF model folder (default: the embedded model)")
     srv.add_argument("--plan", required=True, help="plan v1 JSON file")
     srv.set_defaults(func=cmd_serve, forwards=True)
     return p
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "forwards", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "forwards", False) and args.model is None and extra and not extra[0].startswith("-"):
+        args.model = extra.pop(0)
     try:
         if getattr(args, "forwards", False):
             args.func(args, extra)

@@ -1,0 +1,94 @@
+"""The moa-vllm command line: argument handling of `serve` and the plan commands (no server started)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from moa_vllm import cli, serve
+from moa_vllm.plan import load_plan
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 64,
+}
+
+
+@pytest.fixture
+def model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    return tmp_path
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Record what `serve` would exec instead of replacing the test process."""
+    calls = {}
+    monkeypatch.setattr(serve.os, "execve", lambda path, argv, env: calls.update(argv=argv, env=env))
+    return calls
+
+
+@pytest.mark.parametrize("model_first", [True, False])
+def test_serve_forwards_flags_and_keeps_model(model, tmp_path, captured, model_first):
+    plan = tmp_path / "p.json"
+    cli.main(["plan", "uniform", "--model", str(model), "--density", "0.5", "-o", str(plan)])
+    args = [str(model), "--plan", str(plan)] if model_first else ["--plan", str(plan), "--model", str(model)]
+    cli.main(["serve", *args, "--port", "8123", "--dtype", "float32"])
+    argv = captured["argv"]
+    assert argv[:3] == [sys.executable, "-m", serve.SERVER_MODULE]
+    assert argv[argv.index("--model") + 1] == str(model)
+    assert argv[argv.index("--port") + 1] == "8123"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--attention-backend") + 1] == "moa"
+    assert json.loads(argv[argv.index("--additional-config") + 1]) == {"moa": {"plan": str(plan.resolve())}}
+
+
+def test_serve_keeps_user_host(model, tmp_path, captured):
+    plan = tmp_path / "p.json"
+    cli.main(["plan", "dense", "--model", str(model), "-o", str(plan)])
+    cli.main(["serve", str(model), "--plan", str(plan), "--host", "0.0.0.0"])
+    assert captured["argv"].count("--host") == 1
+
+
+def test_serve_rejects_bad_plan_with_exit_2(model, tmp_path, captured, capsys):
+    plan = tmp_path / "p.json"
+    plan.write_text("[]")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", str(model), "--plan", str(plan)])
+    assert e.value.code == 2
+    assert f"{plan}: a plan must be a JSON object" in capsys.readouterr().err
+    assert not captured
+
+
+def test_plan_commands(model, tmp_path, capsys):
+    out = tmp_path / "u.json"
+    cli.main(
+        [
+            "plan",
+            "uniform",
+            "--model",
+            str(model),
+            "--density",
+            "0.25",
+            "--sinks",
+            "16",
+            "--min-span",
+            "32",
+            "-o",
+            str(out),
+        ]
+    )
+    plan = load_plan(out)
+    assert (plan.sink_tokens, plan.min_span, plan.rules[1][1].beta) == (16, 32, 0.25)
+    cli.main(["plan", "show", str(out), "--length", "4096"])
+    assert "N=4096: density 0.250" in capsys.readouterr().out
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"alphas": [[0, 64, 0, 0]] * 2, "betas": [[0.5, 0.25, 0.1, 0.2]] * 2}))
+    cli.main(["plan", "import-reference", str(ref), "--model", str(model), "-o", str(tmp_path / "imp.json")])
+    assert load_plan(tmp_path / "imp.json").rules[0][0].alpha == 64
+    assert '"widening"' in capsys.readouterr().out
