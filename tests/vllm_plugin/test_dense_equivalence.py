@@ -25,18 +25,25 @@ def _run(llm, prompts):
 
 
 @pytest.fixture(scope="module")
-def outputs(model_dir, tokenizer, tmp_path_factory):
-    plan = save_plan(
-        dense_plan(fingerprint_from_hf_config(load_hf_config(model_dir))),
-        tmp_path_factory.mktemp("plans") / "dense.json",
-    )
-    prompts = [natural_prompt(tokenizer, n, seed=i) for i, n in enumerate(LENGTHS)]
+def dense_plan_path(model_dir, tmp_path_factory):
+    plan = dense_plan(fingerprint_from_hf_config(load_hf_config(model_dir)))
+    return save_plan(plan, tmp_path_factory.mktemp("plans") / "dense.json")
+
+
+def _stock_vs_moa(model_dir, plan, prompts, **engine_kwargs) -> dict:
+    """The same batch through stock vLLM and through the moa backend with the dense plan, one engine at a time."""
     results = {}
     for name, plan_path in (("stock", None), ("moa", plan)):
-        llm = make_llm(model_dir, plan_path)
+        llm = make_llm(model_dir, plan_path, **engine_kwargs)
         results[name] = _run(llm, prompts)
         close_llm(llm)
     return results
+
+
+@pytest.fixture(scope="module")
+def outputs(model_dir, tokenizer, dense_plan_path):
+    prompts = [natural_prompt(tokenizer, n, seed=i) for i, n in enumerate(LENGTHS)]
+    return _stock_vs_moa(model_dir, dense_plan_path, prompts)
 
 
 @pytest.mark.parametrize("i", range(len(LENGTHS)))
@@ -56,18 +63,9 @@ BF16_LENGTHS = [20, 300, 900]
 
 
 @pytest.fixture(scope="module")
-def bf16_outputs(model_dir, tokenizer, tmp_path_factory):
-    plan = save_plan(
-        dense_plan(fingerprint_from_hf_config(load_hf_config(model_dir))),
-        tmp_path_factory.mktemp("plans") / "dense.json",
-    )
+def bf16_outputs(model_dir, tokenizer, dense_plan_path):
     prompts = [natural_prompt(tokenizer, n, seed=50 + i) for i, n in enumerate(BF16_LENGTHS)]
-    results = {}
-    for name, plan_path in (("stock", None), ("moa", plan)):
-        llm = make_llm(model_dir, plan_path, dtype="bfloat16", max_model_len=1024)
-        results[name] = _run(llm, prompts)
-        close_llm(llm)
-    return results
+    return _stock_vs_moa(model_dir, dense_plan_path, prompts, dtype="bfloat16", max_model_len=1024)
 
 
 @pytest.mark.parametrize("i", range(len(BF16_LENGTHS)))
