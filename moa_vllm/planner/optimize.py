@@ -1,0 +1,422 @@
+"""The MoA planner's optimisation step: one rule per (layer, KV head) under density budgets, and its Pareto set.
+
+Formulation (solved by `milp`, SCIP through OR-Tools): binary x[l, h, r], exactly one rule per head; for every
+constraint length L: lower_ratio * density_L * L * heads <= sum kv_tokens(r, L) * x <= density_L * L * heads
+(heads = layers * kv_heads); at most K distinct rules per layer (y[l, r] >= x[l, h, r], sum_r y[l, r] <= K).
+One objective per profiled length: sum loss[p, l, h, r] * x.
+
+Pareto set by the epsilon-constraint method: each objective alone gives its range, then the primary objective is
+minimised under a grid of upper bounds on the others. Every solve is lexicographic (the primary, then the sum of the
+others with the primary held at its optimum), so an exactly solved point is Pareto optimal, not just weakly so.
+Losses are divided by their maximum inside the solver (SCIP's tolerances are absolute); reported values are in the
+caller's units.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+
+import numpy as np
+
+from moa_vllm import __version__
+from moa_vllm.plan.generate import DEFAULT_MIN_SPAN, DEFAULT_SINKS
+from moa_vllm.plan.schema import ModelFingerprint, Plan, PlanMetadata
+from moa_vllm.planner import milp
+from moa_vllm.planner.rules import RuleGrid, token_matrix
+
+log = logging.getLogger(__name__)
+
+LOWER_RATIO = 0.9  # a plan may undershoot its density target by 10% (as in MoA), never exceed it
+_SAME = 1e-9  # normalised objective values closer than this are equal (dedup, dominance)
+
+
+class InfeasibleBudgetError(ValueError):
+    """No assignment meets the density targets. `length`/`density` name the culprit when a single one is."""
+
+    def __init__(self, message: str, length: int | None = None, density: float | None = None):
+        super().__init__(message)
+        self.length = length
+        self.density = density
+
+
+class SolverTimeoutError(RuntimeError):
+    """The time limit ran out before any feasible assignment was found."""
+
+
+def density_targets(density: float, lengths: Iterable[int]) -> dict[int, float]:
+    """The same density target at every length (profiled and extension lengths alike)."""
+    return {int(n): float(density) for n in lengths}
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    time_limit_s: float = 60.0  # wall clock, per MILP solve (a Pareto run makes several)
+    relative_gap: float = 1e-3  # certified optimality gap; 0.1% is well below the noise of profiled losses
+    seed: int = 0  # SCIP's random seed shift; SCIP is single-threaded, so runs repeat exactly
+    epsilon_points: int = 5  # grid points per non-primary objective
+    column_generation: bool = True  # the accelerator in `milp`; off = SCIP on the full model only
+
+    def __post_init__(self) -> None:
+        if self.time_limit_s <= 0 or self.epsilon_points < 1 or self.seed < 0:
+            raise ValueError(f"invalid solver options: {self}")
+        if not 0.0 <= self.relative_gap < 1.0:
+            raise ValueError(f"relative_gap must be in [0, 1), got {self.relative_gap}")
+
+    def settings(self) -> milp.SolveSettings:
+        return milp.SolveSettings(self.time_limit_s, self.relative_gap, self.seed, self.column_generation)
+
+
+@dataclass(frozen=True, eq=False)
+class PlanningProblem:
+    """Profiled losses plus budgets. loss[p, l, h, r]: loss of rule r for (layer l, KV head h) at lengths[p]."""
+
+    loss: np.ndarray
+    lengths: tuple[int, ...]
+    density_targets: Mapping[int, float]  # every profiled length, plus optional extension lengths
+    grid: RuleGrid = field(default_factory=RuleGrid)
+    min_span: int = DEFAULT_MIN_SPAN
+    max_rules_per_layer: int = 2
+    lower_ratio: float = LOWER_RATIO
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loss", np.asarray(self.loss, dtype=np.float64))
+        object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
+        targets = {int(n): float(d) for n, d in sorted(self.density_targets.items())}
+        object.__setattr__(self, "density_targets", targets)
+        self._validate()
+
+    def _validate(self) -> None:
+        loss = self.loss
+        if loss.ndim != 4 or loss.shape[0] != len(self.lengths) or loss.shape[3] != len(self.grid):
+            raise ValueError(
+                f"loss must be [profiled_lengths={len(self.lengths)}, layers, kv_heads, rules={len(self.grid)}], "
+                f"got shape {loss.shape}"
+            )
+        if loss.size == 0 or not np.all(np.isfinite(loss)) or np.any(loss < 0):
+            raise ValueError("loss must be non-empty, finite and >= 0")
+        if len(set(self.lengths)) != len(self.lengths) or min(self.lengths) < 1:
+            raise ValueError(f"profiled lengths must be distinct and positive, got {self.lengths}")
+        missing = [n for n in self.lengths if n not in self.density_targets]
+        if missing:
+            raise ValueError(f"no density target for profiled length(s) {missing}")
+        for n, d in self.density_targets.items():
+            if n < 1 or not 0.0 < d <= 1.0:
+                raise ValueError(f"density target {d} at length {n}: need length >= 1 and density in (0, 1]")
+        if self.min_span < 1 or self.max_rules_per_layer < 1 or not 0.0 <= self.lower_ratio <= 1.0:
+            raise ValueError("need min_span >= 1, max_rules_per_layer >= 1 and lower_ratio in [0, 1]")
+
+    @property
+    def num_layers(self) -> int:
+        return self.loss.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.loss.shape[2]
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_layers * self.num_kv_heads
+
+    @property
+    def constraint_lengths(self) -> tuple[int, ...]:
+        return tuple(self.density_targets)
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        """int64 [constraint_lengths, rules]."""
+        return token_matrix(self.grid, self.constraint_lengths, self.min_span)
+
+    def budget(self, length: int) -> tuple[int, int]:
+        """Integer bounds on the total KV tokens at `length` (totals are integers, so rounding inward is exact)."""
+        full = self.density_targets[length] * length * self.num_heads
+        return math.ceil(self.lower_ratio * full - 1e-9), math.floor(full + 1e-9)
+
+    @cached_property
+    def loss_scale(self) -> float:
+        """Divisor that brings the largest loss to 1 inside the solver."""
+        peak = float(self.loss.max())
+        return peak if peak > 0 else 1.0
+
+    @cached_property
+    def milp_data(self) -> milp.MilpData:
+        n = self.constraint_lengths
+        return milp.MilpData(
+            loss=self.loss / self.loss_scale,
+            tokens=self.tokens,
+            budgets=np.array([self.budget(length) for length in n], dtype=np.int64).reshape(len(n), 2),
+            density_scale=np.array([length * self.num_heads for length in n], dtype=np.float64),
+            max_rules_per_layer=self.max_rules_per_layer,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ParetoSolution:
+    assignment: np.ndarray  # int [layers, kv_heads]: rule index into the grid
+    objectives: dict[int, float]  # profiled length -> summed loss
+    densities: dict[int, float]  # constraint length -> KV density
+    optimal: bool  # every solve behind it was certified within SolverOptions.relative_gap
+    gap: float  # largest certified relative gap of those solves
+    bounds: dict[int, float] = field(default_factory=dict)  # epsilon bounds (loss units) that produced it
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------
+
+
+def assignment_loss(loss: np.ndarray, assignment: np.ndarray) -> float:
+    """Sum over heads of loss[l, h, assignment[l, h]] for one loss table [layers, kv_heads, rules]."""
+    return float(np.take_along_axis(loss, assignment[..., None], axis=-1).sum())
+
+
+def assignment_densities(problem: PlanningProblem, assignment: np.ndarray) -> dict[int, float]:
+    totals = problem.tokens[:, assignment].sum(axis=(1, 2))
+    return {n: int(t) / (n * problem.num_heads) for n, t in zip(problem.constraint_lengths, totals)}
+
+
+def distinct_rules_per_layer(assignment: np.ndarray) -> list[int]:
+    return [len(set(row.tolist())) for row in assignment]
+
+
+# ---- single solves -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Point:
+    """A solved point in normalised loss units."""
+
+    result: milp.SolveResult
+    values: np.ndarray  # [objectives]
+    bounds: dict[int, float]
+
+
+def _lexmin(
+    problem: PlanningProblem, options: SolverOptions, primary: int, bounds: Mapping[int, float], hint: np.ndarray | None
+) -> milp.SolveResult:
+    """Minimise f_primary, then the sum of the others with f_primary held at the value found."""
+    data, settings, count = problem.milp_data, options.settings(), len(problem.lengths)
+    first = milp.solve(data, [float(p == primary) for p in range(count)], bounds, settings, hint)
+    if not first.solved or count == 1:
+        return first
+    held = float(milp.objective_values(data, first.assignment)[primary])
+    second = milp.solve(
+        data,
+        [float(p != primary) for p in range(count)],
+        {**bounds, primary: held + _SAME * max(1.0, held)},
+        settings,
+        first.assignment,
+    )
+    if not second.solved:
+        return milp.SolveResult("feasible", first.assignment, first.gap)
+    status = "optimal" if first.status == second.status == "optimal" else "feasible"
+    return milp.SolveResult(status, second.assignment, max(first.gap, second.gap))
+
+
+def _anchor(problem: PlanningProblem, options: SolverOptions, objective: int, hint: np.ndarray | None) -> _Point:
+    result = _lexmin(problem, options, objective, {}, hint)
+    if result.status == "infeasible":
+        raise _diagnose(problem, options)
+    if not result.solved:
+        raise SolverTimeoutError(
+            f"no feasible plan found within {options.time_limit_s}s for the objective at length "
+            f"{problem.lengths[objective]}; raise time_limit_s"
+        )
+    return _Point(result, milp.objective_values(problem.milp_data, result.assignment), {})
+
+
+def solve_single(problem: PlanningProblem, objective: int = 0, options: SolverOptions | None = None) -> ParetoSolution:
+    """Lexicographic minimum of one objective (an index into problem.lengths)."""
+    options = options or SolverOptions()
+    check_budget_ranges(problem)
+    return _to_solution(problem, _anchor(problem, options, objective, None))
+
+
+# ---- infeasibility -----------------------------------------------------------------------------------------------
+
+
+def check_budget_ranges(problem: PlanningProblem) -> None:
+    """Cheap check, per length, that the budget window overlaps what the grid can reach at all."""
+    for n, tok in zip(problem.constraint_lengths, problem.tokens):
+        d, (lo, hi) = problem.density_targets[n], problem.budget(n)
+        reach_lo, reach_hi = int(tok.min()) * problem.num_heads, int(tok.max()) * problem.num_heads
+        if lo > hi or hi < reach_lo or lo > reach_hi:
+            scale = n * problem.num_heads
+            raise InfeasibleBudgetError(
+                f"density target {d} at length {n} is infeasible: it needs {lo}..{hi} KV tokens "
+                f"(density {lo / scale:.4f}..{hi / scale:.4f}), but the rule grid with min_span {problem.min_span} "
+                f"reaches only {reach_lo}..{reach_hi} (density {reach_lo / scale:.4f}..{reach_hi / scale:.4f})",
+                length=n,
+                density=d,
+            )
+
+
+def _diagnose(problem: PlanningProblem, options: SolverOptions) -> InfeasibleBudgetError:
+    """Name the first length whose budget is infeasible on its own, else report the targets as jointly infeasible."""
+    k, zero = problem.max_rules_per_layer, [0.0] * len(problem.lengths)
+    for i, n in enumerate(problem.constraint_lengths):
+        if milp.solve(problem.milp_data, zero, {}, options.settings(), budget_rows=[i]).status == "infeasible":
+            d, (lo, hi) = problem.density_targets[n], problem.budget(n)
+            return InfeasibleBudgetError(
+                f"density target {d} at length {n} is infeasible: no assignment with at most {k} distinct rules "
+                f"per layer keeps between {lo} and {hi} KV tokens",
+                length=n,
+                density=d,
+            )
+    return InfeasibleBudgetError(
+        f"density targets {problem.density_targets} (length: density) are each feasible but not all together "
+        f"with at most {k} distinct rules per layer"
+    )
+
+
+# ---- the Pareto set ----------------------------------------------------------------------------------------------
+
+
+def pareto_front(
+    problem: PlanningProblem, options: SolverOptions | None = None, primary: int = 0
+) -> list[ParetoSolution]:
+    """Pareto solutions over the profiled lengths' losses, sorted by the primary objective."""
+    options = options or SolverOptions()
+    if not 0 <= primary < len(problem.lengths):
+        raise ValueError(f"primary must index problem.lengths, got {primary}")
+    check_budget_ranges(problem)
+    anchors: list[_Point] = []
+    for p in range(len(problem.lengths)):
+        anchors.append(_anchor(problem, options, p, anchors[-1].result.assignment if anchors else None))
+    points = _nondominated([*anchors, *_epsilon_sweep(problem, options, primary, anchors)])
+    points.sort(key=lambda point: point.values[primary])
+    return [_to_solution(problem, point) for point in points]
+
+
+def _epsilon_grid(anchors: list[_Point], q: int, count: int) -> list[float]:
+    """Bounds on objective q from its own minimum up to its worst value among the anchors, loosest first."""
+    lo, hi = anchors[q].values[q], max(a.values[q] for a in anchors)
+    grid = sorted({float(v) for v in np.linspace(lo, hi, count)}, reverse=True)
+    return [g + _SAME * max(1.0, abs(g)) for g in grid]  # SCIP's tolerances must not cut off the anchor itself
+
+
+def _epsilon_sweep(
+    problem: PlanningProblem, options: SolverOptions, primary: int, anchors: list[_Point]
+) -> list[_Point]:
+    others = [q for q in range(len(anchors)) if q != primary]
+    if not others:
+        return []
+    known = [anchors[primary]]  # optima under some bounds; the primary's anchor is the optimum under none
+    found: list[_Point] = []
+    infeasible: list[dict[int, float]] = []
+    # Loosest combinations come first, so every combination looser than the current one has been handled.
+    for combo in itertools.product(*(_epsilon_grid(anchors, q, options.epsilon_points) for q in others)):
+        bounds = dict(zip(others, combo))
+        if any(all(bounds[q] <= bad[q] for q in others) for bad in infeasible):
+            continue  # tighter than a proven-infeasible combination
+        if any(_reusable(point, bounds) for point in known):
+            continue  # an optimum under looser bounds that meets these bounds is also the optimum here
+        result = _lexmin(problem, options, primary, bounds, known[-1].result.assignment)
+        if result.status == "infeasible":
+            infeasible.append(bounds)
+        elif result.solved:
+            point = _Point(result, milp.objective_values(problem.milp_data, result.assignment), bounds)
+            found.append(point)
+            known.append(point)
+        else:
+            log.warning("no solution within the time limit for epsilon bounds %s; skipped", bounds)
+    return found
+
+
+def _reusable(point: _Point, bounds: Mapping[int, float]) -> bool:
+    looser = all(point.bounds.get(q, math.inf) >= eps for q, eps in bounds.items())
+    meets = all(point.values[q] <= eps for q, eps in bounds.items())
+    return point.result.status == "optimal" and looser and meets
+
+
+def _nondominated(points: list[_Point]) -> list[_Point]:
+    """Drop repeated objective vectors (first kept) and any vector another one dominates."""
+    unique: list[_Point] = []
+    for point in points:
+        if not any(np.all(np.abs(point.values - u.values) <= _SAME) for u in unique):
+            unique.append(point)
+    return [p for p in unique if not any(_dominates(q.values, p.values) for q in unique if q is not p)]
+
+
+def _dominates(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.all(a <= b + _SAME) and np.any(a < b - _SAME))
+
+
+def _to_solution(problem: PlanningProblem, point: _Point) -> ParetoSolution:
+    assignment = point.result.assignment
+    return ParetoSolution(
+        assignment=assignment,
+        objectives={n: assignment_loss(problem.loss[p], assignment) for p, n in enumerate(problem.lengths)},
+        densities=assignment_densities(problem, assignment),
+        optimal=point.result.status == "optimal",
+        gap=point.result.gap,
+        bounds={problem.lengths[q]: eps * problem.loss_scale for q, eps in point.bounds.items()},
+    )
+
+
+# ---- choosing and exporting ------------------------------------------------------------------------------------
+
+
+def validation_losses(solutions: Sequence[ParetoSolution], validation_loss: np.ndarray) -> list[float]:
+    """Each solution's summed loss in validation_loss [layers, kv_heads, rules] (profiled at an unseen length)."""
+    if not solutions:
+        raise ValueError("no solutions to evaluate")
+    validation_loss = np.asarray(validation_loss, dtype=np.float64)
+    shape = solutions[0].assignment.shape
+    if validation_loss.ndim != 3 or validation_loss.shape[:2] != shape:
+        raise ValueError(f"validation_loss must be [{shape[0]}, {shape[1]}, rules], got {validation_loss.shape}")
+    return [assignment_loss(validation_loss, s.assignment) for s in solutions]
+
+
+def select_by_validation(solutions: Sequence[ParetoSolution], validation_loss: np.ndarray) -> int:
+    """Index of the solution with the lowest loss at an unseen length (the first one on ties)."""
+    return int(np.argmin(validation_losses(solutions, validation_loss)))
+
+
+def solution_to_plan(
+    solution: ParetoSolution,
+    problem: PlanningProblem,
+    model: ModelFingerprint,
+    sink_tokens: int = DEFAULT_SINKS,
+    notes: str = "",
+) -> Plan:
+    """Plan v1 with the solution's rule for every (layer, KV head)."""
+    if solution.assignment.shape != (model.num_layers, model.num_kv_heads):
+        raise ValueError(
+            f"solution is for {solution.assignment.shape} (layers, kv_heads), model has "
+            f"({model.num_layers}, {model.num_kv_heads})"
+        )
+    rules = [[problem.grid.rule(int(r)) for r in row] for row in solution.assignment]
+    return Plan(
+        model=model,
+        sink_tokens=sink_tokens,
+        min_span=problem.min_span,
+        rules=rules,
+        metadata=_metadata(solution, problem, notes),
+    )
+
+
+def _metadata(solution: ParetoSolution, problem: PlanningProblem, notes: str) -> PlanMetadata:
+    # JSON object keys are strings, so lengths are written as strings to survive a save/load round trip.
+    extra = {
+        "constraint_lengths": list(problem.constraint_lengths),
+        "densities": {str(n): d for n, d in solution.densities.items()},
+        "objectives": {str(n): v for n, v in solution.objectives.items()},
+        "optimal": solution.optimal,
+        "gap": solution.gap,
+        "max_rules_per_layer": problem.max_rules_per_layer,
+        "lower_ratio": problem.lower_ratio,
+        "rule_grid": {"alphas": list(problem.grid.alphas), "betas": list(problem.grid.betas)},
+    }
+    return PlanMetadata(
+        method="moa-plan",
+        tool_version=__version__,
+        density_targets=[problem.density_targets[n] for n in problem.constraint_lengths],
+        lengths_profiled=list(problem.lengths),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        notes=notes,
+        extra=extra,
+    )

@@ -1,0 +1,142 @@
+"""What a planner run leaves to read: the Pareto set as CSV, the chosen plan's spans and the front as PNGs."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window (CI, servers)
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+from moa_vllm.plan.schema import Plan  # noqa: E402
+from moa_vllm.planner.optimize import ParetoSolution, PlanningProblem, validation_losses  # noqa: E402
+
+CSV_NAME = "pareto.csv"
+HEATMAP_NAME = "spans.png"
+FRONT_NAME = "pareto_front.png"
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    csv: Path
+    heatmap: Path
+    front: Path
+
+
+def write_report(
+    out_dir: str | Path,
+    solutions: Sequence[ParetoSolution],
+    chosen_index: int,
+    problem: PlanningProblem,
+    plan: Plan,
+    validation_loss: np.ndarray | None = None,
+    validation_length: int | None = None,
+    span_length: int | None = None,
+) -> ReportFiles:
+    """Write the Pareto CSV, the span heatmap of `plan` at `span_length` and the Pareto-front plot into out_dir.
+
+    validation_loss [layers, kv_heads, rules] (the profiled loss at the unseen length validation_length) adds a
+    validation column and colours the front. span_length defaults to the largest constraint length.
+    """
+    if not solutions:
+        raise ValueError("no solutions to report")
+    if not 0 <= chosen_index < len(solutions):
+        raise ValueError(f"chosen_index {chosen_index} outside 0..{len(solutions) - 1}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    validation = None if validation_loss is None else validation_losses(solutions, validation_loss)
+    files = ReportFiles(out / CSV_NAME, out / HEATMAP_NAME, out / FRONT_NAME)
+    write_pareto_csv(files.csv, solutions, chosen_index, problem, validation)
+    plot_span_heatmap(files.heatmap, plan, span_length or max(problem.constraint_lengths))
+    plot_pareto_front(files.front, solutions, chosen_index, problem, validation, validation_length)
+    return files
+
+
+def write_pareto_csv(
+    path: Path,
+    solutions: Sequence[ParetoSolution],
+    chosen_index: int,
+    problem: PlanningProblem,
+    validation: Sequence[float] | None,
+) -> None:
+    """One row per Pareto plan: losses per profiled length, densities per constraint length, validation, chosen."""
+    header = [
+        "index",
+        "chosen",
+        *(f"loss_{n}" for n in problem.lengths),
+        *(f"density_{n}" for n in problem.constraint_lengths),
+        "validation_loss",
+        "optimal",
+        "gap",
+    ]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i, s in enumerate(solutions):
+            writer.writerow(
+                [
+                    i,
+                    int(i == chosen_index),
+                    *(repr(s.objectives[n]) for n in problem.lengths),
+                    *(repr(s.densities[n]) for n in problem.constraint_lengths),
+                    "" if validation is None else repr(float(validation[i])),
+                    int(s.optimal),
+                    repr(float(s.gap)),
+                ]
+            )
+
+
+def plot_span_heatmap(path: Path, plan: Plan, length: int) -> None:
+    """Layers x KV heads, coloured by the span (tokens kept) at `length`."""
+    spans = np.array(plan.spans(length), dtype=np.int64)
+    layers, heads = spans.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 0.45 * heads, 1.5 + 0.22 * layers))
+    image = ax.imshow(spans, aspect="auto", cmap="viridis", vmin=0, vmax=length, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=f"span (tokens) at N={length}")
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_title(f"span at N={length}, density {plan.density(length):.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_pareto_front(
+    path: Path,
+    solutions: Sequence[ParetoSolution],
+    chosen_index: int,
+    problem: PlanningProblem,
+    validation: Sequence[float] | None,
+    validation_length: int | None,
+) -> None:
+    """Loss at the shortest vs the longest profiled length (one length: loss per plan), chosen plan ringed."""
+    first, last = problem.lengths[0], problem.lengths[-1]
+    xs = np.array([s.objectives[first] for s in solutions])
+    if len(problem.lengths) > 1:
+        ys, x_label, y_label = np.array([s.objectives[last] for s in solutions]), f"loss at {first}", f"loss at {last}"
+    else:
+        xs, ys, x_label, y_label = np.arange(len(solutions)), xs, "Pareto plan", f"loss at {first}"
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if validation is None:
+        ax.scatter(xs, ys, color="tab:blue", zorder=2)
+    else:
+        points = ax.scatter(xs, ys, c=np.asarray(validation, dtype=np.float64), cmap="plasma", zorder=2)
+        at = f" at {validation_length}" if validation_length else ""
+        fig.colorbar(points, ax=ax, label=f"validation loss{at}")
+    ax.scatter(
+        [xs[chosen_index]], [ys[chosen_index]], s=220, facecolors="none", edgecolors="red", zorder=3, label="chosen"
+    )
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(f"Pareto front ({len(solutions)} plans)")
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
