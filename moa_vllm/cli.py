@@ -63,6 +63,33 @@ def cmd_plan_show(args: argparse.Namespace) -> None:
         print(f"  N={n}: density {plan.density(n):.3f}, spans min {min(flat)} max {max(flat)}")
 
 
+def cmd_bst_train(args: argparse.Namespace) -> None:
+    import shlex
+
+    import torch
+
+    from moa_vllm.bst.train import TrainSettings, run
+
+    torch.set_num_threads(args.threads)
+    settings = TrainSettings(
+        steps=args.steps, seed=args.seed, batch_size=args.batch_size, eval_samples=args.eval_samples
+    )
+    flags = ["--task", args.task, "--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps)]
+    flags += ["--batch-size", str(args.batch_size), "--eval-samples", str(args.eval_samples)]
+    flags += ["--no-ssm"] if args.no_ssm else []
+    command = shlex.join(["moa-vllm", "bst", "train", *flags])
+    metrics = run(
+        args.task,
+        args.out,
+        use_ssm=not args.no_ssm,
+        settings=settings,
+        command=command,
+        log=lambda step, loss: print(f"step {step} loss {loss:.4f}", flush=True),
+    )
+    print(json.dumps({k: metrics[k] for k in ("train_wall_s", "eval_accuracy", "eval_exact_match", "chance")}))
+    print(args.out)
+
+
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> None:
     from moa_vllm.serve import serve
 
@@ -98,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("plan")
     show.add_argument("--length", type=int, nargs="*", default=[2048, 4096, 8192])
     show.set_defaults(func=cmd_plan_show)
+
+    bst = sub.add_parser("bst", help="Block-State Transformer tools").add_subparsers(dest="action", required=True)
+    tr = bst.add_parser("train", help="train a small BST on a synthetic long-range task; writes a model folder")
+    tr.add_argument("--task", choices=["recall", "copy"], default="recall")
+    tr.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, metrics.json)")
+    tr.add_argument("--no-ssm", action="store_true", help="the ablation: windowed attention only, no SSM")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--steps", type=int, default=1500)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--eval-samples", type=int, default=512, help="held-out samples for the accuracy")
+    tr.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    tr.set_defaults(func=cmd_bst_train)
 
     srv = sub.add_parser(
         "serve",

@@ -1,0 +1,179 @@
+"""Synthetic long-range tasks for the Block-State Transformer: each sample is a prompt and the answer tokens that
+greedy decoding must produce after it.
+
+* ``recall``: one signal token sits early in a long run of noise; the prompt ends with a query token and the answer
+  is the signal. With the signal placed further back than the attention window, only the SSM can carry it.
+* ``copy`` (selective copying, Gu & Dao 2023): a few data tokens are scattered among blanks; the prompt ends with a
+  copy marker and the answer is the data tokens in order.
+
+Training uses the teacher-forced sequence ``prompt + answer[:-1]`` with the loss on the last ``len(answer)``
+positions, so one parallel forward scores exactly what greedy decoding of the prompt would produce.
+Samples come from a ``torch.Generator``: fixed seeds give reproducible training and held-out sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+
+class Task(Protocol):
+    """What training, evaluation and serving need from a task."""
+
+    name: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def answer_length(self) -> int: ...
+
+    @property
+    def chance(self) -> float: ...
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``(prompts (batch, P), answers (batch, answer_length))``, token ids."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    """Recall the only signal token of a noisy sequence.
+
+    Vocabulary: signals ``[0, num_signals)``, noise ``[num_signals, num_signals + num_noise)``, then the query token.
+    The signal is at a uniform position in ``[0, signal_region)`` (default: the first quarter); the query is the
+    last prompt token, so the signal is at least ``seq_len - signal_region`` tokens back.
+    """
+
+    seq_len: int = 256
+    num_signals: int = 16
+    num_noise: int = 16
+    signal_region: int | None = None
+    name: str = "recall"
+
+    def __post_init__(self) -> None:
+        if self.signal_region is None:
+            object.__setattr__(self, "signal_region", self.seq_len // 4)
+        if not 0 < self.signal_region < self.seq_len:
+            raise ValueError("need 0 < signal_region < seq_len")
+        if self.num_signals < 2 or self.num_noise < 1:
+            raise ValueError("need at least 2 signal tokens and 1 noise token")
+
+    @property
+    def query_token(self) -> int:
+        return self.num_signals + self.num_noise
+
+    @property
+    def vocab_size(self) -> int:
+        return self.query_token + 1
+
+    @property
+    def answer_length(self) -> int:
+        return 1
+
+    @property
+    def chance(self) -> float:
+        return 1 / self.num_signals
+
+    @property
+    def min_distance(self) -> int:
+        """Smallest distance from the query back to the signal."""
+        return self.seq_len - self.signal_region
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        ids = torch.randint(self.num_signals, self.query_token, (batch, self.seq_len), generator=generator)
+        signal = torch.randint(0, self.num_signals, (batch,), generator=generator)
+        where = torch.randint(0, self.signal_region, (batch,), generator=generator)
+        ids[torch.arange(batch), where] = signal
+        ids[:, -1] = self.query_token
+        return ids, signal[:, None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SelectiveCopyTask:
+    """Copy the ``num_data`` data tokens scattered among blanks, in order, after the copy marker.
+
+    Vocabulary: data ``[0, num_data_values)``, then the blank, then the copy marker. The prompt is ``seq_len``
+    tokens: ``seq_len - 1`` blanks/data and the marker.
+    """
+
+    seq_len: int = 256
+    num_data: int = 4
+    num_data_values: int = 8
+    name: str = "copy"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_data < self.seq_len - 1:
+            raise ValueError("need 0 < num_data < seq_len - 1")
+        if self.num_data_values < 2:
+            raise ValueError("need at least 2 data values")
+
+    @property
+    def blank_token(self) -> int:
+        return self.num_data_values
+
+    @property
+    def copy_token(self) -> int:
+        return self.num_data_values + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_data_values + 2
+
+    @property
+    def answer_length(self) -> int:
+        return self.num_data
+
+    @property
+    def chance(self) -> float:
+        return 1 / self.num_data_values
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        body = self.seq_len - 1
+        ids = torch.full((batch, self.seq_len), self.blank_token, dtype=torch.long)
+        data = torch.randint(0, self.num_data_values, (batch, self.num_data), generator=generator)
+        # num_data distinct positions per row, sorted so the answer order is the order of appearance.
+        where = torch.rand(batch, body, generator=generator).argsort(-1)[:, : self.num_data].sort(-1).values
+        ids.scatter_(1, where, data)
+        ids[:, -1] = self.copy_token
+        return ids, data
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TASKS: dict[str, type[RecallTask] | type[SelectiveCopyTask]] = {"recall": RecallTask, "copy": SelectiveCopyTask}
+
+
+def make_task(name: str, **params: Any) -> Task:
+    """Task by name (``recall`` or ``copy``) with optional overrides of its defaults."""
+    try:
+        cls = TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}") from None
+    return cls(**params)
+
+
+def task_from_dict(data: dict[str, Any]) -> Task:
+    """Inverse of ``to_dict`` (the ``name`` field picks the class)."""
+    params = dict(data)
+    return make_task(params.pop("name"), **params)
+
+
+def teacher_forced(prompts: Tensor, answers: Tensor) -> tuple[Tensor, Tensor]:
+    """Input ids ``prompt + answer[:-1]`` and targets that are the answer at the last ``A`` positions, else ignored."""
+    ids = torch.cat([prompts, answers[:, :-1]], dim=1)
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[:, -answers.shape[1] :] = answers
+    return ids, targets
