@@ -1,0 +1,1 @@
+"""Benchmark harnesses of moa-vllm (importable as a package from the repository root)."""
