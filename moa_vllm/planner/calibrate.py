@@ -1,0 +1,197 @@
+"""Calibration samples with long-range dependencies, answered by the dense model itself.
+
+Every sample is natural text the machine has offline (Python's own reference docs from `pydoc_data`, or the
+project's story sentences) with a retrieval or recall target placed early, far from the question at the end. The
+supervision is the dense model's own greedy answer: the profiled loss then measures how far a sparse head moves the
+model from what it would have said, not from a human answer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from moa_vllm.data.synthetic_text import SENTENCES
+
+TASKS = ("passkey", "facts", "recall")
+CONTEXT_MARKER = "\x00MOA_CONTEXT\x00"
+NEEDLE_DEPTH = (0.05, 0.6)  # fraction of the context before the target: far from the question at the end
+
+_ADJECTIVES = ("red", "silver", "wooden", "striped", "heavy", "small", "green", "ancient", "broken", "golden")
+_NOUNS = ("lantern", "compass", "teapot", "ledger", "anchor", "violin", "mirror", "kettle", "helmet", "basket")
+_NAMES = ("Mara", "Olin", "Tomas", "Ilse", "Bruno", "Petra", "Anouk", "Femi", "Lior", "Sana")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One calibration sequence: prompt_ids + answer_ids is what profiling runs; answer tokens carry the loss."""
+
+    level: int  # the length level this sample belongs to (prompt + answer <= level)
+    task: str
+    source: str
+    depth: float  # where the target sits in the context, 0 = start
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    target: str = ""  # the hidden text, for inspection
+    question: str = ""
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.answer_ids)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def docs_corpus() -> str:
+    """Python's reference documentation topics (stdlib `pydoc_data`), or '' when the distribution dropped it."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return ""
+    return "\n\n".join(topics[name].strip() for name in sorted(topics))
+
+
+def story_text(rng: random.Random, chars: int) -> str:
+    out: list[str] = []
+    while sum(len(s) + 1 for s in out) < chars:
+        out.append(rng.choice(SENTENCES))
+    return " ".join(out)
+
+
+def filler_text(rng: random.Random, corpus: str, chars: int) -> tuple[str, str]:
+    """About `chars` characters of natural text and the name of its source."""
+    if corpus and len(corpus) > chars and rng.random() < 0.7:
+        start = rng.randrange(0, len(corpus) - chars)
+        start = corpus.find("\n", start) + 1 or start  # begin at a line start
+        return corpus[start : start + chars], "python-docs"
+    return story_text(rng, chars), "story"
+
+
+def make_target(task: str, rng: random.Random) -> tuple[str, str]:
+    """(text hidden in the context, question asked at the end)."""
+    if task == "passkey":
+        key = rng.randrange(10000, 100000)
+        return f" The pass key is {key}. Remember it. {key} is the pass key. ", "What is the pass key?"
+    if task == "facts":
+        items = rng.sample(range(len(_NOUNS)), 3)
+        facts = [(f"{rng.choice(_ADJECTIVES)} {_NOUNS[i]}", rng.randrange(10, 1000)) for i in items]
+        text = " ".join(f"Note: the {what} is kept in box {box}." for what, box in facts)
+        return f" {text} ", f"In which box is the {rng.choice(facts)[0]} kept?"
+    name, city = rng.choice(_NAMES), rng.choice(("Lisbon", "Oslo", "Quito", "Hanoi", "Accra", "Perth"))
+    return (
+        f" {name} arrived in {city} on a Tuesday carrying a letter for the harbour master. ",
+        f"Who arrived in {city}, and what were they carrying?",
+    )
+
+
+def prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the context: the chat template when the tokenizer has one, else plain text."""
+    user = f"{CONTEXT_MARKER}\n\nAnswer from the text above. {question}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        bos = tokenizer.bos_token or ""
+        text = f"{bos}{user}\nAnswer:"
+    before, after = text.split(CONTEXT_MARKER)
+    encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    return encode(before), encode(after)
+
+
+def build_prompt(tokenizer, level: int, max_new_tokens: int, rng: random.Random, corpus: str) -> dict:
+    """Prompt ids of at most level - max_new_tokens tokens with the target at a random early depth."""
+    task = TASKS[rng.randrange(len(TASKS))]
+    target, question = make_target(task, rng)
+    before, after = prompt_parts(tokenizer, question)
+    needle = tokenizer.encode(target, add_special_tokens=False)
+    budget = level - max_new_tokens - len(before) - len(after) - len(needle)
+    if budget < 16:
+        raise ValueError(f"length level {level} leaves no room for context ({budget} tokens); use a longer level")
+    filler: list[int] = []
+    source = "story"
+    while len(filler) < budget:  # ~4 characters per token; loop in case the text is denser
+        text, source = filler_text(rng, corpus, 5 * (budget - len(filler)) + 64)
+        filler += tokenizer.encode(text, add_special_tokens=False)
+    filler = filler[:budget]
+    depth = rng.uniform(*NEEDLE_DEPTH)
+    at = int(depth * budget)
+    context = filler[:at] + needle + filler[at:]
+    return {
+        "level": level,
+        "task": task,
+        "source": source,
+        "depth": depth,
+        "prompt_ids": before + context + after,
+        "target": target,
+        "question": question,
+    }
+
+
+@torch.no_grad()
+def greedy_answer(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """The dense model's greedy continuation, up to and including its first end token."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=next(iter(eos_ids)) if eos_ids else 0,
+    )[0, len(prompt_ids) :].tolist()
+    for i, t in enumerate(out):
+        if t in eos_ids:
+            return out[: i + 1]
+    return out
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return found
+
+
+def sample_rng(seed: int, level: int, index: int) -> random.Random:
+    """One generator per sample, so a resumed run makes exactly the samples a fresh run would."""
+    return random.Random(f"{seed}:{level}:{index}")
+
+
+def make_sample(
+    model, tokenizer, level: int, index: int, seed: int, max_new_tokens: int, corpus: str, eos: set[int]
+) -> Sample:
+    spec = build_prompt(tokenizer, level, max_new_tokens, sample_rng(seed, level, index), corpus)
+    answer = greedy_answer(model, spec["prompt_ids"], max_new_tokens, eos)
+    if not answer:
+        raise RuntimeError(f"the model produced no answer tokens for sample {index} at level {level}")
+    return Sample(answer_ids=answer, **spec)
+
+
+def calibrate(
+    model,
+    tokenizer,
+    levels: list[int],
+    samples_per_level: int,
+    seed: int,
+    max_new_tokens: int,
+    done: list[Sample],
+    on_sample: Callable[[Sample], None],
+    progress: Callable[[int], None] | None = None,
+) -> list[Sample]:
+    """All samples, level by level; `done` are samples an interrupted run already made (kept, in order)."""
+    corpus, eos = docs_corpus(), eos_token_ids(model, tokenizer)
+    samples = list(done)
+    todo = [(level, i) for level in levels for i in range(samples_per_level)][len(done) :]
+    for level, i in todo:
+        sample = make_sample(model, tokenizer, level, i, seed, max_new_tokens, corpus, eos)
+        samples.append(sample)
+        on_sample(sample)
+        if progress:
+            progress(1)
+    return samples

@@ -1,0 +1,155 @@
+"""Profiling: per-KV-head attention influence of a HF llama / qwen2 / mistral model on calibration samples.
+
+One forward + backward with ordinary (flash) attention captures, per layer, the post-RoPE Q, K, V and dL/dO (the
+gradient at the attention output, before o_proj). Afterwards each head's attention A and G = dL/dA = dL/dO V^T are
+recomputed exactly, one layer and one head at a time, so no L x L matrix is ever stored: at 4k tokens one head's
+matrices are a few 64 MiB tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+from moa_vllm.planner.influence import BLOCK, block_sums, head_influence, offset_sums
+
+CAPTURE_ATTENTION = "moa_influence_capture"
+
+
+@dataclass
+class LayerCapture:
+    q: torch.Tensor  # [heads, L, d], post-RoPE
+    k: torch.Tensor  # [kv_heads, L, d], post-RoPE
+    v: torch.Tensor  # [kv_heads, L, d]
+    scaling: float
+    grad_out: torch.Tensor | None = None  # [heads, L, d]: dL/dO
+
+
+@dataclass
+class Capture:
+    layers: dict[int, LayerCapture] = field(default_factory=dict)
+
+
+_ACTIVE: list[Capture] = []  # the capture the attention function records into (at most one)
+
+
+def _capturing_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal attention of one unpadded sequence that also records its inputs and output gradient.
+
+    The attention mask is not used: profiling runs one sequence without padding, where the mask is plain causal.
+    K/V are expanded to the query heads so torch picks its memory-efficient flash kernel (no L x L matrix saved).
+    """
+    group = query.shape[1] // key.shape[1]
+    k_full = key.repeat_interleave(group, dim=1) if group > 1 else key
+    v_full = value.repeat_interleave(group, dim=1) if group > 1 else value
+    out = F.scaled_dot_product_attention(query, k_full, v_full, is_causal=True, scale=scaling)
+    out = out.transpose(1, 2).contiguous()  # [B, L, heads, d], what HF attention functions return
+    if _ACTIVE:
+        record = LayerCapture(query.detach()[0], key.detach()[0], value.detach()[0], float(scaling))
+        _ACTIVE[-1].layers[module.layer_idx] = record
+        if out.requires_grad:
+            out.register_hook(lambda g, r=record: setattr(r, "grad_out", g.detach()[0].transpose(0, 1)))
+    return out, None
+
+
+AttentionInterface.register(CAPTURE_ATTENTION, _capturing_attention)
+AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
+
+
+def use_capture_attention(model) -> None:
+    model.set_attn_implementation(CAPTURE_ATTENTION)
+
+
+def answer_loss(model, ids: torch.Tensor, answer_start: int) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (ids[answer_start:]) only; logits are made for those positions only.
+
+    The input embeddings are the leaf that requires grad: weights need no gradient, activations do."""
+    embeds = model.get_input_embeddings()(ids[None]).detach().requires_grad_(True)
+    hidden = model.get_decoder()(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
+    logits = model.get_output_embeddings()(hidden[answer_start - 1 : -1]).float()
+    return F.cross_entropy(logits, ids[answer_start:])
+
+
+@dataclass
+class SampleInfluence:
+    blocks: np.ndarray  # float64 [layers, kv_heads, nb, nb]: block sums of |E|, summed over each query group
+    offsets: np.ndarray  # float64 [layers, kv_heads, L]: per-offset sums of |E| over keys beyond the sinks
+    loss: float
+
+
+def layer_influence(rec: LayerCapture, sinks: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block and offset sums [kv_heads, ...] of one layer, each KV head summing its query group."""
+    heads, kv_heads = rec.q.shape[0], rec.k.shape[0]
+    group = heads // kv_heads
+    blocks, offsets = [], []
+    for kvh in range(kv_heads):
+        b_sum, o_sum = None, None
+        for h in range(kvh * group, (kvh + 1) * group):
+            e = head_influence(rec.q[h], rec.k[kvh], rec.v[kvh], rec.grad_out[h], rec.scaling)
+            b, o = block_sums(e, block), offset_sums(e, sinks)
+            b_sum, o_sum = (b, o) if b_sum is None else (b_sum + b, o_sum + o)
+            del e
+        blocks.append(b_sum)
+        offsets.append(o_sum)
+    return torch.stack(blocks), torch.stack(offsets)
+
+
+def sample_influence(model, ids: list[int], answer_start: int, sinks: int, block: int = BLOCK) -> SampleInfluence:
+    """Influence of every head on one sample (model must use the capture attention)."""
+    device = next(model.parameters()).device
+    capture = Capture()
+    _ACTIVE.append(capture)
+    try:
+        with torch.enable_grad():
+            loss = answer_loss(model, torch.tensor(ids, device=device), answer_start)
+            loss.backward()
+    finally:
+        _ACTIVE.remove(capture)
+    num_layers = len(capture.layers)
+    blocks, offsets = [], []
+    with torch.no_grad():
+        for layer in range(num_layers):
+            rec = capture.layers.pop(layer)  # frees this layer's captures once reduced
+            if rec.grad_out is None:
+                raise RuntimeError(f"no gradient reached the attention output of layer {layer}")
+            b, o = layer_influence(rec, sinks, block)
+            blocks.append(b.double().cpu().numpy())
+            offsets.append(o.double().cpu().numpy())
+    return SampleInfluence(np.stack(blocks), np.stack(offsets), float(loss.detach()))
+
+
+@dataclass
+class LevelAccumulator:
+    """Running sums of one length level; the mean over samples is what the planner uses."""
+
+    length: int
+    blocks: np.ndarray
+    offsets: np.ndarray
+    count: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, length: int, layers: int, kv_heads: int, block: int = BLOCK) -> LevelAccumulator:
+        nb = -(-length // block)
+        return cls(length, np.zeros((layers, kv_heads, nb, nb)), np.zeros((layers, kv_heads, length)))
+
+    def add(self, s: SampleInfluence) -> None:
+        """Samples may be shorter than the level; their influence fills the leading blocks and offsets."""
+        nb, n = s.blocks.shape[-1], s.offsets.shape[-1]
+        if n > self.length:
+            raise ValueError(f"sample of {n} tokens is longer than its level {self.length}")
+        self.blocks[..., :nb, :nb] += s.blocks
+        self.offsets[..., :n] += s.offsets
+        self.count += 1
+        self.losses.append(s.loss)
+
+    def mean_blocks(self) -> np.ndarray:
+        return self.blocks / max(self.count, 1)
+
+    def mean_offsets(self) -> np.ndarray:
+        return self.offsets / max(self.count, 1)

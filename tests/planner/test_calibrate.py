@@ -1,0 +1,88 @@
+"""Calibration samples: length budget, target placed far from the question, determinism, dense greedy answers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from moa_vllm.planner.calibrate import (
+    TASKS,
+    build_prompt,
+    docs_corpus,
+    eos_token_ids,
+    greedy_answer,
+    make_sample,
+    sample_rng,
+)
+from tests.planner.tiny_llama import tiny_config, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config(len(tokenizer))).eval()
+
+
+def _find(haystack: list[int], needle: list[int]) -> int:
+    for i in range(len(haystack) - len(needle) + 1):
+        if haystack[i : i + len(needle)] == needle:
+            return i
+    return -1
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_prompt_fits_its_level_and_hides_the_target_far_from_the_question(tokenizer, index: int):
+    level, new = 400, 16
+    spec = build_prompt(tokenizer, level, new, sample_rng(3, level, index), docs_corpus())
+    assert len(spec["prompt_ids"]) <= level - new
+    assert len(spec["prompt_ids"]) >= level - new - 4  # the budget is used, not just respected
+    # the target text, tokenised on its own, sits in the context
+    at = _find(spec["prompt_ids"], tokenizer.encode(spec["target"], add_special_tokens=False))
+    assert at > 0
+    distance = len(spec["prompt_ids"]) - at
+    assert distance > 0.3 * len(spec["prompt_ids"])  # depth <= 0.6: far from the question at the end
+    assert spec["question"] in tokenizer.decode(spec["prompt_ids"])
+
+
+def test_samples_are_deterministic_per_seed_and_differ_across_seeds(tokenizer):
+    corpus = docs_corpus()
+    a = build_prompt(tokenizer, 300, 8, sample_rng(0, 300, 1), corpus)
+    b = build_prompt(tokenizer, 300, 8, sample_rng(0, 300, 1), corpus)
+    c = build_prompt(tokenizer, 300, 8, sample_rng(1, 300, 1), corpus)
+    assert a == b and a["prompt_ids"] != c["prompt_ids"]
+
+
+def test_every_task_occurs():
+    seen = {TASKS[random.Random(f"0:1024:{i}").randrange(len(TASKS))] for i in range(30)}
+    assert seen == set(TASKS)
+
+
+def test_too_short_level_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="no room"):
+        build_prompt(tokenizer, 60, 16, sample_rng(0, 60, 0), "")
+
+
+def test_answer_is_the_dense_greedy_continuation_cut_after_the_end_token(model, tokenizer):
+    spec = build_prompt(tokenizer, 200, 8, sample_rng(0, 200, 0), docs_corpus())
+    eos = eos_token_ids(model, tokenizer)
+    answer = greedy_answer(model, spec["prompt_ids"], 8, eos)
+    ids = torch.tensor([spec["prompt_ids"]])
+    expected = []
+    with torch.no_grad():
+        for _ in range(8):  # greedy by hand
+            nxt = int(model(ids).logits[0, -1].argmax())
+            expected.append(nxt)
+            if nxt in eos:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    assert answer == expected
+    sample = make_sample(model, tokenizer, 200, 0, 0, 8, docs_corpus(), eos)
+    assert sample.answer_ids == answer and sample.length <= 200

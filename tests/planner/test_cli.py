@@ -1,0 +1,59 @@
+"""`moa-plan run` end to end on a tiny random GQA llama in a temp dir: a valid plan that fits the model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from moa_vllm.plan.fingerprint import check_plan_fits, fingerprint_from_hf_config, load_hf_config
+from moa_vllm.plan.io import load_plan
+from moa_vllm.planner.cli import main, parser
+from tests.planner.tiny_llama import save_tiny_llama
+
+TINY_ARGS = [
+    "--lengths", "192 256", "--validation-length", "224", "--extension-lengths", "512",
+    "--samples-per-length", "2", "--max-new-tokens", "6", "--sinks", "8", "--min-span", "16",
+    "--alphas", "-32 0 64", "--num-betas", "5", "--time-limit", "20", "--epsilon-points", "3", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_parser_reads_lists_and_requires_a_work_dir():
+    args = parser().parse_args(["optimize", "--work-dir", "w", "--density", "0.5 0.25", "--lengths", "1024,2048"])
+    assert args.density == (0.5, 0.25) and args.lengths == (1024, 2048) and args.seed == 0
+    with pytest.raises(SystemExit):
+        parser().parse_args(["run"])
+
+
+def test_run_writes_valid_plans_for_two_densities(tiny_dir: Path, tmp_path: Path):
+    work, out = tmp_path / "work", tmp_path / "plans"
+    argv = ["run", "--model", str(tiny_dir), "--work-dir", str(work), "--density", "0.5 0.25", "--out-dir", str(out)]
+    assert main([*argv, *TINY_ARGS]) == 0
+    fingerprint = fingerprint_from_hf_config(load_hf_config(tiny_dir))
+    for density in (0.5, 0.25):
+        plan = load_plan(out / f"moa-d{density:.2f}.json")
+        check_plan_fits(plan, fingerprint)
+        assert plan.metadata.method == "moa-plan" and plan.metadata.lengths_profiled == [192, 256]
+        assert plan.sink_tokens == 8 and plan.min_span == 16
+        for n in (192, 256, 512):  # density budget: 0.9 x target <= density <= target
+            assert 0.9 * density - 1e-9 <= plan.density(n) <= density + 1e-9
+        report = out / f"moa-d{density:.2f}-report"
+        rows = list(csv.DictReader((report / "pareto.csv").open()))
+        assert rows and sum(int(r["chosen"]) for r in rows) == 1
+        assert (report / "spans.png").stat().st_size > 0 and (report / "pareto_front.png").stat().st_size > 0
+    timings = json.loads((work / "timings.json").read_text())
+    steps = {"calibrate", "profile-L192", "profile-L224", "profile-L256", "optimize-d0.50", "validate-d0.25"}
+    assert steps <= set(timings)
+    assert all(t["seconds"] >= 0 for t in timings.values())
+
+
+def test_model_folder_without_config_is_refused(tmp_path: Path):
+    with pytest.raises(SystemExit, match="not a HF model folder"):
+        main(["calibrate", "--model", str(tmp_path), "--work-dir", str(tmp_path / "w"), *TINY_ARGS])

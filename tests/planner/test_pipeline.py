@@ -1,0 +1,123 @@
+"""Resumability: finished steps are skipped, changed inputs redo what depends on them, interrupted steps continue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moa_vllm.planner import artefacts as art
+from moa_vllm.planner import profile as prof
+from moa_vllm.planner.pipeline import Pipeline, PlannerConfig
+from tests.planner.tiny_llama import save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _config(model: Path, work: Path, **changes) -> PlannerConfig:
+    base = dict(
+        model=model,
+        work_dir=work,
+        lengths=(160, 224),
+        validation_length=192,
+        extension_lengths=(),
+        samples_per_length=2,
+        max_new_tokens=6,
+        sinks=8,
+        min_span=16,
+        alphas=(0.0, 64.0),
+        num_betas=5,
+        time_limit_s=20.0,
+        epsilon_points=3,
+        progress=False,
+    )
+    return PlannerConfig(**{**base, **changes})
+
+
+def _mtimes(work: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in work.iterdir() if p.is_file() and p.name != "timings.json"}
+
+
+def test_second_run_skips_every_step_and_a_new_density_reuses_the_profile(tiny_dir: Path, tmp_path: Path):
+    pipe = Pipeline(_config(tiny_dir, tmp_path))
+    first = pipe.validate(0.5).read_text()
+    before = _mtimes(tmp_path)
+    again = Pipeline(_config(tiny_dir, tmp_path))
+    assert again.validate(0.5).read_text() == first
+    assert _mtimes(tmp_path) == before
+    assert "model" not in again.__dict__  # nothing was recomputed, so the model was never loaded
+    again.validate(0.25)
+    after = _mtimes(tmp_path)
+    assert all(after[name] == before[name] for name in before if "profile" in name or "calibration" in name)
+    assert {"optimize-d0.25.json", "validate-d0.25.json", "plan-d0.25.json"} <= set(after)
+
+
+def test_changed_seed_redoes_calibration_and_profile(tiny_dir: Path, tmp_path: Path):
+    Pipeline(_config(tiny_dir, tmp_path)).profile()
+    cal = json.loads((tmp_path / "calibration.json").read_text())
+    Pipeline(_config(tiny_dir, tmp_path, seed=1)).profile()
+    cal1 = json.loads((tmp_path / "calibration.json").read_text())
+    assert cal1["digest"] != cal["digest"] and cal1["key"]["seed"] == 1
+    assert art.load_npz(tmp_path / "profile-L160.npz")["key"]["calibration"] == cal1["digest"]
+
+
+def test_changed_grid_reoptimizes_without_reprofiling(tiny_dir: Path, tmp_path: Path):
+    Pipeline(_config(tiny_dir, tmp_path)).optimize(0.5)
+    before = _mtimes(tmp_path)
+    Pipeline(_config(tiny_dir, tmp_path, alphas=(0.0, 32.0))).optimize(0.5)
+    after = _mtimes(tmp_path)
+    assert after["optimize-d0.50.json"] != before["optimize-d0.50.json"]
+    assert after["profile-L224.npz"] == before["profile-L224.npz"]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_profile_continues_and_matches_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
+    clean = Pipeline(_config(tiny_dir, tmp_path / "clean"))
+    clean.profile()
+    real = prof.sample_influence
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # second sample of the second level
+            raise _Interrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prof, "sample_influence", flaky)
+    work = tmp_path / "resumed"
+    with pytest.raises(_Interrupt):
+        Pipeline(_config(tiny_dir, work)).profile()
+    partial = art.load_npz(work / "profile-L192.npz")
+    assert int(partial["count"]) == 1 and not bool(partial["complete"])
+    monkeypatch.setattr(prof, "sample_influence", real)
+    Pipeline(_config(tiny_dir, work)).profile()
+    for level in (160, 192, 224):
+        a, b = art.load_npz(clean.path(f"profile-L{level}.npz")), art.load_npz(work / f"profile-L{level}.npz")
+        assert bool(b["complete"]) and int(b["count"]) == 2
+        np.testing.assert_allclose(a["offsets"], b["offsets"], rtol=1e-6)
+
+
+def test_interrupted_calibration_keeps_its_samples(tiny_dir: Path, tmp_path: Path):
+    pipe = Pipeline(_config(tiny_dir, tmp_path))
+    full = pipe.calibrate()
+    partial = {**full, "complete": False, "samples": full["samples"][:3]}
+    (tmp_path / "calibration.json").write_text(json.dumps(partial))
+    resumed = Pipeline(_config(tiny_dir, tmp_path)).calibrate()
+    assert resumed["samples"] == full["samples"] and resumed["digest"] == full["digest"]
+
+
+def test_rule_loss_is_monotone_in_the_window_on_a_real_profile(tiny_dir: Path, tmp_path: Path):
+    pipe = Pipeline(_config(tiny_dir, tmp_path, alphas=(0.0,), num_betas=9))
+    pipe.profile()
+    loss = pipe.rule_loss(224)  # rules ordered by beta: windows only grow
+    assert loss.shape == (2, 2, 9)
+    assert np.all(np.diff(loss, axis=-1) <= 1e-12) and loss[..., 0].sum() > loss[..., -1].sum()
+    assert np.all(loss[..., -1] == 0)  # beta = 1 keeps every token

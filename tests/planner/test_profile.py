@@ -1,0 +1,100 @@
+"""Profiling on a tiny random GQA llama: the recomputed influence equals autograd through an eager attention."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, LlamaForCausalLM
+from transformers.masking_utils import sdpa_mask
+
+from moa_vllm.planner import profile as prof
+from moa_vllm.planner.influence import block_sums, influence, offset_sums
+from tests.planner.tiny_llama import tiny_config
+
+EAGER_STORE = "test_eager_store"
+_STORED: dict[int, torch.Tensor] = {}
+
+
+def _eager_storing(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Plain causal attention that keeps A (with its gradient) per layer."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    n = query.shape[2]
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    attn = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    attn.retain_grad()
+    _STORED[module.layer_idx] = attn
+    return (attn @ value).transpose(1, 2), None
+
+
+AttentionInterface.register(EAGER_STORE, _eager_storing)
+AttentionMaskInterface.register(EAGER_STORE, sdpa_mask)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config(vocab_size=97, layers=2, heads=6, kv_heads=2)).eval().requires_grad_(False)
+
+
+def _autograd_reference(model, ids: list[int], answer_start: int, sinks: int, block: int):
+    model.set_attn_implementation(EAGER_STORE)
+    _STORED.clear()
+    loss = prof.answer_loss(model, torch.tensor(ids), answer_start)
+    loss.backward()
+    blocks, offsets = [], []
+    for layer in range(len(_STORED)):
+        attn, grad = _STORED[layer][0].detach(), _STORED[layer].grad[0]
+        heads, kv_heads = attn.shape[0], model.config.num_key_value_heads
+        e = torch.stack([influence(attn[h], grad[h]).abs().tril() for h in range(heads)])
+        per_kv = e.view(kv_heads, heads // kv_heads, *e.shape[1:]).sum(1)  # GQA: sum over the query group
+        blocks.append(torch.stack([block_sums(x, block) for x in per_kv]))
+        offsets.append(torch.stack([offset_sums(x, sinks) for x in per_kv]))
+    return torch.stack(blocks).double().numpy(), torch.stack(offsets).double().numpy(), float(loss.detach())
+
+
+def test_recomputed_influence_matches_autograd_through_eager_attention(tiny_model):
+    ids = torch.randint(0, 97, (90,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref_blocks, ref_offsets, ref_loss = _autograd_reference(tiny_model, ids, 70, sinks=4, block=16)
+    prof.use_capture_attention(tiny_model)
+    got = prof.sample_influence(tiny_model, ids, 70, sinks=4, block=16)
+    assert got.blocks.shape == (2, 2, 6, 6) and got.offsets.shape == (2, 2, 90)
+    assert got.loss == pytest.approx(ref_loss, rel=1e-5)
+    np.testing.assert_allclose(got.blocks, ref_blocks, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(got.offsets, ref_offsets, rtol=1e-4, atol=1e-9)
+    assert got.offsets.sum() > 0
+
+
+def test_only_answer_tokens_carry_loss(tiny_model):
+    """Queries after the last answer-predicting position get no gradient, so their influence rows are zero."""
+    prof.use_capture_attention(tiny_model)
+    ids = list(range(1, 61))
+    got = prof.sample_influence(tiny_model, ids, 40, sinks=0, block=1)  # block 1: the token-level matrix
+    assert np.all(got.blocks[:, :, 59, :] == 0)  # the last position predicts nothing
+    assert np.all(got.blocks[:, :, 40:59, :].sum(axis=-1) > 0)
+    assert np.all(np.triu(got.blocks, 1) == 0)  # causal part only
+
+
+def test_level_accumulator_averages_samples_of_shorter_length():
+    acc = prof.LevelAccumulator.empty(128, layers=1, kv_heads=1, block=64)
+    short = prof.SampleInfluence(np.ones((1, 1, 1, 1)), np.ones((1, 1, 60)), 1.0)
+    full = prof.SampleInfluence(np.full((1, 1, 2, 2), 3.0), np.full((1, 1, 128), 3.0), 2.0)
+    acc.add(short)
+    acc.add(full)
+    assert acc.mean_blocks()[0, 0, 0, 0] == 2.0 and acc.mean_blocks()[0, 0, 1, 1] == 1.5
+    assert acc.mean_offsets()[0, 0, 0] == 2.0 and acc.mean_offsets()[0, 0, 100] == 1.5
+    with pytest.raises(ValueError):
+        acc.add(prof.SampleInfluence(np.ones((1, 1, 3, 3)), np.ones((1, 1, 129)), 0.0))
+
+
+def test_planner_imports_no_vllm():
+    code = (
+        "import sys; import moa_vllm.planner.cli, moa_vllm.planner.pipeline, moa_vllm.planner.profile, "
+        "moa_vllm.planner.calibrate, moa_vllm.planner.report; "
+        "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
