@@ -17,6 +17,7 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+    from moa_vllm.vllm_plugin.bst_plugin import register_bst
     from moa_vllm.vllm_plugin.kv_spec import MoAManager, MoASpec
     from moa_vllm.vllm_plugin.patches import BACKEND_PATH, apply_all
 
@@ -24,4 +25,5 @@ def register() -> None:
     KVCacheSpecRegistry._ensure_registered()  # built-ins first, or registering ours would skip them
     KVCacheSpecRegistry.register(MoASpec, MoAManager, uniform_type_base_spec=MoASpec)
     apply_all()
+    register_bst()
     _registered = True
