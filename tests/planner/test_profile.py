@@ -8,7 +8,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, LlamaForCausalLM
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.masking_utils import sdpa_mask
 
 from moa_vllm.planner import profile as prof
@@ -67,6 +75,26 @@ def test_recomputed_influence_matches_autograd_through_eager_attention(tiny_mode
     np.testing.assert_allclose(got.blocks, ref_blocks, rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(got.offsets, ref_offsets, rtol=1e-4, atol=1e-9)
     assert got.offsets.sum() > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_families_profile_like_autograd(family: str):
+    """qwen2 (q/k/v biases) and mistral load through the same attention interface; GQA 4 -> 2."""
+    fields = tiny_config(vocab_size=61, heads=4, kv_heads=2).to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    kwargs = {k: fields[k] for k in keep} | {"num_key_value_heads": 2, "max_position_embeddings": 256}
+    torch.manual_seed(3)
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    else:
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **kwargs))
+    model.eval().requires_grad_(False)
+    ids = torch.randint(0, 61, (50,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref_blocks, ref_offsets, _ = _autograd_reference(model, ids, 40, sinks=2, block=8)
+    prof.use_capture_attention(model)
+    got = prof.sample_influence(model, ids, 40, sinks=2, block=8)
+    np.testing.assert_allclose(got.blocks, ref_blocks, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(got.offsets, ref_offsets, rtol=1e-4, atol=1e-9)
 
 
 def test_only_answer_tokens_carry_loss(tiny_model):
