@@ -92,7 +92,13 @@ def cmd_bst_train(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> None:
     from moa_vllm.serve import serve
+    from moa_vllm.vllm_plugin.bst_serve import is_bst_folder, serve_bst
 
+    if is_bst_folder(args.model):
+        serve_bst(args.model, extra)  # a BST checkpoint brings its own windowed attention: no plan
+        return
+    if args.plan is None:
+        raise PlanError("--plan is required (only BST checkpoints are served without one)")
     serve(args.model, args.plan, extra)
 
 
@@ -140,13 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser(
         "serve",
-        usage="moa-vllm serve [MODEL | --model MODEL] --plan PLAN [vLLM server flags ...]",
+        usage="moa-vllm serve [MODEL | --model MODEL] [--plan PLAN] [vLLM server flags ...]",
         help="vLLM OpenAI server with the moa backend; other flags go to vLLM",
     )
     # MODEL is taken from the leftovers (see main): an optional positional would swallow the value of an unknown
     # flag such as `--port 8000`.
     srv.add_argument("--model", default=None, help="HF model folder (default: the embedded model)")
-    srv.add_argument("--plan", required=True, help="plan v1 JSON file")
+    srv.add_argument("--plan", help="plan v1 JSON file (required unless MODEL is a BST checkpoint)")
     srv.set_defaults(func=cmd_serve, forwards=True)
     return p
 

@@ -76,19 +76,24 @@ def load_npz(path: Path) -> dict[str, Any] | None:
 
 
 class Timings:
-    """Wall time of each step that ran, kept in the work dir's timings.json across runs."""
+    """Wall and CPU time of each step that ran, kept in the work dir's timings.json across runs. CPU time (this
+    process, all threads) tells the work apart from waiting on a shared machine."""
 
     def __init__(self, work_dir: Path):
         self.path = work_dir / "timings.json"
 
-    def record(self, step: str, seconds: float, **extra: Any) -> None:
+    def record(self, step: str, seconds: float, cpu_seconds: float, **extra: Any) -> None:
         data = read_json(self.path) or {}
-        data[step] = {"seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        data[step] = {
+            "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu_seconds, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         data[step].update(extra)
         write_json_atomic(self.path, data)
 
     @contextmanager
     def step(self, step: str, **extra: Any) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         yield
-        self.record(step, time.perf_counter() - start, **extra)
+        self.record(step, time.perf_counter() - start, time.process_time() - cpu, **extra)

@@ -51,7 +51,7 @@ def test_run_writes_valid_plans_for_two_densities(tiny_dir: Path, tmp_path: Path
     timings = json.loads((work / "timings.json").read_text())
     steps = {"calibrate", "profile-L192", "profile-L224", "profile-L256", "optimize-d0.50", "validate-d0.25"}
     assert steps <= set(timings)
-    assert all(t["seconds"] >= 0 for t in timings.values())
+    assert all(t["seconds"] >= 0 and t["cpu_seconds"] >= 0 for t in timings.values())
 
 
 def test_model_folder_without_config_is_refused(tmp_path: Path):

@@ -1,0 +1,51 @@
+"""`moa-vllm serve` with a BST checkpoint: no plan needed, token-id prompts (argument handling; no server started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moa_vllm import cli, serve
+from moa_vllm.bst import BSTConfig, BSTForCausalLM
+from moa_vllm.vllm_plugin.bst_serve import bst_server_argv, is_bst_folder
+
+
+@pytest.fixture
+def bst_folder(tmp_path: Path) -> Path:
+    return BSTForCausalLM(BSTConfig(vocab_size=10, hidden_size=16, num_attention_heads=2)).save_pretrained(tmp_path)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    calls = {}
+    monkeypatch.setattr(serve.os, "execve", lambda path, argv, env: calls.update(argv=argv, env=env))
+    return calls
+
+
+def test_bst_folder_is_recognised(bst_folder: Path, tmp_path: Path) -> None:
+    assert is_bst_folder(str(bst_folder))
+    assert not is_bst_folder(str(tmp_path / "missing")) and not is_bst_folder(None)
+
+
+def test_serve_bst_needs_no_plan_and_skips_the_tokenizer(bst_folder: Path, captured) -> None:
+    cli.main(["serve", str(bst_folder), "--port", "8123"])
+    argv = captured["argv"]
+    assert argv[argv.index("--model") + 1] == str(bst_folder)
+    assert "--attention-backend" not in argv and "--additional-config" not in argv
+    assert "--skip-tokenizer-init" in argv and "--no-enable-prefix-caching" in argv
+    assert argv[argv.index("--dtype") + 1] == "float32" and argv[argv.index("--port") + 1] == "8123"
+
+
+def test_user_flags_win_over_bst_defaults(bst_folder: Path) -> None:
+    argv = bst_server_argv(str(bst_folder), ["--dtype", "bfloat16", "--host", "0.0.0.0"])
+    assert argv.count("--dtype") == 1 and argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert argv.count("--host") == 1
+
+
+def test_other_models_still_need_a_plan(tmp_path: Path, captured, capsys) -> None:
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", str(tmp_path)])
+    assert exc.value.code == 2 and "--plan is required" in capsys.readouterr().err
+    assert not captured
