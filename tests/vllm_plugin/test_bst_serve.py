@@ -49,3 +49,56 @@ def test_other_models_still_need_a_plan(tmp_path: Path, captured, capsys) -> Non
         cli.main(["serve", str(tmp_path)])
     assert exc.value.code == 2 and "--plan is required" in capsys.readouterr().err
     assert not captured
+
+
+@pytest.mark.server
+def test_served_checkpoint_answers_token_id_prompts_like_the_reference(tmp_path: Path) -> None:
+    """The real server (`moa-vllm serve BST_FOLDER`): a token-id completion equals the reference greedy decode."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import torch
+
+    torch.manual_seed(0)
+    config = BSTConfig(vocab_size=40, hidden_size=64, num_attention_heads=2, sliding_window=16, initializer_range=0.2)
+    model = BSTForCausalLM(config).eval()
+    folder = model.save_pretrained(tmp_path / "bst")
+    prompt = torch.randint(0, 40, (90,), generator=torch.Generator().manual_seed(3))
+    expected = model.generate_greedy(prompt, 8)[90:].tolist()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    args = ["serve", str(folder), "--port", str(port), "--max-model-len", "512", "--enforce-eager"]
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moa_vllm.cli", *args], env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server not ready in 300 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        body = {"model": str(folder), "prompt": prompt.tolist(), "max_tokens": 8, "temperature": 0,
+                "return_token_ids": True}  # fmt: skip
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            choice = json.loads(r.read())["choices"][0]
+        assert choice["token_ids"] == expected
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
