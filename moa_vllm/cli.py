@@ -71,11 +71,12 @@ def cmd_bst_train(args: argparse.Namespace) -> None:
     from moa_vllm.bst.train import TrainSettings, run
 
     torch.set_num_threads(args.threads)
-    settings = TrainSettings(
-        steps=args.steps, seed=args.seed, batch_size=args.batch_size, eval_samples=args.eval_samples
-    )
-    flags = ["--task", args.task, "--out", str(args.out), "--seed", str(args.seed), "--steps", str(args.steps)]
-    flags += ["--batch-size", str(args.batch_size), "--eval-samples", str(args.eval_samples)]
+    # Flags left out keep TrainSettings' defaults; the recorded command spells every value out.
+    given = {k: getattr(args, k) for k in ("steps", "seed", "batch_size", "eval_samples", "lr", "ssm_lr")}
+    settings = TrainSettings(**{k: v for k, v in given.items() if v is not None})
+    flags = ["--task", args.task, "--out", str(args.out)]
+    for name in given:
+        flags += [f"--{name.replace('_', '-')}", str(getattr(settings, name))]
     flags += ["--no-ssm"] if args.no_ssm else []
     command = shlex.join(["moa-vllm", "bst", "train", *flags])
     metrics = run(
@@ -137,10 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--task", choices=["recall", "copy"], default="recall")
     tr.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, metrics.json)")
     tr.add_argument("--no-ssm", action="store_true", help="the ablation: windowed attention only, no SSM")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--steps", type=int, default=1500)
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--eval-samples", type=int, default=512, help="held-out samples for the accuracy")
+    tr.add_argument("--seed", type=int, help="training seed (default 0)")
+    tr.add_argument("--steps", type=int, help="optimizer steps (default 2500)")
+    tr.add_argument("--batch-size", type=int, help="samples per step (default 32)")
+    tr.add_argument("--eval-samples", type=int, help="held-out samples for the accuracy (default 512)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    tr.add_argument("--ssm-lr", type=float, help="peak learning rate of the SSM parameters (default 1e-3)")
     tr.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     tr.set_defaults(func=cmd_bst_train)
 

@@ -53,7 +53,7 @@ class RecallTask:
     last prompt token, so the signal is at least ``seq_len - signal_region`` tokens back.
     """
 
-    seq_len: int = 256
+    seq_len: int = 128
     num_signals: int = 16
     num_noise: int = 16
     signal_region: int | None = None

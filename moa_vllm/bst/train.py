@@ -28,7 +28,7 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out samples come from a generator seeded aw
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 1500
+    steps: int = 2500
     batch_size: int = 32
     lr: float = 3e-3
     ssm_lr: float = 1e-3
