@@ -25,6 +25,11 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.replace(",", " ").split())
 
 
+def _level_counts(text: str) -> dict[int, int]:
+    pairs = (item.split("=") for item in text.replace(",", " ").split())
+    return {int(level): int(count) for level, count in pairs}
+
+
 def common_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--model", default="embedded", help="HF model folder (llama/qwen2/mistral family) or 'embedded'")
@@ -36,6 +41,12 @@ def common_options() -> argparse.ArgumentParser:
     p.add_argument("--validation-length", type=int, default=3072, help="unprofiled length that picks the plan")
     p.add_argument("--extension-lengths", type=_ints, default=(8192,), help="density-constrained, not profiled")
     p.add_argument("--samples-per-length", type=int, default=4)
+    p.add_argument(
+        "--profile-samples",
+        type=_level_counts,
+        default={},
+        help="profile only the first N calibration samples of some levels, e.g. '3072=2 4096=2' (default: all)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=24, help="length of the dense model's greedy answers")
     p.add_argument("--sinks", type=int, default=64)
     p.add_argument("--min-span", type=int, default=128)
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         validation_length=args.validation_length,
         extension_lengths=args.extension_lengths,
         samples_per_length=args.samples_per_length,
+        profile_samples=args.profile_samples,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         device=args.device,

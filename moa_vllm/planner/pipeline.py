@@ -55,6 +55,8 @@ class PlannerConfig:
     validation_length: int = 3072  # profiled too, but only to choose among Pareto plans
     extension_lengths: tuple[int, ...] = (8192,)  # density-constrained, not profiled
     samples_per_length: int = 4
+    # level -> how many of its calibration samples to profile (default: all); profiling cost grows with L^2
+    profile_samples: dict[int, int] = field(default_factory=dict)
     max_new_tokens: int = 24
     seed: int = 0
     device: str = "cpu"
@@ -180,7 +182,7 @@ class Pipeline:
     # ---- profile -----------------------------------------------------------------------------------------------
     def profile_key(self, calibration_digest: str, level: int) -> dict[str, Any]:
         c = self.config
-        return {
+        key = {
             "version": PROFILE_VERSION,
             "calibration": calibration_digest,
             "level": level,
@@ -188,6 +190,14 @@ class Pipeline:
             "block": c.block,
             "dtype": "float32",
         }
+        if self.profiled_count(level) < c.samples_per_length:
+            key["samples"] = self.profiled_count(level)  # only when subsampled: "all" needs no entry
+        return key
+
+    def profiled_count(self, level: int) -> int:
+        return min(
+            self.config.profile_samples.get(level, self.config.samples_per_length), self.config.samples_per_length
+        )
 
     def profile(self) -> dict[int, Path]:
         """Profile every level (profiled lengths and the validation length); returns the artefact per level."""
@@ -197,7 +207,7 @@ class Pipeline:
         for level in self.config.levels:
             out[level] = self.path(f"profile-L{level}.npz")
             key = art.normalised(self.profile_key(cal["digest"], level))
-            self._profile_level(level, key, [s for s in samples if s.level == level])
+            self._profile_level(level, key, [s for s in samples if s.level == level][: self.profiled_count(level)])
         return out
 
     def _profile_level(self, level: int, key: dict[str, Any], todo: list[Sample]) -> None:
@@ -342,9 +352,10 @@ class Pipeline:
 
     def notes(self) -> str:
         c = self.config
+        profiled = {n: self.profiled_count(n) for n in c.levels}
         return (
-            f"moa-plan: calibration {c.samples_per_length} samples per length at {c.levels} tokens (seed {c.seed}), "
-            f"profiled at {list(c.lengths)}, chosen by loss at {c.validation_length}; rule loss is token-exact "
+            f"moa-plan: calibration at {c.levels} tokens (seed {c.seed}), samples profiled per length {profiled}, "
+            f"objectives at {list(c.lengths)}, chosen by loss at {c.validation_length}; rule loss is token-exact "
             "(per-offset influence sums)"
         )
 

@@ -28,6 +28,9 @@ def tiny_dir(tmp_path_factory) -> Path:
 def test_parser_reads_lists_and_requires_a_work_dir():
     args = parser().parse_args(["optimize", "--work-dir", "w", "--density", "0.5 0.25", "--lengths", "1024,2048"])
     assert args.density == (0.5, 0.25) and args.lengths == (1024, 2048) and args.seed == 0
+    assert args.profile_samples == {}
+    args = parser().parse_args(["profile", "--work-dir", "w", "--profile-samples", "3072=2 4096=1"])
+    assert args.profile_samples == {3072: 2, 4096: 1}
     with pytest.raises(SystemExit):
         parser().parse_args(["run"])
 

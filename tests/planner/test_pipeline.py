@@ -121,3 +121,13 @@ def test_rule_loss_is_monotone_in_the_window_on_a_real_profile(tiny_dir: Path, t
     assert loss.shape == (2, 2, 9)
     assert np.all(np.diff(loss, axis=-1) <= 1e-12) and loss[..., 0].sum() > loss[..., -1].sum()
     assert np.all(loss[..., -1] == 0)  # beta = 1 keeps every token
+
+
+def test_profile_samples_subsamples_one_level_and_keeps_the_others(tiny_dir: Path, tmp_path: Path):
+    Pipeline(_config(tiny_dir, tmp_path)).profile()
+    before = _mtimes(tmp_path)
+    Pipeline(_config(tiny_dir, tmp_path, profile_samples={224: 1})).profile()
+    after = _mtimes(tmp_path)
+    assert after["profile-L160.npz"] == before["profile-L160.npz"]  # untouched levels keep their artefact
+    sub = art.load_npz(tmp_path / "profile-L224.npz")
+    assert int(sub["count"]) == 1 and sub["key"]["samples"] == 1 and bool(sub["complete"])
