@@ -152,7 +152,10 @@ def _highs(settings: SolveSettings, deadline: float) -> pywraplp.Solver | None:
     if remaining <= 0:
         return None
     solver = pywraplp.Solver.CreateSolver("HIGHS")
-    solver.SetSolverSpecificParametersAsString(f"threads=1\nrandom_seed={settings.seed}\noutput_flag=false\n")
+    # mip_abs_gap: HiGHS's default (1e-6) would end exact solves (relative_gap 0) before tie-breaking terms count.
+    # OR-Tools 9.15 returns False here even though the options are applied (output_flag visibly takes effect).
+    params = f"threads=1\nrandom_seed={settings.seed}\noutput_flag=false\nmip_abs_gap=1e-10\n"
+    solver.SetSolverSpecificParametersAsString(params)
     solver.SetTimeLimit(max(1, int(remaining * 1000)))
     return solver
 

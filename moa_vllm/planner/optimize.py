@@ -6,8 +6,11 @@ one rule per head; for every constraint length L: lower_ratio * density_L * L * 
 sum_r y[l, r] <= K). One objective per profiled length: sum loss[p, l, h, r] * x.
 
 Pareto set by the epsilon-constraint method: each objective alone gives its range, then the primary objective is
-minimised under a grid of upper bounds on the others. Every solve is lexicographic (the primary, then the sum of the
-others with the primary held at its optimum), so an exactly solved point is Pareto optimal, not just weakly so.
+minimised under a grid of upper bounds on the others. Every solve minimises the primary plus tie_weight times the
+sum of the others (the augmented epsilon-constraint method), so an exactly solved point is Pareto optimal, not just
+weakly so. With relative_gap g > 0 the lowest bound on each other objective is set within g of its optimum rather
+than at it: that optimum is only certified within g, and rows that tight leave the fast path in `milp` little to
+choose from (it then falls back to a solve of tens of seconds).
 Losses are divided by their maximum inside the solver (MILP tolerances are absolute); reported values are in the
 caller's units.
 """
@@ -62,10 +65,11 @@ class SolverOptions:
     relative_gap: float = 1e-2
     seed: int = 0  # HiGHS's random seed; it runs single-threaded, so runs repeat exactly (unless a time limit hits)
     epsilon_points: int = 5  # grid points per non-primary objective
+    tie_weight: float = 1e-4  # weight of the other objectives in every solve (normalised losses); > 0 for Pareto optima
     decomposition: bool = True  # the fast path in `milp` (column generation); off = HiGHS on the compact model only
 
     def __post_init__(self) -> None:
-        if self.time_limit_s <= 0 or self.epsilon_points < 1 or self.seed < 0:
+        if self.time_limit_s <= 0 or self.epsilon_points < 1 or self.seed < 0 or not 0.0 < self.tie_weight < 1.0:
             raise ValueError(f"invalid solver options: {self}")
         if not 0.0 <= self.relative_gap < 1.0:
             raise ValueError(f"relative_gap must be in [0, 1), got {self.relative_gap}")
@@ -196,30 +200,17 @@ class _Point:
     bounds: dict[int, float]
 
 
-def _lexmin(
+def _solve_point(
     problem: PlanningProblem, options: SolverOptions, primary: int, bounds: Mapping[int, float], hint: np.ndarray | None
 ) -> milp.SolveResult:
-    """Minimise f_primary, then the sum of the others with f_primary held at the value found."""
-    data, settings, count = problem.milp_data, options.settings(), len(problem.lengths)
-    first = milp.solve(data, [float(p == primary) for p in range(count)], bounds, settings, hint)
-    if not first.solved or count == 1:
-        return first
-    held = float(milp.objective_values(data, first.assignment)[primary])
-    second = milp.solve(
-        data,
-        [float(p != primary) for p in range(count)],
-        {**bounds, primary: held + _SAME * max(1.0, held)},
-        settings,
-        first.assignment,
-    )
-    if not second.solved:
-        return milp.SolveResult("feasible", first.assignment, first.gap)
-    status = "optimal" if first.status == second.status == "optimal" else "feasible"
-    return milp.SolveResult(status, second.assignment, max(first.gap, second.gap))
+    """Minimise f_primary + tie_weight * (sum of the others): one solve instead of a lexicographic pair, and a second
+    stage that holds f_primary at its optimum is the hardest kind of solve for the fast path in `milp`."""
+    weights = [1.0 if p == primary else options.tie_weight for p in range(len(problem.lengths))]
+    return milp.solve(problem.milp_data, weights, bounds, options.settings(), hint)
 
 
 def _anchor(problem: PlanningProblem, options: SolverOptions, objective: int, hint: np.ndarray | None) -> _Point:
-    result = _lexmin(problem, options, objective, {}, hint)
+    result = _solve_point(problem, options, objective, {}, hint)
     if result.status == "infeasible":
         raise _diagnose(problem, options)
     if not result.solved:
@@ -293,9 +284,11 @@ def pareto_front(
     return [_to_solution(problem, point) for point in points]
 
 
-def _epsilon_grid(anchors: list[_Point], q: int, count: int) -> list[float]:
-    """Bounds on objective q from its own minimum up to its worst value among the anchors, loosest first."""
-    lo, hi = anchors[q].values[q], max(a.values[q] for a in anchors)
+def _epsilon_grid(anchors: list[_Point], q: int, count: int, relative_gap: float) -> list[float]:
+    """Bounds on objective q from its own minimum (within the gap) up to its worst value among the anchors, loosest
+    first."""
+    hi = max(a.values[q] for a in anchors)
+    lo = min(anchors[q].values[q] * (1.0 + relative_gap), hi)
     grid = sorted({float(v) for v in np.linspace(lo, hi, count)}, reverse=True)
     return [g + _SAME * max(1.0, abs(g)) for g in grid]  # solver tolerances must not cut off the anchor itself
 
@@ -310,13 +303,14 @@ def _epsilon_sweep(
     found: list[_Point] = []
     infeasible: list[dict[int, float]] = []
     # Loosest combinations come first, so every combination looser than the current one has been handled.
-    for combo in itertools.product(*(_epsilon_grid(anchors, q, options.epsilon_points) for q in others)):
+    grids = [_epsilon_grid(anchors, q, options.epsilon_points, options.relative_gap) for q in others]
+    for combo in itertools.product(*grids):
         bounds = dict(zip(others, combo))
         if any(all(bounds[q] <= bad[q] for q in others) for bad in infeasible):
             continue  # tighter than a proven-infeasible combination
         if any(_reusable(point, bounds) for point in known):
             continue  # an optimum under looser bounds that meets these bounds is also the optimum here
-        result = _lexmin(problem, options, primary, bounds, known[-1].result.assignment)
+        result = _solve_point(problem, options, primary, bounds, known[-1].result.assignment)
         if result.status == "infeasible":
             infeasible.append(bounds)
         elif result.solved:

@@ -27,7 +27,7 @@ from moa_vllm.planner.optimize import (
 )
 from moa_vllm.planner.rules import RuleGrid
 
-EXACT = SolverOptions(relative_gap=0.0, epsilon_points=3, time_limit_s=30.0)
+EXACT = SolverOptions(relative_gap=0.0, epsilon_points=3, time_limit_s=30.0, tie_weight=1e-6)
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -117,7 +117,7 @@ decomposition = st.sampled_from([True, False])
 @HYPOTHESIS
 @given(problem=tiny_problems(), fast_path=decomposition, data=st.data())
 def test_single_objective_matches_brute_force(problem: PlanningProblem, fast_path: bool, data: st.DataObject) -> None:
-    options = SolverOptions(relative_gap=0.0, decomposition=fast_path)
+    options = SolverOptions(relative_gap=0.0, decomposition=fast_path, tie_weight=1e-6)
     objective = data.draw(st.integers(0, len(problem.lengths) - 1))
     truth = brute_force(problem)
     if not len(truth.assignments):
@@ -128,7 +128,7 @@ def test_single_objective_matches_brute_force(problem: PlanningProblem, fast_pat
     assert respects_constraints(problem, solution)
     best = truth.values[objective].min()
     assert solution.objectives[problem.lengths[objective]] == pytest.approx(best, abs=tolerance(problem))
-    # Lexicographic: among the optima of the objective, the others' sum is smallest.
+    # Ties on the objective go to the smallest sum of the others (tie_weight).
     tied = truth.values[objective] <= best + tolerance(problem)
     others = [p for p in range(len(problem.lengths)) if p != objective]
     if others:
@@ -185,7 +185,7 @@ def test_budget_infeasible_only_through_the_k_limit() -> None:
 @given(problem=tiny_problems(max_objectives=3), fast_path=decomposition)
 def test_pareto_front_against_brute_force(problem: PlanningProblem, fast_path: bool) -> None:
     truth = brute_force(problem)
-    options = SolverOptions(relative_gap=0.0, epsilon_points=3, decomposition=fast_path)
+    options = SolverOptions(relative_gap=0.0, epsilon_points=3, decomposition=fast_path, tie_weight=1e-6)
     if not len(truth.assignments):
         with pytest.raises(InfeasibleBudgetError):
             pareto_front(problem, options)
