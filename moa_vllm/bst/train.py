@@ -1,8 +1,8 @@
 """Train a small BST (or its no-SSM ablation) on a synthetic task and write a checkpoint folder.
 
 Plain AdamW on freshly sampled batches (the task generator never repeats a batch, so there is no epoch and no
-overfitting to a fixed set). The SSM parameters get their own, smaller learning rate and no weight decay, as in
-S4/S4D: weight decay would pull log dt and A towards values that forget faster.
+overfitting to a fixed set). The SSM parameters get their own learning rate and no weight decay, as in S4/S4D:
+weight decay would pull log dt and A towards values that forget faster.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out samples come from a generator seeded aw
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 2500
-    batch_size: int = 32
+    # The recipe of the shipped recall checkpoint (benchmarks/bst_recall.json). ssm_lr 1e-3, the S4 papers' cap, got
+    # 84% in the same 2000 steps; 3e-3 got 100%.
+    steps: int = 2000
+    batch_size: int = 16
     lr: float = 3e-3
-    ssm_lr: float = 1e-3
+    ssm_lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
     clip_norm: float = 1.0
