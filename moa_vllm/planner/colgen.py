@@ -66,7 +66,8 @@ class Pricer:
 def lagrangian_bound(values: np.ndarray, pi: np.ndarray, rows: CouplingRows) -> float:
     """The bound in the module docstring; `values` are the priced minima for cost - pi . coeff."""
     side = np.where(pi > 0, rows.lo, np.where(pi < 0, rows.hi, 0.0))
-    terms = np.where(pi != 0, pi * side, 0.0)  # pi towards an infinite side gives -inf: no bound from these pi
+    with np.errstate(invalid="ignore"):
+        terms = np.where(pi != 0, pi * side, 0.0)  # pi towards an infinite side gives -inf: no bound from these pi
     return float(values.sum() + terms.sum())
 
 
@@ -81,6 +82,8 @@ def column_generation(cost: np.ndarray, rows: CouplingRows, k: int, start: np.nd
     bound = -math.inf
     for _ in range(MAX_ROUNDS):
         sigma, pi = lp.solve()
+        pi = np.where(np.isinf(rows.lo), np.minimum(pi, 0.0), pi)  # round-off can give a dual towards an
+        pi = np.where(np.isinf(rows.hi), np.maximum(pi, 0.0), pi)  # infinite side, which would bound nothing
         values, best = pricer(cost - np.tensordot(pi, rows.coeff, axes=1))
         bound = max(bound, lagrangian_bound(values, pi, rows))
         entering = [layer for layer in range(layers) if values[layer] - sigma[layer] < -_REDUCED_COST_TOL]

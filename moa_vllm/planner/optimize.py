@@ -222,7 +222,7 @@ def _anchor(problem: PlanningProblem, options: SolverOptions, objective: int, hi
 
 
 def solve_single(problem: PlanningProblem, objective: int = 0, options: SolverOptions | None = None) -> ParetoSolution:
-    """Lexicographic minimum of one objective (an index into problem.lengths)."""
+    """Minimum of one objective (an index into problem.lengths); ties go to the smallest sum of the others."""
     options = options or SolverOptions()
     check_budget_ranges(problem)
     return _to_solution(problem, _anchor(problem, options, objective, None))

@@ -317,3 +317,16 @@ def test_column_generation_bound_is_valid(problem: PlanningProblem, data: st.Dat
         assert found.bound <= truth.values[0][allowed].min() / scale + 1e-9
     for columns in found.columns:
         assert all(len(set(c.tolist())) <= problem.max_rules_per_layer for c in columns)
+
+
+def test_pareto_front_is_reproducible() -> None:
+    grid = RuleGrid(alphas=(0.0, 256.0), betas=(0.125, 0.5, 1.0))
+    loss = np.random.default_rng(7).random((2, 4, 3, len(grid)))
+    problem = PlanningProblem(
+        loss=loss, lengths=(1024, 2048), density_targets={1024: 0.5, 2048: 0.5, 4096: 0.5}, grid=grid, min_span=128
+    )
+    first, second = pareto_front(problem), pareto_front(problem)
+    assert len(first) == len(second) >= 1
+    for a, b in zip(first, second):
+        assert np.array_equal(a.assignment, b.assignment)
+        assert a.gap <= SolverOptions().relative_gap
