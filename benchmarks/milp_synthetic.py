@@ -10,6 +10,7 @@ N); each head gets its own sensitivity. The result JSON records the command, wal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moa_vllm.planner.optimize import PlanningProblem, SolverOptions, density_targets, pareto_front
+from moa_vllm.planner.optimize import PlanningProblem, SolverOptions, density_targets, pareto_front, solve_single
 from moa_vllm.planner.rules import RuleGrid, token_matrix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,20 @@ def synthetic_loss(grid: RuleGrid, lengths: list[int], layers: int, kv_heads: in
     return sensitivity[None, :, :, None] * missing * noise
 
 
+FAST_AND_COMPACT = (("fast_path", True), ("compact_model_only", False))
+
+
+def single_solve(problem: PlanningProblem, options: SolverOptions, decomposition: bool) -> dict:
+    """CPU time, objective and gap of one solve of the first objective."""
+    start = time.process_time()
+    solution = solve_single(problem, 0, dataclasses.replace(options, decomposition=decomposition))
+    return {
+        "cpu_time_s": round(time.process_time() - start, 2),
+        "objective": round(solution.objectives[problem.lengths[0]], 6),
+        "gap": solution.gap,
+    }
+
+
 def run_size(layers: int, kv_heads: int, args: argparse.Namespace) -> dict:
     grid = RuleGrid()
     problem = PlanningProblem(
@@ -58,6 +73,9 @@ def run_size(layers: int, kv_heads: int, args: argparse.Namespace) -> dict:
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     print(f"{layers}x{kv_heads}: {len(front)} Pareto points in {wall:.1f}s wall, {cpu:.1f}s CPU", flush=True)
     return {
+        "single_solve_first_length": {  # why `milp` has a fast path: the same solve with and without it
+            path: single_solve(problem, options, decomposition) for path, decomposition in FAST_AND_COMPACT
+        },
         "instance": {
             "layers": layers,
             "kv_heads": kv_heads,

@@ -1,1 +1,1 @@
-"""Offline planner: rule grid, MILP over profiled losses (OR-Tools CP-SAT), Pareto reports. Imports no vLLM."""
+"""Offline planner: rule grid, MILP over profiled losses (HiGHS via OR-Tools, column-generation bound), reports."""

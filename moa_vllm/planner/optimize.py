@@ -10,7 +10,7 @@ minimised under a grid of upper bounds on the others. Every solve minimises the 
 sum of the others (the augmented epsilon-constraint method), so an exactly solved point is Pareto optimal, not just
 weakly so. With relative_gap g > 0 the lowest bound on each other objective is set within g of its optimum rather
 than at it: that optimum is only certified within g, and rows that tight leave the fast path in `milp` little to
-choose from (it then falls back to a solve of tens of seconds).
+choose from (it then falls back to the compact model, seconds instead of a tenth of one).
 Losses are divided by their maximum inside the solver (MILP tolerances are absolute); reported values are in the
 caller's units.
 """
@@ -61,7 +61,7 @@ def density_targets(density: float, lengths: Iterable[int]) -> dict[int, float]:
 class SolverOptions:
     time_limit_s: float = 60.0  # wall clock, per MILP solve (a Pareto run makes several)
     # Certified optimality gap per solve. 1% of the summed loss is below the noise of profiled losses, and the
-    # fast path in `milp` certifies it nearly always; tighter gaps often need the compact model (tens of seconds).
+    # fast path in `milp` certifies it nearly always; tighter gaps more often need the compact model (seconds).
     relative_gap: float = 1e-2
     seed: int = 0  # HiGHS's random seed; it runs single-threaded, so runs repeat exactly (unless a time limit hits)
     epsilon_points: int = 5  # grid points per non-primary objective
