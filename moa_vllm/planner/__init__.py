@@ -1,1 +1,1 @@
-"""Offline planner: rule grid, MILP over profiled losses (HiGHS via OR-Tools, column-generation bound), reports."""
+"""Offline planner: rule grid, MILP over profiled losses (HiGHS via OR-Tools), Pareto reports. Imports no vLLM."""
