@@ -22,8 +22,9 @@ INSTRUCTION = (
 )
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\n\nWhat is the pass key?"
-PLAIN_ANSWER_PREFIX = " The pass key is"
+# "number only" matters for this 135M model: without it the dense model explains what a pass key is (3/12 on the grid)
+QUESTION = "\n\nWhat is the pass key? Reply with the 5-digit number only."
+PLAIN_ANSWER_PREFIX = "\nThe pass key is"
 
 
 @dataclass(frozen=True)

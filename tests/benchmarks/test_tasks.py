@@ -42,8 +42,8 @@ def test_depth_moves_the_needle_through_the_filler(tok):
 def test_plain_prompt_ends_with_the_answer_prefix_and_chat_with_the_assistant_turn(tok):
     plain = tok.decode(build_case(tok, 512, 0.5, 0, 16, "plain").prompt_ids)
     chat = tok.decode(build_case(tok, 512, 0.5, 0, 16, "chat").prompt_ids)
-    assert plain.endswith("What is the pass key? The pass key is")
-    assert chat.startswith("<system>") and chat.endswith("What is the pass key?</user><assistant>")
+    assert plain.endswith("What is the pass key? Reply with the 5-digit number only.\nThe pass key is")
+    assert chat.startswith("<system>") and chat.endswith("Reply with the 5-digit number only.</user><assistant>")
 
 
 def test_prompts_are_seeded(tok):
