@@ -136,6 +136,23 @@ def test_single_objective_matches_brute_force(problem: PlanningProblem, fast_pat
         assert found <= truth.values[others].sum(axis=0)[tied].min() + 2 * tolerance(problem)
 
 
+@HYPOTHESIS
+@given(problem=tiny_problems(), gap=st.sampled_from([0.02, 0.1, 0.3]))
+def test_certified_gap_holds_against_brute_force(problem: PlanningProblem, gap: float) -> None:
+    """With a gap the fast path certifies most solves; what it certifies must hold against the true optimum."""
+    truth = brute_force(problem)
+    options = SolverOptions(relative_gap=gap, tie_weight=1e-6)
+    if not len(truth.assignments):
+        with pytest.raises(InfeasibleBudgetError):
+            solve_single(problem, 0, options)
+        return
+    solution = solve_single(problem, 0, options)
+    assert respects_constraints(problem, solution)
+    assert solution.optimal and solution.gap <= gap
+    found, best = solution.objectives[problem.lengths[0]], truth.values[0].min()
+    assert found - best <= gap * found + tolerance(problem)
+
+
 def test_k_limit_binds() -> None:
     """Each head prefers its own rule; with K=1 a layer must share one, and the optimum is the best shared rule."""
     loss = np.array([[[[0.0, 5.0, 5.0], [5.0, 0.0, 5.0]], [[0.0, 1.0, 9.0], [9.0, 1.0, 0.0]]]])
