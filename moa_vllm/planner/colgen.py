@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,12 +72,14 @@ def lagrangian_bound(values: np.ndarray, pi: np.ndarray, rows: CouplingRows) -> 
     return float(values.sum() + terms.sum())
 
 
-def column_generation(cost: np.ndarray, rows: CouplingRows, k: int, start: np.ndarray | None = None) -> Columns:
-    """Solve the master LP by column generation; returns the best bound seen and the columns per layer."""
+def column_generation(cost: np.ndarray, rows: CouplingRows, k: int, starts: Sequence[np.ndarray] = ()) -> Columns:
+    """Solve the master LP by column generation; returns the best bound seen and the columns per layer.
+
+    `starts` (assignments [layers, kv_heads]) contribute their layer configurations as initial columns."""
     layers, heads, num_rules = cost.shape
     pricer = Pricer(num_rules, heads, k)
     lp = _MasterLp(cost, rows)
-    for configuration in [pricer(cost)[1], *([] if start is None else [start])]:
+    for configuration in [pricer(cost)[1], *starts]:
         for layer in range(layers):
             lp.add(layer, configuration[layer])
     bound = -math.inf

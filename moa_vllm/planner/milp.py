@@ -88,18 +88,25 @@ def solve(
     weights: Sequence[float],
     bounds: Mapping[int, float],
     settings: SolveSettings,
-    hint: np.ndarray | None = None,
+    known: Sequence[np.ndarray] = (),
     budget_rows: Sequence[int] | None = None,
 ) -> SolveResult:
-    """Minimise sum_p weights[p] * f_p subject to f_q <= bounds[q] and the budgets (all, or only `budget_rows`)."""
+    """Minimise sum_p weights[p] * f_p subject to f_q <= bounds[q] and the budgets (all, or only `budget_rows`).
+
+    `known` assignments (earlier solutions) seed the fast path: their layer configurations join the columns, so the
+    restricted program can combine them (which is what tight epsilon rows need), and the best feasible one is the
+    incumbent."""
     deadline = time.monotonic() + settings.time_limit_s
     rows = list(range(len(data.budgets))) if budget_rows is None else list(budget_rows)
     cost = np.tensordot(np.asarray(weights, dtype=np.float64), data.loss, axes=1)
-    best = hint if hint is not None and is_feasible(data, hint, bounds, rows) else None
+    best = None
+    for assignment in known:
+        if is_feasible(data, assignment, bounds, rows):
+            best = _better(cost, best, assignment)
     lower = -math.inf
     _, heads, rules = data.shape
     if settings.decomposition and pricing_possible(rules, heads, data.max_rules_per_layer):
-        found = column_generation(cost, coupling_rows(data, bounds, rows), data.max_rules_per_layer, best)
+        found = column_generation(cost, coupling_rows(data, bounds, rows), data.max_rules_per_layer, known)
         if found.bound > float(cost.max(axis=-1).sum()) + _ABS_TOL:
             return SolveResult("infeasible")  # no assignment can cost more than every head's worst rule
         lower = found.bound

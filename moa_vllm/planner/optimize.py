@@ -201,16 +201,20 @@ class _Point:
 
 
 def _solve_point(
-    problem: PlanningProblem, options: SolverOptions, primary: int, bounds: Mapping[int, float], hint: np.ndarray | None
+    problem: PlanningProblem,
+    options: SolverOptions,
+    primary: int,
+    bounds: Mapping[int, float],
+    known: Sequence[np.ndarray],
 ) -> milp.SolveResult:
     """Minimise f_primary + tie_weight * (sum of the others): one solve instead of a lexicographic pair, and a second
     stage that holds f_primary at its optimum is the hardest kind of solve for the fast path in `milp`."""
     weights = [1.0 if p == primary else options.tie_weight for p in range(len(problem.lengths))]
-    return milp.solve(problem.milp_data, weights, bounds, options.settings(), hint)
+    return milp.solve(problem.milp_data, weights, bounds, options.settings(), known)
 
 
-def _anchor(problem: PlanningProblem, options: SolverOptions, objective: int, hint: np.ndarray | None) -> _Point:
-    result = _solve_point(problem, options, objective, {}, hint)
+def _anchor(problem: PlanningProblem, options: SolverOptions, objective: int, known: Sequence[np.ndarray]) -> _Point:
+    result = _solve_point(problem, options, objective, {}, known)
     if result.status == "infeasible":
         raise _diagnose(problem, options)
     if not result.solved:
@@ -225,7 +229,7 @@ def solve_single(problem: PlanningProblem, objective: int = 0, options: SolverOp
     """Minimum of one objective (an index into problem.lengths); ties go to the smallest sum of the others."""
     options = options or SolverOptions()
     check_budget_ranges(problem)
-    return _to_solution(problem, _anchor(problem, options, objective, None))
+    return _to_solution(problem, _anchor(problem, options, objective, ()))
 
 
 # ---- infeasibility -----------------------------------------------------------------------------------------------
@@ -278,7 +282,7 @@ def pareto_front(
     check_budget_ranges(problem)
     anchors: list[_Point] = []
     for p in range(len(problem.lengths)):
-        anchors.append(_anchor(problem, options, p, anchors[-1].result.assignment if anchors else None))
+        anchors.append(_anchor(problem, options, p, [a.result.assignment for a in anchors]))
     points = _nondominated([*anchors, *_epsilon_sweep(problem, options, primary, anchors)])
     points.sort(key=lambda point: point.values[primary])
     return [_to_solution(problem, point) for point in points]
@@ -310,7 +314,8 @@ def _epsilon_sweep(
             continue  # tighter than a proven-infeasible combination
         if any(_reusable(point, bounds) for point in known):
             continue  # an optimum under looser bounds that meets these bounds is also the optimum here
-        result = _solve_point(problem, options, primary, bounds, known[-1].result.assignment)
+        seeds = [point.result.assignment for point in [*anchors, *found]]  # see `milp.solve`
+        result = _solve_point(problem, options, primary, bounds, seeds)
         if result.status == "infeasible":
             infeasible.append(bounds)
         elif result.solved:
