@@ -17,11 +17,11 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from moa_vllm.vllm_plugin.kv_spec import MoAManager, MoASpec
+    from moa_vllm.vllm_plugin.kv_spec import MoARingManager, MoARingSpec
     from moa_vllm.vllm_plugin.patches import BACKEND_PATH, apply_all
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     KVCacheSpecRegistry._ensure_registered()  # built-ins first, or registering ours would skip them
-    KVCacheSpecRegistry.register(MoASpec, MoAManager, uniform_type_base_spec=MoASpec)
+    KVCacheSpecRegistry.register(MoARingSpec, MoARingManager, uniform_type_base_spec=MoARingSpec)
     apply_all()
     _registered = True

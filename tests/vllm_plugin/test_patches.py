@@ -107,12 +107,14 @@ def test_config_check_rejects_plan_for_another_model(model_dir, tmp_path):
         _engine_config(model_dir, attention_backend="moa", additional_config={"moa": {"plan": str(path)}})
 
 
-def test_layer_kv_spec_builds_moa_spec_per_layer(model_dir):
+def test_layer_kv_spec_builds_a_ring_spec_per_layer(model_dir):
     """Attention.get_kv_cache_spec on real MoA layers of the real model config."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.attention.attention import Attention
 
-    from moa_vllm.vllm_plugin.kv_spec import MoASpec
+    from moa_vllm.plan import load_plan
+    from moa_vllm.plan.ring import layer_blocks
+    from moa_vllm.vllm_plugin.kv_spec import MoARingSpec
 
     cfg = _engine_config(
         model_dir,
@@ -130,8 +132,13 @@ def test_layer_kv_spec_builds_moa_spec_per_layer(model_dir):
             prefix="model.layers.7.self_attn.attn",
         )
         spec = layer.get_kv_cache_spec(cfg)
-    assert isinstance(spec, MoASpec)
-    assert (spec.sink_tokens, spec.sliding_window, spec.block_size) == (64, 128 - 64, 32)  # 0.25 * 512 = 128
+    plan = load_plan(PLANS / "uniform-d0.25.json")
+    assert isinstance(spec, MoARingSpec)
+    assert (spec.layer_index, spec.sink_tokens, spec.min_span, spec.block_size) == (7, 64, plan.min_span, 32)
+    assert spec.alphas == tuple(r.alpha for r in plan.rules[7]) and spec.betas == tuple(r.beta for r in plan.rules[7])
+    # 0.25 * 512 = 128 tokens per head = 4 pages of 32; 3 heads -> 12 pages = 4 blocks of 3 head pages
+    assert spec.blocks_for_length(512) == layer_blocks(spec.alphas, spec.betas, 512, plan.min_span, 32, 3) == 4
+    assert spec.max_memory_usage_bytes(cfg) == spec.blocks_for_length(512) * spec.page_size_bytes
 
 
 def test_request_lengths_publishes_rows_in_batch_order():
