@@ -21,6 +21,7 @@ def _registered():
 
 def test_every_patch_names_its_vllm_version():
     assert {p.name for p in PATCHES} == {
+        "admission_lengths",
         "backend_alias",
         "cpu_backend_selection",
         "config_check",
@@ -32,12 +33,20 @@ def test_every_patch_names_its_vllm_version():
 
 def test_patches_are_idempotent():
     from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    before = (CpuPlatform.__dict__["get_attn_backend_cls"], GPUModelRunner._build_attention_metadata)
+    def targets():
+        return (
+            CpuPlatform.__dict__["get_attn_backend_cls"],
+            GPUModelRunner._build_attention_metadata,
+            KVCacheManager.allocate_slots,
+            KVCacheManager.free,
+        )
+
+    before = targets()
     apply_all()
-    after = (CpuPlatform.__dict__["get_attn_backend_cls"], GPUModelRunner._build_attention_metadata)
-    assert before == after
+    assert targets() == before
 
 
 def test_backend_alias():
