@@ -18,12 +18,12 @@ def register() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     from moa_vllm.vllm_plugin.bst_plugin import register_bst
-    from moa_vllm.vllm_plugin.kv_spec import MoAManager, MoASpec
+    from moa_vllm.vllm_plugin.kv_spec import MoARingManager, MoARingSpec
     from moa_vllm.vllm_plugin.patches import BACKEND_PATH, apply_all
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     KVCacheSpecRegistry._ensure_registered()  # built-ins first, or registering ours would skip them
-    KVCacheSpecRegistry.register(MoASpec, MoAManager, uniform_type_base_spec=MoASpec)
+    KVCacheSpecRegistry.register(MoARingSpec, MoARingManager, uniform_type_base_spec=MoARingSpec)
     apply_all()
     register_bst()
     _registered = True

@@ -17,9 +17,9 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from moa_vllm.ops import paged_sink_window_attention, plan_windows
-from moa_vllm.plan import Plan
+from moa_vllm.ops.ring_attention import RingBatch, build_ring_batch, plan_spans, ring_attention
 from moa_vllm.vllm_plugin import request_lengths
+from moa_vllm.vllm_plugin.kv_spec import MoARingSpec, rank_heads
 from moa_vllm.vllm_plugin.settings import plan_from_vllm_config
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
@@ -33,7 +33,7 @@ def layer_index(layer_name: str) -> int:
 
 
 class MoABackend(AttentionBackend):
-    forward_includes_kv_cache_update: bool = False  # vLLM calls do_kv_cache_update() before forward()
+    forward_includes_kv_cache_update: bool = True  # forward() attends first, then writes the surviving K/V
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", "float32"]
 
@@ -57,32 +57,31 @@ class MoABackend(AttentionBackend):
 @dataclass
 class MoAMetadata:
     num_actual_tokens: int
-    query_start_loc: list[int]
-    seq_lens: list[int]
-    block_table: torch.Tensor  # [requests, max_blocks]
-    windows: torch.Tensor  # [layers, requests, kv_heads] recent window per request and KV head
+    ring: RingBatch  # where each request's rings of this layer live, and where this step writes
     request_lengths: torch.Tensor  # [requests] N of each request
 
 
-class PlanTensors:
-    """A plan's rules as tensors, for computing a batch's windows in one vectorised step."""
+def _rank_heads(spec: MoARingSpec) -> range:
+    if spec.tp_size == 1:
+        return range(len(spec.alphas))
+    from vllm.distributed import get_tensor_model_parallel_rank
 
-    def __init__(self, plan: Plan) -> None:
-        self.alphas = torch.tensor([[r.alpha for r in layer] for layer in plan.rules], dtype=torch.float64)
-        self.betas = torch.tensor([[r.beta for r in layer] for layer in plan.rules], dtype=torch.float64)
-        self.min_span = plan.min_span
-        self.sinks = plan.sink_tokens
-
-    def windows(self, n: torch.Tensor) -> torch.Tensor:
-        return plan_windows(self.alphas, self.betas, n, self.min_span, self.sinks)
+    return rank_heads(len(spec.alphas), spec.num_kv_heads, spec.tp_size)[get_tensor_model_parallel_rank()]
 
 
 class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
+    """One builder per MoA layer (each layer is its own KV cache group): that layer's rings for the batch."""
+
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.plan = PlanTensors(plan_from_vllm_config(vllm_config))
+        if not isinstance(kv_cache_spec, MoARingSpec):
+            raise TypeError(f"moa-vllm: layers {layer_names} got KV cache spec {type(kv_cache_spec).__name__}")
+        heads = _rank_heads(kv_cache_spec)
+        self.alphas = torch.tensor([kv_cache_spec.alphas[h] for h in heads], dtype=torch.float64)
+        self.betas = torch.tensor([kv_cache_spec.betas[h] for h in heads], dtype=torch.float64)
+        self.spec = kv_cache_spec
         self.max_model_len = vllm_config.model_config.max_model_len
 
     def build(
@@ -91,14 +90,16 @@ class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
         c = common_attn_metadata
         n_reqs = c.num_reqs
         lengths = torch.from_numpy(request_lengths.current(n_reqs, self.max_model_len))
-        return MoAMetadata(
-            num_actual_tokens=c.num_actual_tokens,
-            query_start_loc=c.query_start_loc_cpu[: n_reqs + 1].tolist(),
-            seq_lens=c.seq_lens[:n_reqs].cpu().tolist(),
-            block_table=c.block_table_tensor[:n_reqs],
-            windows=self.plan.windows(lengths),
-            request_lengths=lengths,
+        spans = plan_spans(self.alphas, self.betas, lengths, self.spec.min_span)
+        ring = build_ring_batch(
+            spans,
+            c.block_table_tensor[:n_reqs],
+            c.query_start_loc_cpu[: n_reqs + 1].tolist(),
+            c.seq_lens[:n_reqs].cpu().tolist(),
+            self.spec.sink_tokens,
+            self.spec.block_size,
         )
+        return MoAMetadata(num_actual_tokens=c.num_actual_tokens, ring=ring, request_lengths=lengths)
 
 
 class MoAImpl(AttentionImpl[MoAMetadata]):
@@ -133,43 +134,9 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         self.kv_sharing_target_layer_name = None
         vllm_config = get_current_vllm_config()
         self.plan = plan_from_vllm_config(vllm_config)
-        self.kv_head_offset = self._kv_head_offset(vllm_config)
-        self._layer: int | None = None
 
-    def _kv_head_offset(self, vllm_config: VllmConfig) -> int:
-        """First global KV head this rank holds (tensor parallel shards KV heads across ranks)."""
-        total = self.plan.model.num_kv_heads
-        if total == self.num_kv_heads:
-            return 0
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
-        rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        return (rank * total // world) if total >= world else (rank * total) // world
-
-    def _layer_of(self, layer: torch.nn.Module) -> int:
-        if self._layer is None:
-            self._layer = layer_index(layer.layer_name)
-        return self._layer
-
-    def do_kv_cache_update(
-        self,
-        layer: torch.nn.Module,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        if kv_cache.numel() == 0:
-            return
-        d = self.head_size
-        k_cache, v_cache = kv_cache[..., :d], kv_cache[..., d:]  # logical [blocks, kv_heads, block_size, D]
-        block_size = kv_cache.shape[2]
-        n = slot_mapping.shape[0]
-        valid = slot_mapping >= 0
-        slots = slot_mapping[valid].long()
-        blocks, offsets = slots // block_size, slots % block_size
-        k_cache[blocks, :, offsets] = key[:n][valid].to(k_cache.dtype)
-        v_cache[blocks, :, offsets] = value[:n][valid].to(v_cache.dtype)
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        raise RuntimeError("moa-vllm: K/V are written by forward() (forward_includes_kv_cache_update)")
 
     def forward(
         self,
@@ -189,19 +156,14 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
             raise NotImplementedError("moa-vllm backend does not support fused output quantization")
         d = self.head_size
         n = attn_metadata.num_actual_tokens
-        layer_idx = self._layer_of(layer)
-        heads = slice(self.kv_head_offset, self.kv_head_offset + self.num_kv_heads)
-        out = output[:n].view(n, self.num_heads, d)
-        paged_sink_window_attention(
+        ring_attention(
             query=query[:n].view(n, self.num_heads, d),
-            k_cache=kv_cache[..., :d],
-            v_cache=kv_cache[..., d:],
-            block_table=attn_metadata.block_table,
-            query_start_loc=attn_metadata.query_start_loc,
-            seq_lens=attn_metadata.seq_lens,
-            windows=attn_metadata.windows[layer_idx, :, heads],
+            key=key[:n].view(n, self.num_kv_heads, d),
+            value=value[:n].view(n, self.num_kv_heads, d),
+            kv_cache=kv_cache,
+            batch=attn_metadata.ring,
             sinks=self.plan.sink_tokens,
             scale=self.scale,
-            out=out,
+            out=output[:n].view(n, self.num_heads, d),
         )
         return output

@@ -1,8 +1,10 @@
-"""KV cache spec and manager for MoA layers: a per-layer recent window plus sink blocks that are never freed.
+"""KV cache spec and manager for MoA layers: per-KV-head rings, sized by the plan for each request, allocated once.
 
-The window of a layer is the widest recent window any request can have in it (spans grow with N, so that is the
-window at N = max_model_len). Blocks wholly behind that window are returned to vLLM's pool as decode advances;
-the first ceil(sinks / block_size) blocks stay for the whole request.
+Every MoA layer gets its own spec (the layer index is a field), so vLLM makes one KV cache group per layer. The
+groups share one block pool and alias one memory region, so a block is one layer's page of [H, block_size] tokens
+and a request holds, per layer, exactly ceil(sum of its head pages / H) blocks (moa_vllm/plan/ring.py). The manager
+takes them all when the request is admitted, from the request's N, and never allocates or frees during decode;
+finish, abort and preemption return them through vLLM's own free path.
 """
 
 from __future__ import annotations
@@ -10,65 +12,96 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vllm.logger import init_logger
-from vllm.utils.math_utils import cdiv
-from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
-from vllm.v1.kv_cache_interface import KVCacheSpec, SlidingWindowSpec
+from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
+
+from moa_vllm.plan.ring import layer_blocks
+from moa_vllm.vllm_plugin import request_lengths
 
 logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
 
 
+def rank_heads(num_heads: int, heads_per_rank: int, tp_size: int) -> list[range]:
+    """Global KV heads held by each tensor-parallel rank (heads are replicated when there are fewer than ranks)."""
+    if num_heads >= tp_size:
+        return [range(r * heads_per_rank, (r + 1) * heads_per_rank) for r in range(tp_size)]
+    return [range(r * num_heads // tp_size, r * num_heads // tp_size + 1) for r in range(tp_size)]
+
+
 @dataclass(frozen=True, kw_only=True)
-class MoASpec(SlidingWindowSpec):
-    sink_tokens: int = 0
+class MoARingSpec(AttentionSpec):
+    layer_index: int
+    sink_tokens: int
+    min_span: int
+    alphas: tuple[float, ...]  # every KV head of the layer (all ranks)
+    betas: tuple[float, ...]
+    tp_size: int = 1
 
-    @property
-    def num_sink_blocks(self) -> int:
-        return cdiv(self.sink_tokens, self.block_size)
-
-    def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
-        window_blocks = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
-        return min(window_blocks + self.num_sink_blocks, cdiv(max_model_len, self.block_size))
-
-    def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
-        return all(
-            isinstance(s, MoASpec) and s.sliding_window == self.sliding_window and s.sink_tokens == self.sink_tokens
-            for s in kv_cache_specs.values()
+    def blocks_for_length(self, n: int) -> int:
+        """Blocks of this layer a request of length n holds (the widest rank's need, as ranks share block ids)."""
+        return max(
+            layer_blocks(
+                [self.alphas[h] for h in heads],
+                [self.betas[h] for h in heads],
+                n,
+                self.min_span,
+                self.block_size,
+                self.num_kv_heads,
+            )
+            for heads in rank_heads(len(self.alphas), self.num_kv_heads, self.tp_size)
         )
 
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        return self.blocks_for_length(vllm_config.model_config.max_model_len) * self.page_size_bytes
 
-class MoAManager(SlidingWindowManager):
-    """SlidingWindowManager that keeps the sink blocks and never serves prefix-cache hits."""
+    @property
+    def prefix_cacheable(self) -> bool:
+        return False
+
+    @property
+    def uses_slot_mapping(self) -> bool:
+        return False  # the metadata builder addresses ring slots itself
+
+    def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
+        return all(spec == self for spec in kv_cache_specs.values())
+
+
+class MoARingManager(SingleTypeKVCacheManager):
+    """Takes a request's whole ring allocation at its first allocation; nothing after; no prefix-cache hits."""
 
     _logged_no_prefix_cache = False
 
-    def __init__(self, kv_cache_spec: MoASpec, **kwargs) -> None:
-        super().__init__(kv_cache_spec, **kwargs)
-        self.num_sink_blocks = kv_cache_spec.num_sink_blocks
+    def _missing_blocks(self, request_id: str) -> int:
+        need = self.kv_cache_spec.blocks_for_length(request_lengths.admitted(request_id))
+        return max(need - len(self.req_to_blocks.get(request_id, ())), 0)
 
-    def remove_skipped_blocks(
-        self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
-    ) -> None:
-        skipped = self.get_num_skipped_tokens(processed_computed_tokens)
-        if skipped <= 0 or request_id not in self.req_to_blocks:
-            return
-        last = min(skipped // self.block_size, len(self.req_to_blocks[request_id]))
-        self._remove_blocks_in_range(request_id, self.num_sink_blocks, last)
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks, *args, **kwargs) -> int:
+        return self._missing_blocks(request_id)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
+        missing = self._missing_blocks(request_id)
+        if missing == 0:
+            return []
+        blocks = self.block_pool.get_new_blocks(missing)
+        self.req_to_blocks[request_id].extend(blocks)
+        return blocks
+
+    def allocate_external_computed_blocks(self, request_id: str, *args, **kwargs) -> None:
+        raise NotImplementedError("moa-vllm: KV connectors (external computed tokens) are not supported")
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens=None) -> None:
+        return  # a ring keeps every block until the request ends
+
+    def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
+        return 0
+
+    def cache_blocks(self, *args, **kwargs) -> None:
+        return
 
     @classmethod
-    def find_longest_cache_hit(
-        cls,
-        block_hashes,
-        max_length,
-        kv_cache_group_ids,
-        block_pool,
-        kv_cache_spec,
-        drop_eagle_block,
-        alignment_tokens,
-        dcp_world_size=1,
-        pcp_world_size=1,
-    ):
-        # A hit would need the sink blocks and the window blocks of the same prefix; the plugin turns prefix
-        # caching off at config time, this is the backstop.
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args, **kwargs):
+        # Ring contents depend on the request's N and positions; the plugin turns prefix caching off at config
+        # time, this is the backstop.
         if not cls._logged_no_prefix_cache:
             logger.info("moa-vllm: prefix caching is off for MoA layers")
             cls._logged_no_prefix_cache = True

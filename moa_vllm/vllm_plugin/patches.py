@@ -5,7 +5,9 @@
 - config_check: <current platform>.check_and_update_config; load and verify the plan and turn prefix caching off
   in the API-server process, before any worker starts.
 - layer_kv_spec: Attention.get_kv_cache_spec; full-attention layers never reach the backend's customize_spec,
-  so the per-layer MoASpec (sinks + widest window) is produced here.
+  so each MoA layer's MoARingSpec (its own KV cache group, per-KV-head rings) is produced here.
+- admission_lengths: KVCacheManager.allocate_slots and .free; record each request's N for the ring managers (which
+  see only request ids) before vLLM sizes its allocation, log the blocks it holds, forget N when it is freed.
 - request_lengths: GPUModelRunner._build_attention_metadata (CPUModelRunner inherits it); publish each row's N
   (prompt + max_tokens) for the metadata builder, which sees no sampling parameters.
 
@@ -129,20 +131,25 @@ def _config_check() -> None:
 
 # ---- layer_kv_spec -------------------------------------------------------------------------------------------------
 def moa_layer_spec(layer, vllm_config):
-    """The MoASpec of one MoA attention layer."""
+    """The MoARingSpec of one MoA attention layer: its plan rules for every KV head, and the TP layout."""
     from moa_vllm.vllm_plugin.backend import layer_index
-    from moa_vllm.vllm_plugin.kv_spec import MoASpec
+    from moa_vllm.vllm_plugin.kv_spec import MoARingSpec
 
     plan = layer.impl.plan
-    max_len = vllm_config.model_config.max_model_len
-    return MoASpec(
+    index = layer_index(layer.layer_name)
+    rules = plan.rules[index]
+    return MoARingSpec(
         block_size=vllm_config.cache_config.block_size,
         num_kv_heads=layer.num_kv_heads,
         head_size=layer.head_size,
         head_size_v=layer.head_size_v,
         dtype=layer.kv_cache_torch_dtype,
-        sliding_window=max(plan.layer_max_window(layer_index(layer.layer_name), max_len), 1),
+        layer_index=index,
         sink_tokens=plan.sink_tokens,
+        min_span=plan.min_span,
+        alphas=tuple(r.alpha for r in rules),
+        betas=tuple(r.beta for r in rules),
+        tp_size=vllm_config.parallel_config.tensor_parallel_size,
     )
 
 
@@ -160,6 +167,52 @@ def _layer_kv_spec() -> None:
         return get_kv_cache_spec
 
     _wrap_once(Attention, "get_kv_cache_spec", make)
+
+
+# ---- admission_lengths -------------------------------------------------------------------------------------------
+def held_blocks(kv_cache_manager, request_id: str) -> int:
+    """Blocks a request holds across all MoA layers (one block = one layer's page of every KV head)."""
+    from moa_vllm.vllm_plugin.kv_spec import MoARingManager
+
+    return sum(
+        len(m.req_to_blocks.get(request_id, ()))
+        for m in kv_cache_manager.coordinator.single_type_managers
+        if isinstance(m, MoARingManager)
+    )
+
+
+def _admission_lengths() -> None:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    from moa_vllm.plan.span import request_length
+    from moa_vllm.vllm_plugin import request_lengths
+
+    def make_allocate(original):
+        @functools.wraps(original)
+        def allocate_slots(self, request, *args, **kwargs):
+            rid = request.request_id
+            first = not request_lengths.is_admitted(rid)
+            n = request_length(request.num_prompt_tokens, request.max_tokens, self.max_model_len)
+            request_lengths.admit(rid, n)
+            result = original(self, request, *args, **kwargs)
+            if first and result is not None and logger.isEnabledFor(10):  # DEBUG
+                blocks = held_blocks(self, rid)
+                page = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
+                logger.debug("moa-vllm: request %s N=%d holds %d blocks (%d bytes)", rid, n, blocks, blocks * page)
+            return result
+
+        return allocate_slots
+
+    def make_free(original):
+        @functools.wraps(original)
+        def free(self, request, *args, **kwargs):
+            original(self, request, *args, **kwargs)
+            request_lengths.forget(request.request_id)
+
+        return free
+
+    _wrap_once(KVCacheManager, "allocate_slots", make_allocate)
+    _wrap_once(KVCacheManager, "free", make_free)
 
 
 # ---- request_lengths -----------------------------------------------------------------------------------------------
@@ -196,6 +249,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch("cpu_backend_selection", "CpuPlatform.get_attn_backend_cls", "0.32", _cpu_backend_selection),
     Patch("config_check", "<platform>.check_and_update_config", "0.32", _config_check),
     Patch("layer_kv_spec", "Attention.get_kv_cache_spec", "0.32", _layer_kv_spec),
+    Patch("admission_lengths", "KVCacheManager.allocate_slots/free", "0.32", _admission_lengths),
     Patch("request_lengths", "GPUModelRunner._build_attention_metadata", "0.32", _request_lengths),
 )
 

@@ -117,6 +117,43 @@ def test_streaming(client):
     assert len(pieces) >= 2 and "".join(pieces).strip()
 
 
+def _kv_usage(port: int) -> float:
+    """vLLM's own KV cache usage gauge (fraction of the block pool in use), from /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:kv_cache_usage_perc")]
+    assert values, "no vllm:kv_cache_usage_perc gauge in /metrics"
+    return max(values)
+
+
+def _wait_usage(port: int, want_zero: bool, timeout_s: float = 60) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        usage = _kv_usage(port)
+        if (usage == 0.0) == want_zero:
+            return usage
+        time.sleep(0.2)
+    return _kv_usage(port)
+
+
+def test_aborted_stream_returns_every_block_and_the_metric_agrees(server, client):
+    port = server[0]
+    assert _wait_usage(port, want_zero=True) == 0.0
+    stream = client.completions.create(
+        model="smol", prompt="word " * 600, max_tokens=1200, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    got = 0
+    for chunk in stream:
+        got += bool(chunk.choices)
+        if got == 3:
+            break
+    assert _kv_usage(port) > 0.0  # the ring of the running request is allocated and counted by vLLM's gauge
+    stream.close()  # the client goes away mid-generation: vLLM aborts the request
+    assert _wait_usage(port, want_zero=True) == 0.0
+
+
 def test_oversized_request_is_rejected_cleanly(client):
     import openai
 

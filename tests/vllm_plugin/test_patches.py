@@ -21,6 +21,7 @@ def _registered():
 
 def test_every_patch_names_its_vllm_version():
     assert {p.name for p in PATCHES} == {
+        "admission_lengths",
         "backend_alias",
         "cpu_backend_selection",
         "config_check",
@@ -32,12 +33,20 @@ def test_every_patch_names_its_vllm_version():
 
 def test_patches_are_idempotent():
     from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    before = (CpuPlatform.__dict__["get_attn_backend_cls"], GPUModelRunner._build_attention_metadata)
+    def targets():
+        return (
+            CpuPlatform.__dict__["get_attn_backend_cls"],
+            GPUModelRunner._build_attention_metadata,
+            KVCacheManager.allocate_slots,
+            KVCacheManager.free,
+        )
+
+    before = targets()
     apply_all()
-    after = (CpuPlatform.__dict__["get_attn_backend_cls"], GPUModelRunner._build_attention_metadata)
-    assert before == after
+    assert targets() == before
 
 
 def test_backend_alias():
@@ -107,12 +116,14 @@ def test_config_check_rejects_plan_for_another_model(model_dir, tmp_path):
         _engine_config(model_dir, attention_backend="moa", additional_config={"moa": {"plan": str(path)}})
 
 
-def test_layer_kv_spec_builds_moa_spec_per_layer(model_dir):
+def test_layer_kv_spec_builds_a_ring_spec_per_layer(model_dir):
     """Attention.get_kv_cache_spec on real MoA layers of the real model config."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.attention.attention import Attention
 
-    from moa_vllm.vllm_plugin.kv_spec import MoASpec
+    from moa_vllm.plan import load_plan
+    from moa_vllm.plan.ring import layer_blocks
+    from moa_vllm.vllm_plugin.kv_spec import MoARingSpec
 
     cfg = _engine_config(
         model_dir,
@@ -130,8 +141,13 @@ def test_layer_kv_spec_builds_moa_spec_per_layer(model_dir):
             prefix="model.layers.7.self_attn.attn",
         )
         spec = layer.get_kv_cache_spec(cfg)
-    assert isinstance(spec, MoASpec)
-    assert (spec.sink_tokens, spec.sliding_window, spec.block_size) == (64, 128 - 64, 32)  # 0.25 * 512 = 128
+    plan = load_plan(PLANS / "uniform-d0.25.json")
+    assert isinstance(spec, MoARingSpec)
+    assert (spec.layer_index, spec.sink_tokens, spec.min_span, spec.block_size) == (7, 64, plan.min_span, 32)
+    assert spec.alphas == tuple(r.alpha for r in plan.rules[7]) and spec.betas == tuple(r.beta for r in plan.rules[7])
+    # 0.25 * 512 = 128 tokens per head = 4 pages of 32; 3 heads -> 12 pages = 4 blocks of 3 head pages
+    assert spec.blocks_for_length(512) == layer_blocks(spec.alphas, spec.betas, 512, plan.min_span, 32, 3) == 4
+    assert spec.max_memory_usage_bytes(cfg) == spec.blocks_for_length(512) * spec.page_size_bytes
 
 
 def test_request_lengths_publishes_rows_in_batch_order():

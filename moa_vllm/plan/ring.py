@@ -1,0 +1,50 @@
+"""Ring layout of a request's KV cache: how many pages each (layer, KV head) holds and which slot a position uses.
+
+Each (request, layer, KV head) owns a ring of `span` token slots (sinks included, see span.py). A vLLM block of a
+layer holds `heads_per_block` head pages (one per KV head of the rank) of `page_tokens` tokens each. A request's
+blocks of a layer form one flat list of token slots (page j = cell j % heads_per_block of its block j //
+heads_per_block); head h's ring takes the next `span[h]` slots after the rings of heads 0..h-1, so rings are packed
+without per-head rounding and a request needs ceil(sum of spans / (page_tokens * heads_per_block)) blocks of that
+layer: less than one page per head above the plan's own token count. They are allocated once, at admission.
+
+Slot of position p: p itself while p < sinks, else sinks + (p - sinks) mod window. Positions never exceed N - 1, so
+a ring whose span is N (dense head, or a short request) never wraps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from moa_vllm.plan.span import span_tokens, window_tokens
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def blocks_for_spans(spans: Sequence[int], page_tokens: int, heads_per_block: int) -> int:
+    """Blocks of one layer a request needs when its heads' rings have these spans."""
+    return cdiv(sum(spans), page_tokens * heads_per_block)
+
+
+def layer_blocks(
+    alphas: Sequence[float],
+    betas: Sequence[float],
+    n: int,
+    min_span: int,
+    page_tokens: int,
+    heads_per_block: int,
+) -> int:
+    """Blocks of one layer for a request of length n, for the KV heads held by one rank (their rules given)."""
+    spans = [span_tokens(a, b, n, min_span) for a, b in zip(alphas, betas, strict=True)]
+    return blocks_for_spans(spans, page_tokens, heads_per_block)
+
+
+def ring_slot(position: int, sinks: int, span: int) -> int:
+    """Slot of `position` in a ring of `span` tokens with `sinks` sink slots first."""
+    if position < sinks:
+        return position
+    window = window_tokens(span, sinks)
+    if window <= 0:
+        raise ValueError(f"position {position} >= sinks {sinks} but the span {span} has no window")
+    return sinks + (position - sinks) % window
