@@ -106,6 +106,9 @@ def render(results: list[dict], reference_name: str) -> str:
     for r in results:
         by_length = r["passkey"]["by_length"]
         lines.append(f"| {r['plan']['name']} | " + " | ".join(_fmt(by_length.get(str(n))) for n in lengths) + " |")
-    lines += ["", "Commands:", ""]
-    lines += [f"- `{r['plan']['name']}`: `{r['command']}`" for r in results]
+    lines += ["", "Commands (each run writes one JSON and one heatmap PNG per plan):", ""]
+    commands: dict[str, list[str]] = {}
+    for r in results:
+        commands.setdefault(r["command"], []).append(r["plan"]["name"])
+    lines += [f"- {', '.join(names)}: `{command}`" for command, names in commands.items()]
     return "\n".join(lines) + "\n"

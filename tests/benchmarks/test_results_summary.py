@@ -96,6 +96,7 @@ def test_render_has_one_row_per_plan_and_ratios(tmp_path: Path):
     assert len(rows) == 2  # main table and by-length table
     assert "| 0.67 | 0.67 |" in rows[0]  # accuracy and x dense
     assert "0.00 (0.00x, n=4)" in rows[0]  # key outside the 0.50 window: every such prompt lost
+    assert "- dense: `python -m benchmarks.accuracy --plans dense.json`" in text
 
 
 def test_cli_seeds_and_run_order(tmp_path: Path):
