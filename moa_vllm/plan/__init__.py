@@ -2,7 +2,7 @@
 
 from moa_vllm.plan.errors import PlanError
 from moa_vllm.plan.fingerprint import check_plan_fits, fingerprint_from_hf_config, load_hf_config
-from moa_vllm.plan.generate import dense_plan, uniform_plan
+from moa_vllm.plan.generate import dense_plan, uniform_plan, window_plan
 from moa_vllm.plan.io import load_plan, parse_plan, save_plan
 from moa_vllm.plan.reference import import_reference, import_reference_file
 from moa_vllm.plan.schema import FORMAT_VERSION, ModelFingerprint, Plan, PlanMetadata, Rule
@@ -28,5 +28,6 @@ __all__ = [
     "span_tokens",
     "uniform_plan",
     "visible",
+    "window_plan",
     "window_tokens",
 ]

@@ -1,4 +1,5 @@
-"""Plans that need no profiling: dense (the equivalence baseline) and uniform (the StreamingLLM equivalent)."""
+"""Plans that need no profiling: dense (the equivalence baseline), uniform (the StreamingLLM equivalent) and window
+(a fixed sliding window, for models trained with one, e.g. the BST)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,11 @@ def uniform_plan(
         notes="StreamingLLM-equivalent baseline: sinks plus a recent window, the same rule for every head",
     )
     return constant_plan(model, Rule(alpha=0.0, beta=density), meta, sink_tokens, min_span)
+
+
+def window_plan(model: ModelFingerprint, window: int, notes: str = "") -> Plan:
+    """span(N) = min(window, N) for every head, no sinks: the mask ``q - k < window`` of a sliding-window model."""
+    if window <= 0:
+        raise ValueError(f"window must be positive, got {window}")
+    meta = PlanMetadata(method="window", tool_version=__version__, created=_now(), notes=notes)
+    return constant_plan(model, Rule(alpha=float(window), beta=0.0), meta, sink_tokens=0, min_span=window)

@@ -11,7 +11,7 @@ from typing import Any
 class GroupHolding:
     """One KV cache group's share of a request: live blocks and the bytes they pin across the group's layers."""
 
-    kind: str  # the spec class name, e.g. MambaSpec, SlidingWindowSpec
+    kind: str  # the spec class name, e.g. MambaSpec, MoARingSpec
     layers: int
     blocks: int
     bytes_allocated: int  # pages as vLLM allocates them (state pages padded to the attention page size)

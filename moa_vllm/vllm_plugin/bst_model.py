@@ -2,9 +2,10 @@
 
 Per layer, as in :mod:`moa_vllm.bst.layer`: the S4D SSM (:class:`S4DStateLayer`, state in vLLM's per-request state
 cache) turns the normed input into context states; their keys/values are concatenated to the token keys/values as
-extra heads, and one vLLM ``Attention`` call with a sliding window of W serves both self-attention and
-cross-attention to the context states. The attention KV cache therefore holds the last W positions of
-``2 * heads`` heads, and the SSM state one fixed page: per-request memory is constant in sequence length.
+extra heads, and one vLLM ``Attention`` call on the moa backend serves both self-attention and cross-attention to
+the context states. Its plan (derived from the config, no file) keeps a ring of exactly W tokens per KV head with
+the mask ``q - k < W``; the attention cache therefore holds the last W positions of ``2 * heads`` heads, and the
+SSM state one fixed page: per-request memory is constant in sequence length.
 
 Module and parameter names equal the reference model's, so the checkpoint's safetensors load one to one.
 Single GPU/CPU process only (no tensor or pipeline parallelism): the model is tiny.
@@ -12,6 +13,7 @@ Single GPU/CPU process only (no tensor or pipeline parallelism): the model is ti
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -24,6 +26,7 @@ from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from moa_vllm.bst.attention import rotary
 from moa_vllm.bst.config import BSTConfig
 from moa_vllm.bst.layer import PerHeadContextKV, SharedContextKV
+from moa_vllm.vllm_plugin.backend import MoABackend
 from moa_vllm.vllm_plugin.bst_config import bst_config
 from moa_vllm.vllm_plugin.bst_state import S4DStateLayer, state_shape
 
@@ -40,14 +43,17 @@ class BSTDecoderLayer(nn.Module):
         if config.use_ssm:
             self.ssm = S4DStateLayer(config, prefix=f"{prefix}.ssm")
             self.context_kv = SharedContextKV(d, heads) if config.context_mode == "sh" else PerHeadContextKV(d, heads)
+        # The window W is the moa backend's plan (bst_window_plan: span W, no sinks, i.e. q - k < W), so the layer
+        # gets no vLLM-native window: vLLM copies the config's sliding_window into cache_config, which would be a
+        # second mask the moa impl refuses.
         self.attn = Attention(
             num_heads=self.heads_total,
             head_size=self.head_dim,
             scale=self.head_dim**-0.5,
             num_kv_heads=self.heads_total,
-            cache_config=vllm_config.cache_config,
-            per_layer_sliding_window=config.sliding_window,
+            cache_config=dataclasses.replace(vllm_config.cache_config, sliding_window=None),
             prefix=f"{prefix}.attn",
+            attn_backend=MoABackend,
         )
         self.o_proj = nn.Linear(self.heads_total * self.head_dim, d, bias=False)
         self.mlp_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)

@@ -1,8 +1,9 @@
-"""`moa-vllm serve BST_FOLDER`: vLLM's OpenAI server for a BST checkpoint (no plan, no moa backend).
+"""`moa-vllm serve BST_FOLDER`: vLLM's OpenAI server for a BST checkpoint (no plan file, no backend flag).
 
-A BST model brings its own windowed attention and SSM state, so the MoA plan does not apply. The checkpoints of
-the synthetic tasks have no tokenizer: the server runs with ``--skip-tokenizer-init`` and takes token-id prompts
-(``"prompt": [ids]`` on /v1/completions; ``"return_token_ids": true`` returns the generated ids).
+A BST model's attention runs on the moa backend with a window plan derived from its config (the plugin selects the
+backend and builds the plan in every vLLM process), so no plan file or ``--attention-backend`` is passed. The
+checkpoints of the synthetic tasks have no tokenizer: the server runs with ``--skip-tokenizer-init`` and takes
+token-id prompts (``"prompt": [ids]`` on /v1/completions; ``"return_token_ids": true`` returns the generated ids).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 - backend_alias: AttentionBackendEnum._member_map_["MOA"] -> CUSTOM, so `--attention-backend moa` resolves.
 - cpu_backend_selection: CpuPlatform.get_attn_backend_cls ignores any selected backend; honour CUSTOM.
-- config_check: <current platform>.check_and_update_config; load and verify the plan and turn prefix caching off
-  in the API-server process, before any worker starts.
+- config_check: <current platform>.check_and_update_config; select the moa backend for a BST model (its window
+  is a derived plan), load and verify the plan and turn prefix caching off in the API-server process, before any
+  worker starts.
 - layer_kv_spec: Attention.get_kv_cache_spec; full-attention layers never reach the backend's customize_spec,
   so each MoA layer's MoARingSpec (its own KV cache group, per-KV-head rings) is produced here.
 - admission_lengths: KVCacheManager.allocate_slots and .free; record each request's N for the ring managers (which
@@ -89,10 +90,30 @@ def _cpu_backend_selection() -> None:
 
 
 # ---- config_check --------------------------------------------------------------------------------------------------
+def select_moa_for_bst(vllm_config) -> None:
+    """A BST's windowed attention runs on the moa backend (plan derived from its config): select it unless the user
+    chose a backend, and refuse any other one, whose layers would get no window at all."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from moa_vllm.plan import PlanError
+    from moa_vllm.vllm_plugin.bst_config import is_bst_config
+
+    if vllm_config.model_config is None or not is_bst_config(vllm_config.model_config.hf_config):
+        return
+    if vllm_config.attention_config.backend is None:
+        vllm_config.attention_config.backend = AttentionBackendEnum.CUSTOM
+    if not moa_selected(vllm_config):
+        raise PlanError(
+            f"a BST model runs its attention on the moa backend, not {vllm_config.attention_config.backend.name}: "
+            "drop --attention-backend"
+        )
+
+
 def _check_moa_config(vllm_config) -> None:
     from moa_vllm.plan import PlanError
     from moa_vllm.vllm_plugin.settings import plan_from_vllm_config, plan_path
 
+    select_moa_for_bst(vllm_config)
     if not moa_selected(vllm_config):
         if isinstance(vllm_config.additional_config, dict) and "moa" in vllm_config.additional_config:
             raise PlanError(
@@ -105,7 +126,7 @@ def _check_moa_config(vllm_config) -> None:
     max_len = vllm_config.model_config.max_model_len
     logger.info(
         "moa-vllm: plan %s (%s, %d sinks), density at max_model_len=%d: %.3f",
-        plan_path(vllm_config.additional_config),
+        plan_path(vllm_config.additional_config) or "derived",
         plan.metadata.method,
         plan.sink_tokens,
         max_len,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from moa_vllm.plan import Plan, PlanError, check_plan_fits, fingerprint_from_hf_config, load_plan
+from moa_vllm.plan import ModelFingerprint, Plan, PlanError, check_plan_fits, fingerprint_from_hf_config, load_plan
+from moa_vllm.vllm_plugin.bst_config import bst_fingerprint, bst_window_plan, is_bst_config
 
 PLAN_ENV = "MOA_VLLM_PLAN"
 CONFIG_KEY = "moa"
@@ -31,18 +32,32 @@ def missing_plan_error() -> PlanError:
     )
 
 
+def model_fingerprint(hf_config: Any) -> ModelFingerprint:
+    """What a plan must fit. A BST's attention call runs more heads than ``num_attention_heads`` says (self +
+    context heads), so its fingerprint counts those; every other model is read the usual way."""
+    if is_bst_config(hf_config):
+        return bst_fingerprint(hf_config)
+    config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    return fingerprint_from_hf_config(config)
+
+
 def load_checked_plan(path: str, hf_config: Any) -> Plan:
     """The plan at `path`, verified to fit the model whose HF config is given (cached per path)."""
     if path not in _plans:
         plan = load_plan(path)
-        config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
-        check_plan_fits(plan, fingerprint_from_hf_config(config), plan_source=path)
+        check_plan_fits(plan, model_fingerprint(hf_config), plan_source=path)
         _plans[path] = plan
     return _plans[path]
 
 
 def plan_from_vllm_config(vllm_config: Any) -> Plan:
+    """The plan file's rules; a BST without one gets its trained window as a plan (no file needed)."""
+    hf_config = vllm_config.model_config.hf_config
     path = plan_path(vllm_config.additional_config)
     if path is None:
+        if is_bst_config(hf_config):
+            plan = bst_window_plan(hf_config)
+            check_plan_fits(plan, model_fingerprint(hf_config), plan_source="BST window plan")
+            return plan
         raise missing_plan_error()
-    return load_checked_plan(path, vllm_config.model_config.hf_config)
+    return load_checked_plan(path, hf_config)

@@ -1,6 +1,6 @@
 import pytest
 
-from moa_vllm.plan import ModelFingerprint, dense_plan, fingerprint_from_hf_config, uniform_plan
+from moa_vllm.plan import ModelFingerprint, dense_plan, fingerprint_from_hf_config, uniform_plan, visible, window_plan
 
 FP = ModelFingerprint(architecture="LlamaForCausalLM", num_layers=30, num_query_heads=9, num_kv_heads=3, head_dim=64)
 
@@ -47,3 +47,12 @@ def test_uniform_density(density):
 def test_uniform_rejects_bad_density():
     with pytest.raises(ValueError, match="density"):
         uniform_plan(FP, 0.0)
+
+
+def test_window_plan_is_a_fixed_window_without_sinks():
+    plan = window_plan(FP, 32)
+    assert plan.sink_tokens == 0 and plan.spans(8192)[0] == [32] * 3 and plan.spans(10)[0] == [10] * 3
+    window = plan.windows(8192)[0][0]
+    assert [visible(100, k, plan.sink_tokens, window) for k in (68, 69, 100)] == [False, True, True]  # q - k < 32
+    with pytest.raises(ValueError, match="window"):
+        window_plan(FP, 0)

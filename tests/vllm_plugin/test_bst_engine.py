@@ -1,9 +1,10 @@
 """BSTForCausalLM served by vLLM: greedy tokens and their log-probabilities equal the reference decode of the same
 checkpoint (batched, with chunked prefill carrying SSM state across chunks), and a request's cache holding is one
-state page plus a sliding window, the same for a short and a long request.
+state page plus a ring of W tokens per KV head, the same for a short and a long request.
 
 One engine for the module: a tiny random BST (head size 32, the smallest vLLM's CPU attention takes; window 16)
-with prompts from 5 to 700 tokens, prefill chunks of 64 tokens.
+with prompts from 5 to 700 tokens, prefill chunks of 64 tokens. Attention runs on the moa backend with the window plan
+derived from the config (no plan file).
 """
 
 from __future__ import annotations
@@ -83,16 +84,28 @@ def test_greedy_matches_reference_decode(checkpoint, llm) -> None:
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) > 1  # the prompts steer the model: not a constant
 
 
-def test_cache_specs_are_a_state_page_and_a_window(checkpoint, llm) -> None:
+def test_cache_specs_are_a_state_page_and_moa_window_rings(checkpoint, llm) -> None:
     model, _ = checkpoint
     groups = engine_core(llm).scheduler.kv_cache_config.kv_cache_groups
-    specs = {type(g.kv_cache_spec).__name__: g for g in groups}
-    assert set(specs) == {"MambaSpec", "SlidingWindowSpec"}
-    state = specs["MambaSpec"].kv_cache_spec
-    assert state.shapes == ((64, model.config.ssm_state_size, 2),) and state.dtypes == (torch.float32,)
-    assert specs["MambaSpec"].layer_names == ["layers.0.ssm", "layers.1.ssm"]
-    window = specs["SlidingWindowSpec"].kv_cache_spec
-    assert window.sliding_window == WINDOW and window.num_kv_heads == 4 and window.head_size == 32
+    kinds = sorted(type(g.kv_cache_spec).__name__ for g in groups)
+    # The moa backend gives each attention layer its own group; vLLM then groups the state layers one per group too.
+    assert kinds == ["MambaSpec", "MambaSpec", "MoARingSpec", "MoARingSpec"]
+    states = [g for g in groups if type(g.kv_cache_spec).__name__ == "MambaSpec"]
+    assert sorted(name for g in states for name in g.layer_names) == ["layers.0.ssm", "layers.1.ssm"]
+    for state in states:
+        assert state.kv_cache_spec.shapes == ((64, model.config.ssm_state_size, 2),)
+        assert state.kv_cache_spec.dtypes == (torch.float32,)
+    rings = [g.kv_cache_spec for g in groups if type(g.kv_cache_spec).__name__ == "MoARingSpec"]
+    for ring in rings:  # the derived window plan: span W for every KV head (self + context), no sinks
+        assert ring.num_kv_heads == 4 and ring.head_size == 32 and ring.sink_tokens == 0 and ring.min_span == WINDOW
+        assert ring.alphas == (WINDOW,) * 4 and ring.betas == (0.0,) * 4
+
+
+def test_attention_layers_run_the_moa_backend(llm) -> None:
+    def impls(model) -> set[str]:
+        return {type(layer.attn.impl).__name__ for layer in model.layers}
+
+    assert llm.apply_model(impls) == [{"MoAImpl"}]
 
 
 def test_request_holding_is_constant_in_sequence_length(llm) -> None:
@@ -115,12 +128,11 @@ def test_request_holding_is_constant_in_sequence_length(llm) -> None:
     short, long = trace(60), trace(900)
     groups = engine_core(llm).scheduler.kv_cache_config.kv_cache_groups
     kinds = [type(g.kv_cache_spec).__name__ for g in groups]
-    state, attn = kinds.index("MambaSpec"), kinds.index("SlidingWindowSpec")
-    assert all(step[state] == 1 for step in short + long)  # one state page per layer group, from admission to end
-    block = groups[attn].kv_cache_spec.block_size
-    bound = -(-(WINDOW - 1 + CHUNK) // block) + 1  # window plus one in-flight chunk, block aligned
-    assert max(step[attn] for step in long) <= bound
-    # Decode: the window straddles at most two blocks, however long the request (full attention: 8 blocks here).
-    decode_bound = -(-WINDOW // block) + 1
-    assert max(step[attn] for step in short[-MAX_TOKENS + 1 :] + long[-MAX_TOKENS + 1 :]) <= decode_bound
-    assert decode_bound < -(-(900 + MAX_TOKENS) // block)
+    states = [i for i, kind in enumerate(kinds) if kind == "MambaSpec"]
+    rings = [i for i, kind in enumerate(kinds) if kind == "MoARingSpec"]
+    assert {step[i] for step in short + long for i in states} == {1}  # one state page per group, admission to end
+    # A ring of W tokens per KV head, taken at admission and kept to the end: the same blocks for 60 and 900 tokens
+    # (full attention would need 8 blocks here).
+    ring = groups[rings[0]].kv_cache_spec
+    assert {step[i] for step in short + long for i in rings} == {ring.blocks_for_length(MAX_MODEL_LEN)}
+    assert ring.blocks_for_length(MAX_MODEL_LEN) < -(-(900 + MAX_TOKENS) // ring.block_size)

@@ -116,6 +116,38 @@ def test_config_check_rejects_plan_for_another_model(model_dir, tmp_path):
         _engine_config(model_dir, attention_backend="moa", additional_config={"moa": {"plan": str(path)}})
 
 
+@pytest.fixture
+def bst_dir(tmp_path):
+    from moa_vllm.bst import BSTConfig, BSTForCausalLM
+
+    config = BSTConfig(vocab_size=10, hidden_size=64, num_attention_heads=2, sliding_window=16)
+    return BSTForCausalLM(config).save_pretrained(tmp_path / "bst")
+
+
+def test_config_check_selects_moa_with_a_window_plan_for_bst(bst_dir, monkeypatch):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from moa_vllm.vllm_plugin.settings import plan_from_vllm_config
+
+    monkeypatch.delenv("MOA_VLLM_PLAN", raising=False)
+    cfg = _engine_config(bst_dir, skip_tokenizer_init=True, enable_prefix_caching=False)
+    assert cfg.attention_config.backend == AttentionBackendEnum.CUSTOM
+    plan = plan_from_vllm_config(cfg)  # 2 self + 2 context heads per call: the fingerprint counts 4
+    assert (plan.model.num_query_heads, plan.model.num_kv_heads, plan.sink_tokens) == (4, 4, 0)
+    assert plan.spans(512) == [[16] * 4] * 2
+
+
+def test_config_check_rejects_another_backend_for_bst(bst_dir):
+    with pytest.raises(CONFIG_ERRORS, match="BST model runs its attention on the moa backend"):
+        _engine_config(bst_dir, skip_tokenizer_init=True, attention_backend="CPU_ATTN")
+
+
+def test_config_check_rejects_a_plan_for_another_model_on_bst(bst_dir):
+    with pytest.raises(CONFIG_ERRORS, match="plan does not fit the model: model.num_layers is 30 but the model has 2"):
+        plan = {"moa": {"plan": str(PLANS / "dense.json")}}
+        _engine_config(bst_dir, skip_tokenizer_init=True, additional_config=plan)
+
+
 def test_layer_kv_spec_builds_a_ring_spec_per_layer(model_dir):
     """Attention.get_kv_cache_spec on real MoA layers of the real model config."""
     from vllm.config import set_current_vllm_config
