@@ -1,9 +1,10 @@
 """The ring KV cache in the real vLLM engine (CPU wheel): bytes held per request against the plan's formula, and
-max concurrency plus decode throughput of 8k-token requests at a fixed KV budget.
+max concurrency plus decode throughput of 8k-token requests at a fixed KV budget (--kv-cache-memory-bytes, which
+the CPU worker takes instead of VLLM_CPU_KVCACHE_SPACE).
 
 Usage:
   python benchmarks/ring_cache.py bytes [--plans P ...] [--prompt-lengths 1024 2048 4096 7936]
-  python benchmarks/ring_cache.py concurrency [--plans P ...] [--kv-gib 0.5] [--requests 6]
+  python benchmarks/ring_cache.py concurrency [--plans P ...] [--kv-gib 0.4] [--requests 6] [--max-tokens 64]
 Results: benchmarks/results/ring_cache_{bytes,concurrency}.json (+ ring_cache_bytes.png), each with its command.
 "dense" in the concurrency part is stock vLLM (its own CPU attention backend, full KV cache), the baseline users have.
 """
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 PLANS = REPO / "plans" / "SmolLM2-135M-Instruct"
 RESULTS = REPO / "benchmarks" / "results"
 MAX_MODEL_LEN = 8192
-BLOCK = 128
+BLOCK = 128  # vLLM's default block size on CPU; --block-size overrides
 STOCK = "stock"  # plan name for stock vLLM without the plugin's backend
 
 
@@ -37,12 +38,11 @@ def default_plans() -> list[str]:
 
 
 def make_llm(model_dir: Path, plan: str, kv_gib: float, **kwargs):
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
     from vllm import LLM
 
     moa = {} if plan == STOCK else {"attention_backend": "moa", "additional_config": {"moa": {"plan": plan}}}
     return LLM(model=str(model_dir), max_model_len=MAX_MODEL_LEN, dtype="float32", enforce_eager=True,
-               block_size=BLOCK, seed=0, **moa, **kwargs)
+               block_size=BLOCK, seed=0, kv_cache_memory_bytes=int(kv_gib * 2**30), **moa, **kwargs)
 
 
 def close(llm) -> None:
@@ -119,7 +119,7 @@ def plot_bytes(rows: list[dict], out: Path) -> None:
         ax.plot([r["prompt_tokens"] for r in pts], [r["formula_bytes"] / 2**20 for r in pts], "k:", lw=0.8)
     ax.set_xlabel("prompt tokens (+256 max_tokens)")
     ax.set_ylabel("KV MiB held per request")
-    ax.set_title("moa-vllm ring cache, SmolLM2-135M fp32 (CPU); dotted: plan formula")
+    ax.set_title("Ring KV cache per request, SmolLM2-135M fp32 (CPU)\ndotted: the plan's formula", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -136,6 +136,7 @@ def measure_concurrency(model_dir: Path, plan: str, kv_gib: float, requests: int
     core, engine = core_of(llm), llm.llm_engine
     sched = core.scheduler
     reported = get_max_concurrency_for_kv_cache_config(core.vllm_config, sched.kv_cache_config)
+    requests = min(requests, int(reported) + 1)  # one more than fits: the cap shows without prefilling extras
     ids = [engine.add_request(f"c{i}", {"prompt_token_ids": [1000 + (i * 7 + j) % 5000 for j in range(prompt)]},
                               SamplingParams(max_tokens=gen, ignore_eos=True)) for i in range(requests)]
     max_running, decode_steps, preemptions = 0, [], 0
@@ -156,7 +157,7 @@ def measure_concurrency(model_dir: Path, plan: str, kv_gib: float, requests: int
     del ids
     return {
         "plan": Path(plan).stem if plan != STOCK else "dense (stock vLLM)",
-        "kv_gib": kv_gib, "num_blocks": sched.kv_cache_config.num_blocks,
+        "kv_gib": kv_gib, "num_blocks": sched.kv_cache_config.num_blocks, "requests_submitted": requests,
         "vllm_max_concurrency": round(reported, 3), "max_running_observed": max_running,
         "decode_step_s_median": round(statistics.median(peak), 4) if peak else None,
         "decode_tok_s_at_max": round(max_running / statistics.median(peak), 2) if peak else None,
@@ -170,10 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plans", nargs="*", default=None)
     ap.add_argument("--prompt-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 7936])
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--kv-gib", type=float, default=0.5)
-    ap.add_argument("--requests", type=int, default=6)
+    ap.add_argument("--kv-gib", type=float, default=0.4)
+    ap.add_argument("--requests", type=int, default=6, help="at most this many, and one more than vLLM says fit")
+    ap.add_argument("--block-size", type=int, default=BLOCK)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    global BLOCK
+    BLOCK = args.block_size
     from moa_vllm.model import prepare_embedded_model
 
     model_dir = prepare_embedded_model(progress=False)
@@ -184,15 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part == "bytes":
         rows = measure_bytes(model_dir, plans, args.prompt_lengths, args.max_tokens)
-        (args.out / "ring_cache_bytes.json").write_text(json.dumps(meta | {"results": rows}, indent=1))
-        plot_bytes(rows, args.out / "ring_cache_bytes.png")
+        name = "ring_cache_bytes" if BLOCK == 128 else f"ring_cache_bytes_block{BLOCK}"
+        (args.out / f"{name}.json").write_text(json.dumps(meta | {"results": rows}, indent=1))
+        plot_bytes(rows, args.out / f"{name}.png")
     else:
         prompt = MAX_MODEL_LEN - args.max_tokens
         rows = []
         for plan in [STOCK, *plans]:
             rows.append(measure_concurrency(model_dir, plan, args.kv_gib, args.requests, prompt, args.max_tokens))
             print(rows[-1], flush=True)
-        meta |= {"prompt_tokens": prompt, "max_tokens": args.max_tokens, "requests_submitted": args.requests}
+        meta |= {"prompt_tokens": prompt, "max_tokens": args.max_tokens}
         (args.out / "ring_cache_concurrency.json").write_text(json.dumps(meta | {"results": rows}, indent=1))
     return 0
 
