@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,46 +12,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PLANS
+from tests.server_process import SERVER_ENV, free_port, moa_vllm, stop, wait_ready
 
 pytestmark = pytest.mark.server
-
-STARTUP_TIMEOUT_S = 300
-SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _moa_vllm(*args: str, **kwargs) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "moa_vllm.cli", *args]
-    return subprocess.Popen(cmd, env={**os.environ, **SERVER_ENV}, **kwargs)
-
-
-def _wait_ready(proc: subprocess.Popen, port: int) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"server not ready after {STARTUP_TIMEOUT_S} s")
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "w") as out:
-        proc = _moa_vllm(
+        proc = moa_vllm(
             "serve",
             str(model_dir),
             "--plan",
@@ -70,14 +40,10 @@ def server(model_dir, tmp_path_factory):
             stderr=subprocess.STDOUT,
         )
         try:
-            _wait_ready(proc, port)
+            wait_ready(proc, port)
             yield port, log
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +140,7 @@ def test_bad_plan_fails_before_server_starts(model_dir, tmp_path):
     data["rules"][3][1]["beta"] = 2.0
     bad.write_text(json.dumps(data))
     rc, out = _run_to_exit(
-        _moa_vllm(
+        moa_vllm(
             "serve", str(model_dir), "--plan", str(bad), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
     )
@@ -189,7 +155,7 @@ def test_plan_for_other_model_fails(model_dir, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
     rc, out = _run_to_exit(
-        _moa_vllm(
+        moa_vllm(
             "serve", str(model_dir), "--plan", str(other), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
     )
@@ -210,7 +176,7 @@ def test_vllm_server_rejects_bad_plan_in_config(model_dir, tmp_path, case):
         "--max-model-len",
         "512",
         "--port",
-        str(_free_port()),
+        str(free_port()),
     ]
     if case == "bad_plan":
         bad = tmp_path / "bad.json"

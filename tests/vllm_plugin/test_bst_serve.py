@@ -55,14 +55,12 @@ def test_other_models_still_need_a_plan(tmp_path: Path, captured, capsys) -> Non
 def test_served_checkpoint_answers_token_id_prompts_like_the_reference(tmp_path: Path) -> None:
     """The real server (`moa-vllm serve BST_FOLDER`): a token-id completion equals the reference greedy decode."""
     import json
-    import os
-    import socket
     import subprocess
-    import sys
-    import time
     import urllib.request
 
     import torch
+
+    from tests.server_process import free_port, moa_vllm, stop, wait_ready
 
     torch.manual_seed(0)
     config = BSTConfig(vocab_size=40, hidden_size=64, num_attention_heads=2, sliding_window=16, initializer_range=0.2)
@@ -70,24 +68,15 @@ def test_served_checkpoint_answers_token_id_prompts_like_the_reference(tmp_path:
     folder = model.save_pretrained(tmp_path / "bst")
     prompt = torch.randint(0, 40, (90,), generator=torch.Generator().manual_seed(3))
     expected = model.generate_greedy(prompt, 8)[90:].tolist()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    port = free_port()
     args = ["serve", str(folder), "--port", str(port), "--max-model-len", "512", "--enforce-eager"]
     with open(tmp_path / "server.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moa_vllm.cli", *args], env=env, stdout=log, stderr=log)
+        proc = moa_vllm(*args, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not ready in 300 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
+        try:
+            wait_ready(proc, port)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError((tmp_path / "server.log").read_text()[-3000:]) from e
         body = {"model": str(folder), "prompt": prompt.tolist(), "max_tokens": 8, "temperature": 0,
                 "return_token_ids": True}  # fmt: skip
         request = urllib.request.Request(
@@ -97,8 +86,4 @@ def test_served_checkpoint_answers_token_id_prompts_like_the_reference(tmp_path:
             choice = json.loads(r.read())["choices"][0]
         assert choice["token_ids"] == expected
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
