@@ -166,6 +166,7 @@ def measure_concurrency(model_dir: Path, plan: str, kv_gib: float, requests: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BLOCK  # --block-size sets the block size every engine of this run uses
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["bytes", "concurrency"])
     ap.add_argument("--plans", nargs="*", default=None)
@@ -176,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=BLOCK)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    global BLOCK
     BLOCK = args.block_size
     from moa_vllm.model import prepare_embedded_model
 
