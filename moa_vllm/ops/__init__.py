@@ -1,5 +1,4 @@
-"""Attention compute for the MoA backend, in plain torch (no vLLM import)."""
+"""MoA attention compute in plain torch: ring layout math, page formats, ring prefill, and the token-exact reference.
 
-from moa_vllm.ops.ring_attention import RingBatch, build_ring_batch, plan_spans, ring_attention, write_ring
-
-__all__ = ["RingBatch", "build_ring_batch", "plan_spans", "ring_attention", "write_ring"]
+Imports no vLLM: the stock-kernel calls live in moa_vllm/vllm_plugin/kernels_*.py.
+"""

@@ -2,10 +2,12 @@
 
 Each (request, layer, KV head) owns a ring of `span` token slots (sinks included, see span.py). A vLLM block of a
 layer holds `heads_per_block` head pages (one per KV head of the rank) of `page_tokens` tokens each. A request's
-blocks of a layer form one flat list of token slots (page j = cell j % heads_per_block of its block j //
-heads_per_block); head h's ring takes the next `span[h]` slots after the rings of heads 0..h-1, so rings are packed
-without per-head rounding and a request needs ceil(sum of spans / (page_tokens * heads_per_block)) blocks of that
-layer: less than one page per head above the plan's own token count. They are allocated once, at admission.
+blocks of a layer form one flat list of pages (page j = cell j % heads_per_block of block j // heads_per_block);
+head h's ring starts at a page boundary and takes the next ceil(span[h] / page_tokens) pages after the rings of
+heads 0..h-1. Page alignment lets every ring be read by stock paged attention kernels as a one-KV-head "virtual
+sequence" with its own page table (no kernel takes a per-sequence start offset). A request needs
+ceil(sum of ceil(span / page_tokens) / heads_per_block) blocks of that layer: still less than one page per head
+above the plan's own token count. They are allocated once, at admission.
 
 Slot of position p: p itself while p < sinks, else sinks + (p - sinks) mod window. Positions never exceed N - 1, so
 a ring whose span is N (dense head, or a short request) never wraps.
@@ -14,6 +16,7 @@ a ring whose span is N (dense head, or a short request) never wraps.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 from moa_vllm.plan.span import span_tokens, window_tokens
 
@@ -22,9 +25,20 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def head_pages(spans: Sequence[int], page_tokens: int) -> list[int]:
+    """Pages each head's ring takes (rings start at page boundaries)."""
+    return [cdiv(s, page_tokens) for s in spans]
+
+
+def first_pages(spans: Sequence[int], page_tokens: int) -> list[int]:
+    """Index (in the request's flat page list of the layer) of each head's first ring page."""
+    pages = head_pages(spans, page_tokens)
+    return [total - p for total, p in zip(accumulate(pages), pages, strict=True)]
+
+
 def blocks_for_spans(spans: Sequence[int], page_tokens: int, heads_per_block: int) -> int:
     """Blocks of one layer a request needs when its heads' rings have these spans."""
-    return cdiv(sum(spans), page_tokens * heads_per_block)
+    return cdiv(sum(head_pages(spans, page_tokens)), heads_per_block)
 
 
 def layer_blocks(

@@ -1,4 +1,9 @@
-"""The MoA attention backend for vLLM 0.32: metadata builder and attention impl over the paged KV cache."""
+"""The MoA attention backend for vLLM 0.32: metadata builder and attention impl over per-KV-head rings.
+
+Decode rows (one query token) go through vLLM's own paged kernels as one-KV-head virtual sequences
+(kernels_cpu.py / kernels_cuda.py); prefill and chunk rows of the same step go through the token-exact ring prefill
+(moa_vllm/ops/ring_prefill.py). Ring metadata is built once per step for every layer (ring_state.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -16,12 +22,17 @@ from vllm.v1.attention.backend import (
     AttentionType,
     CommonAttentionMetadata,
 )
+from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from moa_vllm.ops.ring_attention import RingBatch, build_ring_batch, plan_spans, ring_attention
-from moa_vllm.vllm_plugin import request_lengths
+from moa_vllm.ops.page_format import cells
+from moa_vllm.ops.ring_layout import slot_positions
+from moa_vllm.ops.ring_prefill import prefill_attention, survivors
+from moa_vllm.vllm_plugin.kernels_cuda import ring_kernels
 from moa_vllm.vllm_plugin.kv_spec import MoARingSpec, rank_heads
+from moa_vllm.vllm_plugin.ring_state import RingState, RingStep
 from moa_vllm.vllm_plugin.settings import plan_from_vllm_config
 
+logger = init_logger("vllm.moa_vllm")
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
@@ -33,7 +44,7 @@ def layer_index(layer_name: str) -> int:
 
 
 class MoABackend(AttentionBackend):
-    forward_includes_kv_cache_update: bool = True  # forward() attends first, then writes the surviving K/V
+    forward_includes_kv_cache_update: bool = True  # forward() writes the step's surviving K/V into the rings
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", "float32"]
 
@@ -53,12 +64,28 @@ class MoABackend(AttentionBackend):
     def supports_sliding_window(cls) -> bool:
         return True
 
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # A block's [H, page, 2D] must be contiguous so that page id = block * H + cell addresses one-head pages.
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False  # rings are laid out per request by the plan; external KV blocks cannot be placed in them
+
+    @classmethod
+    def supports_device_cpu_query_lens_mismatch(cls) -> bool:
+        return False  # the row split and ring writes are planned from the host query lengths
+
 
 @dataclass
 class MoAMetadata:
     num_actual_tokens: int
-    ring: RingBatch  # where each request's rings of this layer live, and where this step writes
-    request_lengths: torch.Tensor  # [requests] N of each request
+    layer: int  # index into the step's [L, ...] tensors
+    step: RingStep
+
+
+_states: dict[int, RingState] = {}
 
 
 def _rank_heads(spec: MoARingSpec) -> range:
@@ -69,37 +96,52 @@ def _rank_heads(spec: MoARingSpec) -> range:
     return rank_heads(len(spec.alphas), spec.num_kv_heads, spec.tp_size)[get_tensor_model_parallel_rank()]
 
 
-class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
-    """One builder per MoA layer (each layer is its own KV cache group): that layer's rings for the batch."""
+def ring_state(vllm_config: VllmConfig, spec: MoARingSpec, device: torch.device) -> RingState:
+    """The worker's RingState (one per engine config), holding every layer's rules for this rank's KV heads."""
+    key = id(vllm_config)
+    if key not in _states:
+        plan = plan_from_vllm_config(vllm_config)
+        heads = _rank_heads(spec)
+        alphas = torch.tensor([[layer[h].alpha for h in heads] for layer in plan.rules], dtype=torch.float64)
+        betas = torch.tensor([[layer[h].beta for h in heads] for layer in plan.rules], dtype=torch.float64)
+        _states.clear()  # one engine per worker process
+        _states[key] = RingState(
+            alphas,
+            betas,
+            plan.min_span,
+            plan.sink_tokens,
+            spec.block_size,
+            vllm_config.model_config.max_model_len,
+            device,
+        )
+    return _states[key]
 
+
+class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
+    """One builder per MoA layer (each layer is its own KV cache group); all of them share the step's RingStep."""
+
+    # Metadata is planned on the host from the step's query lengths: no CUDA graphs yet.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    reorder_batch_threshold: int | None = 1  # decode rows first: they form one kernel call
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         if not isinstance(kv_cache_spec, MoARingSpec):
             raise TypeError(f"moa-vllm: layers {layer_names} got KV cache spec {type(kv_cache_spec).__name__}")
-        heads = _rank_heads(kv_cache_spec)
-        self.alphas = torch.tensor([kv_cache_spec.alphas[h] for h in heads], dtype=torch.float64)
-        self.betas = torch.tensor([kv_cache_spec.betas[h] for h in heads], dtype=torch.float64)
         self.spec = kv_cache_spec
-        self.max_model_len = vllm_config.model_config.max_model_len
+        self.layer = kv_cache_spec.layer_index
+        self.state = ring_state(vllm_config, kv_cache_spec, device)
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> MoAMetadata:
         c = common_attn_metadata
-        n_reqs = c.num_reqs
-        lengths = torch.from_numpy(request_lengths.current(n_reqs, self.max_model_len))
-        spans = plan_spans(self.alphas, self.betas, lengths, self.spec.min_span)
-        ring = build_ring_batch(
-            spans,
-            c.block_table_tensor[:n_reqs],
-            c.query_start_loc_cpu[: n_reqs + 1].tolist(),
-            c.seq_lens[:n_reqs].cpu().tolist(),
-            self.spec.sink_tokens,
-            self.spec.block_size,
-        )
-        return MoAMetadata(num_actual_tokens=c.num_actual_tokens, ring=ring, request_lengths=lengths)
+        step = self.state.step_for(c)
+        self.state.fill_layer(self.layer, c.block_table_tensor[: c.num_reqs])
+        return MoAMetadata(num_actual_tokens=c.num_actual_tokens, layer=self.layer, step=step)
+
+
+_logged_kernels: set[str] = set()
 
 
 class MoAImpl(AttentionImpl[MoAMetadata]):
@@ -132,11 +174,21 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        vllm_config = get_current_vllm_config()
-        self.plan = plan_from_vllm_config(vllm_config)
+        self.plan = plan_from_vllm_config(get_current_vllm_config())
+        self._kernels = None
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         raise RuntimeError("moa-vllm: K/V are written by forward() (forward_includes_kv_cache_update)")
+
+    def _kernels_for(self, kv_cache: torch.Tensor):
+        if self._kernels is None:
+            self._kernels = ring_kernels(kv_cache.device, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+            if self._kernels.name not in _logged_kernels:
+                _logged_kernels.add(self._kernels.name)
+                logger.info(
+                    "moa-vllm: ring decode through %s; prefill through the torch ring prefill", self._kernels.name
+                )
+        return self._kernels
 
     def forward(
         self,
@@ -154,16 +206,62 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
             return output
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("moa-vllm backend does not support fused output quantization")
-        d = self.head_size
         n = attn_metadata.num_actual_tokens
-        ring_attention(
-            query=query[:n].view(n, self.num_heads, d),
-            key=key[:n].view(n, self.num_kv_heads, d),
-            value=value[:n].view(n, self.num_kv_heads, d),
-            kv_cache=kv_cache,
-            batch=attn_metadata.ring,
-            sinks=self.plan.sink_tokens,
-            scale=self.scale,
-            out=output[:n].view(n, self.num_heads, d),
-        )
+        h, d = self.num_kv_heads, self.head_size
+        q = query[:n].view(n, self.num_heads, d)
+        k = key[:n].view(n, h, d)
+        v = value[:n].view(n, h, d)
+        out = output[:n].view(n, self.num_heads, d)
+        kernels = self._kernels_for(kv_cache)
+        view = cells(kv_cache)
+        step, layer_idx = attn_metadata.step, attn_metadata.layer
+        sinks, page = self.plan.sink_tokens, kv_cache.shape[2]
+        step.finalize(sinks, page)
+        nd = step.num_decodes
+        if nd:
+            g = self.num_heads // h
+            # Write first: the new token's slot held the one key its query may no longer see.
+            kernels.write(view, step.slots[layer_idx], k[:nd].reshape(nd * h, d), v[:nd].reshape(nd * h, d))
+            kernels.decode(
+                q[:nd].reshape(nd * h, g, d),
+                view,
+                step.tables[layer_idx, :nd].view(nd * h, -1),
+                step.visible[layer_idx, : nd * h],
+                self.scale,
+                out[:nd].view(nd * h, g, d),
+            )
+        for r in range(nd, len(step.computed)):
+            self._prefill_row(q, k, v, out, view, kernels, step, layer_idx, r, sinks, page)
         return output
+
+    def _prefill_row(
+        self, q, k, v, out, view, kernels, step: RingStep, layer_idx: int, r: int, sinks: int, page: int
+    ) -> None:
+        qs, qe = step.query_start_loc[r], step.query_start_loc[r + 1]
+        if qe <= qs:
+            return
+        computed = step.computed[r]
+        spans = step.spans[layer_idx, r]  # [H]
+        tables = step.tables[layer_idx, r]  # [H, P]
+        ring_k = ring_v = ring_pos = None
+        if computed > 0:
+            held = int(torch.clamp(spans, max=computed).max())
+            ring_k, ring_v = kernels.format.read(view, tables[:, : -(-held // page)])
+            ring_k, ring_v = ring_k[:, :held], ring_v[:, :held]
+            ring_pos = slot_positions(torch.tensor([computed]), spans[None], sinks, held)[0]
+        prefill_attention(
+            q[qs:qe],
+            k[qs:qe],
+            v[qs:qe],
+            ring_k,
+            ring_v,
+            ring_pos,
+            computed,
+            spans - sinks,
+            sinks,
+            self.scale,
+            out[qs:qe],
+        )
+        token, head, slot = survivors(computed, qe - qs, spans, sinks)
+        flat = tables[head, torch.div(slot, page, rounding_mode="floor")].long() * page + slot % page
+        kernels.write(view, flat, k[qs + token, head], v[qs + token, head])

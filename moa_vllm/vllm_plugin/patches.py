@@ -9,8 +9,12 @@
   so each MoA layer's MoARingSpec (its own KV cache group, per-KV-head rings) is produced here.
 - admission_lengths: KVCacheManager.allocate_slots and .free; record each request's N for the ring managers (which
   see only request ids) before vLLM sizes its allocation, log the blocks it holds, forget N when it is freed.
-- request_lengths: GPUModelRunner._build_attention_metadata (CPUModelRunner inherits it); publish each row's N
-  (prompt + max_tokens) for the metadata builder, which sees no sampling parameters.
+- request_lengths: GPUModelRunner._build_attention_metadata (model runner V1; CPUModelRunner inherits it); publish
+  each row's request id and N (prompt + max_tokens) for the metadata builder, which sees neither.
+- request_lengths_v2: vllm.v1.worker.gpu.model_runner.GPUModelRunner.prepare_attn / prepare_dummy_attn (model
+  runner V2, the GPU wheel's default with Triton); the same, from V2's request states.
+- beam_search: BeamSearchOnlineMixin.beam_search and BeamSearchOfflineMixin.beam_search; refused with the moa
+  backend (every beam step is a new request with another N, so no ring layout carries over).
 
 Each patch is idempotent and is tested in tests/vllm_plugin/test_patches.py.
 """
@@ -109,6 +113,27 @@ def select_moa_for_bst(vllm_config) -> None:
         )
 
 
+def refuse_unsupported_features(vllm_config) -> None:
+    """Features that would silently corrupt rings: one clear error each, before any worker starts."""
+    from moa_vllm.plan import PlanError
+
+    if vllm_config.speculative_config is not None:
+        raise PlanError(
+            "speculative decoding is not supported with --attention-backend moa: rejected draft tokens would "
+            "overwrite ring slots that later queries still need; drop --speculative-config"
+        )
+    if vllm_config.kv_transfer_config is not None:
+        raise PlanError(
+            "KV connectors (--kv-transfer-config) are not supported with --attention-backend moa: external KV "
+            "blocks cannot be placed in per-request rings"
+        )
+    if getattr(vllm_config.model_config, "runner_type", "generate") == "pooling":
+        raise PlanError(
+            "pooling models (--runner pooling / embedding, reward, classification) are not supported with "
+            "--attention-backend moa: rings are sized for generation requests"
+        )
+
+
 def _check_moa_config(vllm_config) -> None:
     from moa_vllm.plan import PlanError
     from moa_vllm.vllm_plugin.settings import plan_from_vllm_config, plan_path
@@ -122,6 +147,9 @@ def _check_moa_config(vllm_config) -> None:
         return
     if vllm_config.model_config is None:
         return
+    refuse_unsupported_features(vllm_config)
+    global _moa_serving
+    _moa_serving = True
     plan = plan_from_vllm_config(vllm_config)
     max_len = vllm_config.model_config.max_model_len
     logger.info(
@@ -236,17 +264,26 @@ def _admission_lengths() -> None:
     _wrap_once(KVCacheManager, "free", make_free)
 
 
-# ---- request_lengths -----------------------------------------------------------------------------------------------
+# ---- request_lengths ----------------------------------------------------------------------------------------------
 def publish_request_lengths(runner, num_reqs: int) -> None:
-    from moa_vllm.vllm_plugin import request_lengths
+    """Model runner V1: each row's request id and N, from the runner's request states."""
+    from moa_vllm.vllm_plugin import ring_state
 
-    prompts, max_tokens = [], []
+    req_ids, prompts, max_tokens = [], [], []
     for req_id in runner.input_batch.req_ids[:num_reqs]:
         state = runner.requests.get(req_id)
         params = getattr(state, "sampling_params", None)
+        req_ids.append(req_id if state is not None else None)
         prompts.append(state.num_prompt_tokens if state is not None else runner.max_model_len)
         max_tokens.append(params.max_tokens if params is not None else None)
-    request_lengths.publish(prompts, max_tokens, runner.max_model_len)
+    ring_state.publish(req_ids, prompts, max_tokens, runner.max_model_len)
+
+
+def publish_dummy_rows(num_reqs: int, max_model_len: int) -> None:
+    """Warm-up / profiling batches: rows that are no request (their rings point at the null block)."""
+    from moa_vllm.vllm_plugin import ring_state
+
+    ring_state.publish([None] * num_reqs, [max_model_len] * num_reqs, [None] * num_reqs, max_model_len)
 
 
 def _request_lengths() -> None:
@@ -257,12 +294,91 @@ def _request_lengths() -> None:
         def _build_attention_metadata(self, *args, **kwargs):
             if moa_selected(self.vllm_config):
                 num_reqs = kwargs["num_reqs"] if "num_reqs" in kwargs else args[1]
-                publish_request_lengths(self, num_reqs)
+                if kwargs.get("logits_indices") is None:  # _dummy_run builds without logits indices
+                    publish_dummy_rows(num_reqs, self.max_model_len)
+                else:
+                    publish_request_lengths(self, num_reqs)
             return original(self, *args, **kwargs)
 
         return _build_attention_metadata
 
     _wrap_once(GPUModelRunner, "_build_attention_metadata", make)
+
+
+# ---- request_lengths_v2 -------------------------------------------------------------------------------------------
+def publish_request_lengths_v2(runner, input_batch) -> None:
+    """Model runner V2: N = min(prompt + max_tokens, max_model_len) from its request states (max_seq_len)."""
+    import numpy as np
+
+    from moa_vllm.vllm_plugin import ring_state
+
+    idx = np.asarray(input_batch.idx_mapping_np)[: input_batch.num_reqs]
+    lengths = np.minimum(runner.req_states.max_seq_len[idx], runner.max_model_len)
+    ring_state.publish_lengths(list(input_batch.req_ids[: input_batch.num_reqs]), lengths)
+
+
+def _request_lengths_v2() -> None:
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+    except ImportError:  # the V2 runner is importable only where its GPU dependencies are
+        return
+
+    def make(original):
+        @functools.wraps(original)
+        def prepare_attn(self, input_batch, *args, **kwargs):
+            if moa_selected(self.vllm_config):
+                publish_request_lengths_v2(self, input_batch)
+            return original(self, input_batch, *args, **kwargs)
+
+        return prepare_attn
+
+    def make_dummy(original):
+        @functools.wraps(original)
+        def prepare_dummy_attn(self, input_batch, *args, **kwargs):
+            if moa_selected(self.vllm_config):
+                publish_dummy_rows(input_batch.num_reqs, self.max_model_len)
+            return original(self, input_batch, *args, **kwargs)
+
+        return prepare_dummy_attn
+
+    _wrap_once(RunnerV2, "prepare_attn", make)
+    _wrap_once(RunnerV2, "prepare_dummy_attn", make_dummy)
+
+
+# ---- beam_search ----------------------------------------------------------------------------------------------------
+_moa_serving = False  # set by config_check in the API-server / LLM process when the moa backend is selected
+
+BEAM_SEARCH_REFUSAL = (
+    "moa-vllm: beam search is not supported with --attention-backend moa (every beam step is a new request whose "
+    "length N, and so its ring layout, differs); use sampling or greedy decoding"
+)
+
+
+def _beam_search() -> None:
+    from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
+    from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+
+    def make_async(original):
+        @functools.wraps(original)
+        async def beam_search(self, *args, **kwargs):
+            if _moa_serving:
+                raise ValueError(BEAM_SEARCH_REFUSAL)
+            async for item in original(self, *args, **kwargs):
+                yield item
+
+        return beam_search
+
+    def make_sync(original):
+        @functools.wraps(original)
+        def beam_search(self, *args, **kwargs):
+            if _moa_serving:
+                raise ValueError(BEAM_SEARCH_REFUSAL)
+            return original(self, *args, **kwargs)
+
+        return beam_search
+
+    _wrap_once(BeamSearchOnlineMixin, "beam_search", make_async)
+    _wrap_once(BeamSearchOfflineMixin, "beam_search", make_sync)
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -272,6 +388,13 @@ PATCHES: tuple[Patch, ...] = (
     Patch("layer_kv_spec", "Attention.get_kv_cache_spec", "0.32", _layer_kv_spec),
     Patch("admission_lengths", "KVCacheManager.allocate_slots/free", "0.32", _admission_lengths),
     Patch("request_lengths", "GPUModelRunner._build_attention_metadata", "0.32", _request_lengths),
+    Patch(
+        "request_lengths_v2",
+        "gpu.model_runner.GPUModelRunner.prepare_attn/prepare_dummy_attn",
+        "0.32",
+        _request_lengths_v2,
+    ),
+    Patch("beam_search", "BeamSearchOnlineMixin/BeamSearchOfflineMixin.beam_search", "0.32", _beam_search),
 )
 
 

@@ -1,19 +1,29 @@
-"""Ring layout math: block counts within one page per head of the plan's tokens; slots never collide."""
+"""Ring layout math: page-aligned rings within one page per head of the plan's tokens; slots never collide."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moa_vllm.plan.ring import blocks_for_spans, layer_blocks, ring_slot
+from moa_vllm.plan.ring import blocks_for_spans, first_pages, head_pages, layer_blocks, ring_slot
 from moa_vllm.plan.span import span_tokens
 
 
 @given(st.lists(st.integers(1, 5000), min_size=1, max_size=8), st.sampled_from([16, 32, 128]))
-def test_blocks_cover_the_spans_with_less_than_a_page_per_head(spans, page):
+def test_blocks_cover_page_aligned_rings_with_less_than_a_page_per_head(spans, page):
     heads = len(spans)
-    slots = blocks_for_spans(spans, page, heads) * page * heads
-    assert sum(spans) <= slots < sum(spans) + page * heads
+    pages = head_pages(spans, page)
+    assert all(s <= p * page < s + page for s, p in zip(spans, pages))  # alignment: under one page per head
+    assert sum(spans) <= sum(pages) * page < sum(spans) + page * heads
+    blocks = blocks_for_spans(spans, page, heads)
+    assert (blocks - 1) * heads < sum(pages) <= blocks * heads  # then whole blocks of H head pages
+
+
+def test_rings_start_at_page_boundaries_and_do_not_overlap():
+    spans, page = [40, 32, 1, 65], 32
+    assert head_pages(spans, page) == [2, 1, 1, 3]
+    assert first_pages(spans, page) == [0, 2, 3, 4]
+    assert blocks_for_spans(spans, page, 4) == 2  # 7 pages in blocks of 4 head pages
 
 
 def test_layer_blocks_uses_the_span_rule():
@@ -21,7 +31,7 @@ def test_layer_blocks_uses_the_span_rule():
     n = 1000
     spans = [span_tokens(a, b, n, 64) for a, b in zip(alphas, betas)]
     assert spans == [500, 100, 200]
-    assert layer_blocks(alphas, betas, n, 64, 32, 3) == -(-800 // 96) == 9
+    assert layer_blocks(alphas, betas, n, 64, 32, 3) == -(-(16 + 4 + 7) // 3) == 9
 
 
 @given(st.integers(0, 16), st.integers(1, 64), st.integers(1, 400))

@@ -27,8 +27,9 @@ SINKS = 8
 
 def narrow_plan(fp) -> Plan:
     """Small windows, different per KV head (8..28 tokens at these N): 120 generated tokens wrap each ring 4-15x.
-    Even layers fit one 96-token block per request, odd layers need two."""
-    narrow, wide = ((12, 0.0), (16, 0.01), (24, 0.02)), ((30, 0.0), (32, 0.0), (36, 0.0))
+    Even layers fit each ring in one 32-token page (one block of 3 head pages per request); odd layers have a
+    36-token ring that takes two pages, so 4 pages, two blocks."""
+    narrow, wide = ((12, 0.0), (16, 0.0), (20, 0.01)), ((30, 0.0), (32, 0.0), (36, 0.0))
     rules = [
         [Rule(alpha=a, beta=b) for a, b in (wide if layer % 2 else narrow[layer % 3 :] + narrow[: layer % 3])]
         for layer in range(fp.num_layers)

@@ -1,0 +1,62 @@
+"""How a one-KV-head page cell stores its tokens, and reading whole rings back out of it (plain torch).
+
+The layer's cache [num_blocks, H, page, 2D] is viewed as cells [num_blocks * H, 2 * page, D]: a K page then a V
+page (vLLM CPU_ATTN's in-cell layout; on GPU the same view split in two is what paged kernels read). V is always
+token-major [page, D]. K is in the attention kernel's own order: token-major for GPU kernels, dimension-major
+([D, page]) for CPU_ATTN's vector ISA. `key_index` records that order as a permutation, so prefill can read rings
+written by any kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def cells(kv_cache: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, H, page, 2D] -> [num_blocks * H, 2 * page, D] (needs the block-contiguous LBHNC layout)."""
+    nb, h, page, two_d = kv_cache.shape
+    try:
+        return kv_cache.view(nb * h, 2 * page, two_d // 2)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"moa-vllm: the KV cache view {tuple(kv_cache.shape)} with strides {kv_cache.stride()} is not "
+            "block-contiguous [blocks, heads, tokens, 2D] (KV cache layout LBHNC); the ring pages cannot be addressed"
+        ) from err
+
+
+@dataclass(frozen=True)
+class PageFormat:
+    page: int
+    head_dim: int
+    key_index: torch.Tensor | None = None  # [page * D]: flat K-page index of logical (token, dim); None = token-major
+
+    @classmethod
+    def token_major(cls, page: int, head_dim: int) -> PageFormat:
+        return cls(page, head_dim, None)
+
+    @classmethod
+    def dim_major(cls, page: int, head_dim: int) -> PageFormat:
+        t = torch.arange(page)[:, None]
+        d = torch.arange(head_dim)[None, :]
+        return cls(page, head_dim, (d * page + t).reshape(-1))
+
+    def read(self, cell_view: torch.Tensor, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the pages page_ids [H, P] as [H, P * page, D] each (a gather copy, in the cache dtype)."""
+        h, p = page_ids.shape
+        raw = cell_view[page_ids.long()]  # [H, P, 2 * page, D]
+        k_raw, v = raw[:, :, : self.page], raw[:, :, self.page :]
+        if self.key_index is None:
+            k = k_raw
+        else:
+            k = k_raw.reshape(h, p, -1)[:, :, self.key_index.to(k_raw.device)].view(h, p, self.page, self.head_dim)
+        return k.reshape(h, p * self.page, self.head_dim), v.reshape(h, p * self.page, self.head_dim)
+
+
+def write_token_major(cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Store key/value [W, D] at flat one-head slots [W] of a token-major cache (GPU kernels' layout)."""
+    page = cell_view.shape[1] // 2
+    cell, offset = torch.div(slots, page, rounding_mode="floor"), slots % page
+    cell_view[cell, offset] = key.to(cell_view.dtype)
+    cell_view[cell, offset + page] = value.to(cell_view.dtype)

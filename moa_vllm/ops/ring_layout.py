@@ -1,0 +1,83 @@
+"""Where each (request, layer, KV head) ring lives and which slots a step reads and writes; plain torch, batched.
+
+Rings are page aligned (moa_vllm/plan/ring.py): head h of a request's layer starts at page first[h] of the
+request's flat page list of that layer, and page j of that list is cell j % H of block j // H. Kernels see the
+layer's cache as one-KV-head pages, [num_blocks * H, ...], so page id = block * H + cell, and every ring is a
+"virtual sequence" with its own page table: its slot s is token s % page of table[s // page].
+
+Everything here is vectorised over layers ([L, R, H] spans), so one call per step serves every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ring_spans(alphas: torch.Tensor, betas: torch.Tensor, n: torch.Tensor, min_span: int) -> torch.Tensor:
+    """Spans [L, R, H] for rules [L, H] and request lengths n [R]; same rounding as moa_vllm.plan.span."""
+    n64 = n.to(torch.float64)[None, :, None]
+    raw = torch.floor(alphas.to(torch.float64)[:, None, :] + betas.to(torch.float64)[:, None, :] * n64 + 0.5)
+    return torch.minimum(torch.clamp(raw, min=float(min_span)), n64).to(torch.int64)
+
+
+def ring_pages(spans: torch.Tensor, page: int) -> torch.Tensor:
+    return torch.div(spans + page - 1, page, rounding_mode="floor")
+
+
+def blocks_needed(spans: torch.Tensor, page: int, heads: int) -> torch.Tensor:
+    """Blocks [..., R] each request holds in each layer for spans [..., R, H] (same as plan.ring.blocks_for_spans)."""
+    return torch.div(ring_pages(spans, page).sum(-1) + heads - 1, heads, rounding_mode="floor")
+
+
+def page_tables(spans: torch.Tensor, block_tables: torch.Tensor, page: int, max_pages: int) -> torch.Tensor:
+    """One-head page ids [L, R, H, max_pages] (int32) of every ring; entries past a ring's pages are 0.
+
+    spans [L, R, H]; block_tables [L, R, B] the layer's blocks of each request (vLLM's block table per group).
+    """
+    layers, rows, heads = spans.shape
+    pages = ring_pages(spans, page)
+    first = torch.cumsum(pages, dim=-1) - pages
+    j = torch.arange(max_pages, device=spans.device)
+    flat = first[..., None] + j  # [L, R, H, P] page index in the request's flat page list
+    valid = j < pages[..., None]
+    blk_index = torch.where(valid, torch.div(flat, heads, rounding_mode="floor"), 0)
+    blocks = torch.gather(block_tables.long(), 2, blk_index.view(layers, rows, -1)).view(layers, rows, heads, -1)
+    return torch.where(valid, blocks * heads + flat % heads, 0).to(torch.int32)
+
+
+def ring_slot_of(pos: torch.Tensor, spans: torch.Tensor, sinks: int) -> torch.Tensor:
+    """Ring slot of position pos (broadcast against spans): pos while pos < sinks, else sinks + (pos - sinks) % w."""
+    window = torch.clamp(spans - sinks, min=1)
+    return torch.where(pos < sinks, pos, sinks + torch.remainder(pos - sinks, window))
+
+
+def slot_positions(written: torch.Tensor, spans: torch.Tensor, sinks: int, slots: int) -> torch.Tensor:
+    """Position held by ring slots 0..slots-1 once positions 0..written-1 were written; -1 if none.
+
+    written: [R] (broadcast as [R, 1, 1]); spans: [R, H]. Returns [R, H, slots].
+    """
+    s = torch.arange(slots, device=spans.device)[None, None, :]
+    p = written.to(spans.device)[:, None, None]
+    w = (spans - sinks)[:, :, None]
+    in_ring = s < spans[:, :, None]
+    sink_pos = torch.where(s < p, s, -1)
+    k = s - sinks
+    last = p - 1 - sinks - k  # >= 0 iff some position < p maps to this window slot
+    window_pos = sinks + k + torch.div(last, torch.clamp(w, min=1), rounding_mode="floor") * w
+    window_pos = torch.where((w > 0) & (last >= 0), window_pos, -1)
+    return torch.where(in_ring, torch.where(s < sinks, sink_pos, window_pos), -1)
+
+
+def decode_slots(tables: torch.Tensor, spans: torch.Tensor, positions: torch.Tensor, sinks: int, page: int):
+    """Flat one-head slot ids [L, R*H] where each decode row's new token (at `positions` [R]) goes, per layer.
+
+    tables [L, R, H, P] and spans [L, R, H] of the decode rows only.
+    """
+    slot = ring_slot_of(positions[None, :, None], spans, sinks)  # [L, R, H]
+    page_id = torch.gather(tables, 3, torch.div(slot, page, rounding_mode="floor")[..., None].to(torch.int64))
+    return (page_id[..., 0].long() * page + slot % page).view(spans.shape[0], -1)
+
+
+def visible_lengths(seq_lens: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+    """Keys each ring holds after the step's tokens are written: min(seq_len, span), as [L, R*H] int32."""
+    return torch.minimum(seq_lens.to(spans.device)[None, :, None], spans).view(spans.shape[0], -1).to(torch.int32)

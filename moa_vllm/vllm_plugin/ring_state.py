@@ -1,0 +1,199 @@
+"""The worker's ring metadata: each request's ring layout computed once, kept in persistent tensors, one build per step.
+
+Per step the model runner publishes the batch's request ids and lengths N (patches.py, for runner V1 and V2).
+The first MoA metadata builder called in a step makes the step's `RingStep` for every layer at once: spans
+[L, R, H] (recomputed only when the batch's requests change), the rows' ring page tables [L, R, H, P] (a request's
+tables are computed when it is first scheduled, from each layer's block table as that layer's builder passes it,
+checked against the blocks the scheduler gave it, and reused until it leaves the batch or restarts from position
+0), and, at the first attention call, the decode tensors of all layers: visible lengths [L, R*H] and the slots of
+the new tokens [L, R_decode*H]. Builders of later layers only hand out the same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moa_vllm.ops.ring_layout import blocks_needed, decode_slots, page_tables, ring_pages, ring_spans, visible_lengths
+from moa_vllm.plan.span import request_length
+
+
+@dataclass
+class PublishedBatch:
+    """What the runner knows and the builders do not: which request each row is, and its N."""
+
+    serial: int
+    req_ids: tuple[str | None, ...]
+    lengths: np.ndarray  # [rows] N per row
+
+
+_published = PublishedBatch(0, (), np.zeros(0, dtype=np.int64))
+
+
+def publish(req_ids: list[str | None], prompt_tokens: list[int], max_tokens: list[int | None], max_model_len: int):
+    """Called by the runner patch once per step, before attention metadata is built."""
+    global _published
+    lengths = np.array(
+        [request_length(p, m, max_model_len) for p, m in zip(prompt_tokens, max_tokens, strict=True)],
+        dtype=np.int64,
+    )
+    _published = PublishedBatch(_published.serial + 1, tuple(req_ids), lengths)
+
+
+def publish_lengths(req_ids: list[str | None], lengths: np.ndarray) -> None:
+    global _published
+    _published = PublishedBatch(_published.serial + 1, tuple(req_ids), np.asarray(lengths, dtype=np.int64))
+
+
+def published() -> PublishedBatch:
+    return _published
+
+
+@dataclass
+class RingStep:
+    """One step's ring metadata for every MoA layer (layer index = first dim)."""
+
+    serial: int
+    req_ids: tuple[str | None, ...]
+    num_decodes: int  # rows 0..num_decodes-1 have one query token each
+    query_start_loc: list[int]  # [R + 1] host
+    computed: list[int]  # [R] host: tokens already in each request's rings before the step
+    spans: torch.Tensor  # [L, R, H] int64 (device)
+    tables: torch.Tensor  # [L, R, H, P] int32 one-head page ids (device)
+    seq_lens: torch.Tensor  # [R] device
+    filled_layers: set[int] = field(default_factory=set)
+    visible: torch.Tensor | None = None  # [L, R*H] int32
+    slots: torch.Tensor | None = None  # [L, num_decodes*H] int64
+
+    def finalize(self, sinks: int, page: int) -> None:
+        """Decode tensors of all layers in one go (once per step, at the first attention call)."""
+        if self.visible is not None:
+            return
+        self.visible = visible_lengths(self.seq_lens, self.spans)
+        nd = self.num_decodes
+        positions = self.seq_lens[:nd].to(torch.int64) - 1
+        self.slots = decode_slots(self.tables[:, :nd], self.spans[:, :nd], positions, sinks, page)
+
+
+class RingState:
+    """Per worker process: the plan's rules for this rank's KV heads, live requests' ring tables, the current step."""
+
+    def __init__(
+        self,
+        alphas: torch.Tensor,
+        betas: torch.Tensor,
+        min_span: int,
+        sinks: int,
+        page: int,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.alphas, self.betas = alphas, betas  # [L, H] float64 (CPU)
+        self.min_span, self.sinks, self.page = min_span, sinks, page
+        self.heads = alphas.shape[1]
+        self.max_model_len = max_model_len
+        self.device = device
+        widest = ring_spans(alphas, betas, torch.tensor([max_model_len]), min_span)
+        self.max_pages = int(ring_pages(widest, page).max())
+        self._tables: dict[str, torch.Tensor] = {}  # req_id -> [L, H, P] (device)
+        self._lengths: dict[str, int] = {}
+        self._batch_key: tuple | None = None
+        self._spans: torch.Tensor | None = None
+        self.step: RingStep | None = None
+        self._pending: list[int] = []
+
+    # ---- per step --------------------------------------------------------------------------------------------
+    def step_for(self, common) -> RingStep:
+        """The step's RingStep, made by the first builder call after the runner published the batch."""
+        batch = published()
+        if self.step is not None and self.step.serial == batch.serial:
+            return self.step
+        rows = common.num_reqs
+        qsl = common.query_start_loc_cpu[: rows + 1].tolist()
+        seq_lens = common.seq_lens[:rows]
+        seq_host = seq_lens.tolist() if seq_lens.device.type == "cpu" else seq_lens.cpu().tolist()
+        computed = [seq_host[r] - (qsl[r + 1] - qsl[r]) for r in range(rows)]
+        req_ids = tuple(batch.req_ids[r] if r < len(batch.req_ids) else None for r in range(rows))
+        lengths = [int(batch.lengths[r]) if r < len(batch.lengths) else self.max_model_len for r in range(rows)]
+        num_decodes = 0
+        while num_decodes < rows and qsl[num_decodes + 1] - qsl[num_decodes] == 1:
+            num_decodes += 1
+
+        key = tuple(zip(req_ids, lengths, strict=True))
+        restarted = any(c == 0 for c, rid in zip(computed, req_ids, strict=True) if rid is not None)
+        if key == self._batch_key and self.step is not None and not restarted:
+            # Same requests in the same rows: only seq_lens and the step's row split change.
+            self.step = RingStep(
+                batch.serial,
+                req_ids,
+                num_decodes,
+                qsl,
+                computed,
+                self._spans,
+                self.step.tables,
+                seq_lens,
+                filled_layers=set(range(self.alphas.shape[0])),
+            )
+            self._pending = []
+            return self.step
+        self._spans = ring_spans(self.alphas, self.betas, torch.tensor(lengths, dtype=torch.int64), self.min_span).to(
+            self.device
+        )
+        self._batch_key = key
+        live = set(req_ids)
+        for rid in [r for r in self._tables if r not in live]:
+            del self._tables[rid]
+            self._lengths.pop(rid, None)
+        tables = torch.zeros(
+            self.alphas.shape[0], rows, self.heads, self.max_pages, dtype=torch.int32, device=self.device
+        )
+        pending: list[int] = []
+        for r, rid in enumerate(req_ids):
+            cached = self._tables.get(rid) if rid is not None else None
+            if cached is not None and computed[r] > 0 and self._lengths.get(rid) == lengths[r]:
+                tables[:, r] = cached
+            elif rid is not None:
+                pending.append(r)  # new, resumed after preemption (restarts at 0) or N changed: lay out again
+        self.step = RingStep(batch.serial, req_ids, num_decodes, qsl, computed, self._spans, tables, seq_lens)
+        self._pending = pending
+        return self.step
+
+    def fill_layer(self, layer: int, block_table: torch.Tensor) -> None:
+        """Lay out this layer's rings for the step's new rows from the layer's block table (once per request)."""
+        step = self.step
+        if layer in step.filled_layers:
+            return
+        step.filled_layers.add(layer)
+        if not self._pending:
+            return
+        rows = torch.tensor(self._pending, device=block_table.device)
+        spans = step.spans[layer, rows]  # [r, H]
+        need = blocks_needed(spans, self.page, self.heads)
+        table = block_table[rows]
+        width = table.shape[1]
+        if int(need.max()) > width:
+            raise RuntimeError(
+                f"moa-vllm: layer {layer}: a request needs {int(need.max())} blocks but the block table "
+                f"has {width} columns; refusing to read another request's pages"
+            )
+        cols = torch.arange(width, device=table.device)[None, :]
+        missing = ((cols < need[:, None].to(table.device)) & (table <= 0)).any(dim=1)
+        if bool(missing.any()):
+            bad = [step.req_ids[self._pending[i]] for i in missing.nonzero()[:, 0].tolist()]
+            raise RuntimeError(
+                f"moa-vllm: layer {layer}: requests {bad} hold fewer blocks than their rings need "
+                f"({need.tolist()} blocks); refusing to read another request's pages"
+            )
+        step.tables[layer, rows] = page_tables(spans[None], table[None], self.page, self.max_pages)[0].to(self.device)
+        if len(step.filled_layers) == self.alphas.shape[0]:
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        step = self.step
+        for r in self._pending:
+            rid = step.req_ids[r]
+            self._tables[rid] = step.tables[:, r].clone()
+            self._lengths[rid] = int(self._batch_key[r][1])
+        self._pending = []
