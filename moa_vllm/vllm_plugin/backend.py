@@ -212,56 +212,54 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         k = key[:n].view(n, h, d)
         v = value[:n].view(n, h, d)
         out = output[:n].view(n, self.num_heads, d)
-        kernels = self._kernels_for(kv_cache)
-        view = cells(kv_cache)
-        step, layer_idx = attn_metadata.step, attn_metadata.layer
-        sinks, page = self.plan.sink_tokens, kv_cache.shape[2]
-        step.finalize(sinks, page)
-        nd = step.num_decodes
-        if nd:
-            g = self.num_heads // h
-            # Write first: the new token's slot held the one key its query may no longer see.
-            kernels.write(view, step.slots[layer_idx], k[:nd].reshape(nd * h, d), v[:nd].reshape(nd * h, d))
-            kernels.decode(
-                q[:nd].reshape(nd * h, g, d),
-                view,
-                step.tables[layer_idx, :nd].view(nd * h, -1),
-                step.visible[layer_idx, : nd * h],
-                self.scale,
-                out[:nd].view(nd * h, g, d),
-            )
-        for r in range(nd, len(step.computed)):
-            self._prefill_row(q, k, v, out, view, kernels, step, layer_idx, r, sinks, page)
+        ring_forward(q, k, v, out, kv_cache, self._kernels_for(kv_cache), attn_metadata.step, attn_metadata.layer,
+                     self.plan.sink_tokens, self.scale)
         return output
 
-    def _prefill_row(
-        self, q, k, v, out, view, kernels, step: RingStep, layer_idx: int, r: int, sinks: int, page: int
-    ) -> None:
-        qs, qe = step.query_start_loc[r], step.query_start_loc[r + 1]
-        if qe <= qs:
-            return
-        computed = step.computed[r]
-        spans = step.spans[layer_idx, r]  # [H]
-        tables = step.tables[layer_idx, r]  # [H, P]
-        ring_k = ring_v = ring_pos = None
-        if computed > 0:
-            held = int(torch.clamp(spans, max=computed).max())
-            ring_k, ring_v = kernels.format.read(view, tables[:, : -(-held // page)])
-            ring_k, ring_v = ring_k[:, :held], ring_v[:, :held]
-            ring_pos = slot_positions(torch.tensor([computed]), spans[None], sinks, held)[0]
-        prefill_attention(
-            q[qs:qe],
-            k[qs:qe],
-            v[qs:qe],
-            ring_k,
-            ring_v,
-            ring_pos,
-            computed,
-            spans - sinks,
-            sinks,
-            self.scale,
-            out[qs:qe],
+
+def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, sinks: int, scale: float) -> None:
+    """One layer's attention for the step: decode rows through the paged kernel, then prefill/chunk rows.
+
+    q/out [T, Hq, D], k/v [T, H, D] (T = the step's tokens), kv_cache [num_blocks, H, page, 2D].
+    """
+    h, d = k.shape[1], k.shape[2]
+    view = cells(kv_cache)
+    page = kv_cache.shape[2]
+    step.finalize(sinks, page)
+    nd = step.num_decodes
+    if nd:
+        g = q.shape[1] // h
+        # Write first: the new token's slot held the one key its query may no longer see.
+        kernels.write(view, step.slots[layer], k[:nd].reshape(nd * h, d), v[:nd].reshape(nd * h, d))
+        kernels.decode(
+            q[:nd].reshape(nd * h, g, d),
+            view,
+            step.tables[layer, :nd].view(nd * h, -1),
+            step.visible[layer, : nd * h],
+            scale,
+            out[:nd].view(nd * h, g, d),
         )
-        token, head, slot = survivors(computed, qe - qs, spans, sinks)
-        flat = tables[head, torch.div(slot, page, rounding_mode="floor")].long() * page + slot % page
-        kernels.write(view, flat, k[qs + token, head], v[qs + token, head])
+    for r in range(nd, len(step.computed)):
+        _prefill_row(q, k, v, out, view, kernels, step, layer, r, sinks, page, scale)
+
+
+def _prefill_row(q, k, v, out, view, kernels, step: RingStep, layer: int, r: int, sinks: int, page: int,
+                 scale: float) -> None:
+    qs, qe = step.query_start_loc[r], step.query_start_loc[r + 1]
+    if qe <= qs:
+        return
+    computed = step.computed[r]
+    spans = step.spans[layer, r]  # [H]
+    tables = step.tables[layer, r]  # [H, P]
+    ring_k = ring_v = ring_pos = None
+    if computed > 0:
+        held = int(torch.clamp(spans, max=computed).max())
+        ring_k, ring_v = kernels.format.read(view, tables[:, : -(-held // page)])
+        ring_k, ring_v = ring_k[:, :held], ring_v[:, :held]
+        ring_pos = slot_positions(torch.tensor([computed]), spans[None], sinks, held)[0]
+    prefill_attention(q[qs:qe], k[qs:qe], v[qs:qe], ring_k, ring_v, ring_pos, computed, spans - sinks, sinks, scale,
+                      out[qs:qe])
+    # Attend first, then store: a chunk must not overwrite ring keys its own earlier queries still see.
+    token, head, slot = survivors(computed, qe - qs, spans, sinks)
+    flat = tables[head, torch.div(slot, page, rounding_mode="floor")].long() * page + slot % page
+    kernels.write(view, flat, k[qs + token, head], v[qs + token, head])

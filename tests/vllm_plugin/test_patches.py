@@ -27,12 +27,16 @@ def test_every_patch_names_its_vllm_version():
         "config_check",
         "layer_kv_spec",
         "request_lengths",
+        "request_lengths_v2",
+        "beam_search",
     }
     assert all(p.vllm_version == "0.32" for p in PATCHES)
 
 
 def test_patches_are_idempotent():
     from vllm.platforms.cpu import CpuPlatform
+    from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
+    from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -42,6 +46,8 @@ def test_patches_are_idempotent():
             GPUModelRunner._build_attention_metadata,
             KVCacheManager.allocate_slots,
             KVCacheManager.free,
+            BeamSearchOnlineMixin.beam_search,
+            BeamSearchOfflineMixin.beam_search,
         )
 
     before = targets()
@@ -185,7 +191,7 @@ def test_layer_kv_spec_builds_a_ring_spec_per_layer(model_dir):
 def test_request_lengths_publishes_rows_in_batch_order():
     from types import SimpleNamespace
 
-    from moa_vllm.vllm_plugin import request_lengths
+    from moa_vllm.vllm_plugin import ring_state
     from moa_vllm.vllm_plugin.patches import publish_request_lengths
 
     def req(prompt, max_tokens):
@@ -197,6 +203,61 @@ def test_request_lengths_publishes_rows_in_batch_order():
         requests={"a": req(100, 50), "b": req(900, 500), "c": req(10, None)},
     )
     publish_request_lengths(runner, num_reqs=3)
-    assert request_lengths.current(4, 1000).tolist() == [1000, 150, 1000, 1000]
+    first = ring_state.published()
+    assert first.req_ids == ("b", "a", "c") and first.lengths.tolist() == [1000, 150, 1000]
     publish_request_lengths(runner, num_reqs=2)
-    assert request_lengths.current(2, 1000).tolist() == [1000, 150]
+    second = ring_state.published()
+    assert second.req_ids == ("b", "a") and second.lengths.tolist() == [1000, 150]
+    assert second.serial == first.serial + 1  # a new step for the builders
+
+
+def test_request_lengths_v2_reads_the_v2_request_states():
+    """Model runner V2 keeps prompt + max_tokens per request slot (req_states.max_seq_len); rows map to slots."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from moa_vllm.vllm_plugin import ring_state
+    from moa_vllm.vllm_plugin.patches import publish_request_lengths_v2
+
+    runner = SimpleNamespace(max_model_len=1000, req_states=SimpleNamespace(max_seq_len=np.array([150, 0, 1400, 30])))
+    batch = SimpleNamespace(num_reqs=3, req_ids=["x", "y", "z"], idx_mapping_np=np.array([2, 0, 3]))
+    publish_request_lengths_v2(runner, batch)
+    assert ring_state.published().req_ids == ("x", "y", "z")
+    assert ring_state.published().lengths.tolist() == [1000, 150, 30]
+
+
+def test_request_lengths_v2_target_exists():
+    """The V2 runner's hook points exist in this vLLM (where the module imports)."""
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+    except ImportError:
+        pytest.skip("model runner V2 is not importable on this install")
+    assert callable(RunnerV2.prepare_attn) and callable(RunnerV2.prepare_dummy_attn)
+
+
+def test_beam_search_is_refused_with_moa(monkeypatch):
+    from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
+
+    from moa_vllm.vllm_plugin import patches
+
+    monkeypatch.setattr(patches, "_moa_serving", True)
+    with pytest.raises(ValueError, match="beam search is not supported with --attention-backend moa"):
+        BeamSearchOfflineMixin.beam_search(object(), [], None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}),
+         "speculative decoding is not supported with --attention-backend moa"),
+        (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+         "KV connectors .* are not supported with --attention-backend moa"),
+        (dict(runner="pooling"), "pooling models .* are not supported with --attention-backend moa"),
+    ],
+)
+def test_unsupported_features_are_refused(model_dir, kwargs, message):
+    """Each one stops at config time (API-server process, before any worker) with its own message."""
+    plan = {"moa": {"plan": str(PLANS / "uniform-d0.25.json")}}
+    with pytest.raises(CONFIG_ERRORS, match=message):
+        _engine_config(model_dir, attention_backend="moa", additional_config=plan, **kwargs)

@@ -1,0 +1,85 @@
+"""A small simulated engine for the ring paths: the plugin's RingState + ring_forward + the real kernels, no vLLM
+engine. Each request's blocks of each layer are taken once from a shuffled pool (stale pages hold NaN); every step
+runs decode rows first, then prefill chunks, and is checked against the token-exact reference over the full history.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from moa_vllm.ops.reference import reference_attention
+from moa_vllm.ops.ring_layout import blocks_needed, ring_spans
+from moa_vllm.vllm_plugin import ring_state
+from moa_vllm.vllm_plugin.backend import ring_forward
+from moa_vllm.vllm_plugin.ring_state import RingState
+
+
+class RingSim:
+    def __init__(self, kernels, alphas, betas, lengths, *, sinks, min_span, page, g, d, dtype, seed, max_len=4096,
+                 scale=0.125):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.kernels, self.sinks, self.page, self.g, self.d, self.dtype, self.scale = (
+            kernels, sinks, page, g, d, dtype, scale)
+        self.alphas, self.betas = alphas, betas
+        self.layers, self.h = alphas.shape
+        self.lengths = lengths  # N of each request = tokens it will ever hold
+        self.req_ids = [f"r{i}" for i in range(len(lengths))]
+        self.spans = ring_spans(alphas, betas, torch.tensor(lengths), min_span)  # [L, R, H]
+        need = blocks_needed(self.spans, page, self.h)  # [L, R]
+        width = int(need.max()) + 2
+        total = int(need.sum())
+        pool = torch.randperm(total + 7, generator=self.gen) + 1  # block 0 is the null block
+        self.tables = torch.zeros(self.layers, len(lengths), width, dtype=torch.int32)
+        used = 0
+        for layer in range(self.layers):
+            for r in range(len(lengths)):
+                n = int(need[layer, r])
+                self.tables[layer, r, :n] = pool[used : used + n]
+                used += n
+        self.caches = [torch.full((total + 8, self.h, page, 2 * d), float("nan"), dtype=dtype)
+                       for _ in range(self.layers)]
+        hq = self.h * g
+        self.q = [[torch.randn(n, hq, d, generator=self.gen).to(dtype) for n in lengths] for _ in range(self.layers)]
+        self.k = [[torch.randn(n, self.h, d, generator=self.gen).to(dtype) for n in lengths]
+                  for _ in range(self.layers)]
+        self.v = [[torch.randn(n, self.h, d, generator=self.gen).to(dtype) for n in lengths]
+                  for _ in range(self.layers)]
+        self.done = [0] * len(lengths)
+        self.state = RingState(alphas, betas, min_span, sinks, page, max_len, torch.device("cpu"))
+        self.reference_window_delta = 0  # mutation hook: the reference's windows off by this many tokens
+
+    def step(self, counts: dict[int, int]) -> float:
+        """Advance requests by counts[r] tokens (decodes first); the largest error against the reference."""
+        rows = [r for r in sorted(counts) if counts[r] == 1] + [r for r in sorted(counts) if counts[r] != 1]
+        qsl, seq_lens = [0], []
+        for r in rows:
+            qsl.append(qsl[-1] + counts[r])
+            seq_lens.append(self.done[r] + counts[r])
+        ring_state.publish_lengths([self.req_ids[r] for r in rows], [self.lengths[r] for r in rows])
+        common = SimpleNamespace(num_reqs=len(rows), query_start_loc_cpu=torch.tensor(qsl),
+                                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32))
+        err = 0.0
+        for layer in range(self.layers):  # what each layer's metadata builder does
+            self.state.step_for(common)
+            self.state.fill_layer(layer, self.tables[layer, rows])
+        for layer in range(self.layers):
+            sl = [slice(self.done[r], self.done[r] + counts[r]) for r in rows]
+            q = torch.cat([self.q[layer][r][s] for r, s in zip(rows, sl)])
+            k = torch.cat([self.k[layer][r][s] for r, s in zip(rows, sl)])
+            v = torch.cat([self.v[layer][r][s] for r, s in zip(rows, sl)])
+            out = torch.zeros_like(q)
+            ring_forward(q, k, v, out, self.caches[layer], self.kernels, self.state.step, layer, self.sinks,
+                         self.scale)
+            for i, r in enumerate(rows):
+                end = seq_lens[i]
+                windows = self.spans[layer, r] - self.sinks + self.reference_window_delta
+                ref = reference_attention(self.q[layer][r][self.done[r] : end], torch.arange(self.done[r], end),
+                                          self.k[layer][r][:end].transpose(0, 1), self.v[layer][r][:end].transpose(0, 1),
+                                          windows, self.sinks, self.scale)
+                got = out[qsl[i] : qsl[i + 1]].double()
+                err = max(err, float((got - ref).abs().max()))
+        for r in rows:
+            self.done[r] += counts[r]
+        return err

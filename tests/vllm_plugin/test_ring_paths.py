@@ -1,0 +1,110 @@
+"""The plugin's ring paths without an engine: decode through vLLM's own CPU_ATTN kernel as per-KV-head virtual
+sequences and the torch ring prefill, against the token-exact reference, for random spans, shuffled pages, stale
+NaN pages, wrapped rings, mixed decode + chunk steps, fp32/bf16/fp16; persistent metadata equals a fresh build;
+a window off by one fails; a row with fewer blocks than its rings need is refused."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moa_vllm.vllm_plugin import ring_state
+from moa_vllm.vllm_plugin.kernels_cpu import CpuRingKernels, probe_page_format
+from moa_vllm.vllm_plugin.ring_state import RingState
+from tests.vllm_plugin.ring_sim import RingSim
+
+PAGE, D = 32, 64
+TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 6e-3}
+
+
+def _rules(layers: int, heads: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    alphas = torch.randint(0, 60, (layers, heads), generator=gen).double()
+    betas = torch.rand(layers, heads, generator=gen).double() * 0.5
+    return alphas, betas
+
+
+def _drive(sim: RingSim, chunk: int) -> float:
+    """Prompts in chunks, interleaved with other requests' decodes, until every request reaches its N."""
+    prompts = [n - 90 for n in sim.lengths]
+    err = 0.0
+    while any(sim.done[r] < sim.lengths[r] for r in range(len(sim.lengths))):
+        counts = {}
+        for r in range(len(sim.lengths)):
+            if sim.done[r] < prompts[r]:
+                counts[r] = min(chunk, prompts[r] - sim.done[r])
+            elif sim.done[r] < sim.lengths[r]:
+                counts[r] = 1
+        err = max(err, sim.step(counts))
+    return err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g", [1, 3])
+def test_ring_paths_match_the_token_exact_reference(dtype, g):
+    alphas, betas = _rules(2, 3, seed=int(g))
+    sim = RingSim(CpuRingKernels(dtype, PAGE, D), alphas, betas, [200, 290, 150], sinks=4, min_span=20,
+                  page=PAGE, g=g, d=D, dtype=dtype, seed=1)
+    assert bool((sim.spans < torch.tensor(sim.lengths)[None, :, None] - 60).any())  # some rings wrap
+    assert _drive(sim, chunk=70) < TOL[dtype]
+
+
+def test_rings_wrapped_many_times_and_no_sinks():
+    alphas = torch.tensor([[20.0, 33.0, 40.0]]).double()
+    betas = torch.zeros(1, 3).double()
+    sim = RingSim(CpuRingKernels(torch.float32, PAGE, D), alphas, betas, [260, 180], sinks=0, min_span=16,
+                  page=PAGE, g=3, d=D, dtype=torch.float32, seed=2)
+    assert _drive(sim, chunk=45) < TOL[torch.float32]  # 90 decode steps through 20-token rings: 4x+ wraps
+
+
+def test_a_window_off_by_one_fails():
+    alphas, betas = _rules(1, 3, seed=5)
+    sim = RingSim(CpuRingKernels(torch.float32, PAGE, D), alphas, betas, [220, 200], sinks=4, min_span=20,
+                  page=PAGE, g=3, d=D, dtype=torch.float32, seed=3)
+    sim.reference_window_delta = 1
+    assert _drive(sim, chunk=64) > 1e-3
+
+
+def test_persistent_metadata_equals_a_fresh_build():
+    alphas, betas = _rules(2, 3, seed=7)
+    sim = RingSim(CpuRingKernels(torch.float32, PAGE, D), alphas, betas, [200, 170, 230], sinks=4, min_span=20,
+                  page=PAGE, g=3, d=D, dtype=torch.float32, seed=4)
+    for _ in range(3):
+        sim.step({0: 40, 1: 40})
+    for _ in range(4):  # steady state: the step reuses the batch's tables
+        sim.step({0: 1, 1: 1})
+    kept = sim.state.step
+    fresh = RingState(alphas, betas, 20, 4, PAGE, 4096, torch.device("cpu"))
+    common = SimpleNamespace(num_reqs=2, query_start_loc_cpu=torch.tensor([0, 1, 2]),
+                             seq_lens=torch.tensor([sim.done[0], sim.done[1]], dtype=torch.int32))
+    new = fresh.step_for(common)
+    for layer in range(2):
+        fresh.fill_layer(layer, sim.tables[layer, [0, 1]])
+    kept.finalize(4, PAGE)
+    new.finalize(4, PAGE)
+    assert torch.equal(kept.tables, new.tables) and torch.equal(kept.spans, new.spans)
+    assert torch.equal(kept.visible, new.visible) and torch.equal(kept.slots, new.slots)
+
+
+def test_rows_with_missing_blocks_are_refused():
+    alphas, betas = _rules(1, 3, seed=9)
+    state = RingState(alphas, betas, 20, 4, PAGE, 4096, torch.device("cpu"))
+    ring_state.publish_lengths(["a"], [300])
+    common = SimpleNamespace(num_reqs=1, query_start_loc_cpu=torch.tensor([0, 50]),
+                             seq_lens=torch.tensor([50], dtype=torch.int32))
+    state.step_for(common)
+    with pytest.raises(RuntimeError, match="fewer blocks than their rings need"):
+        state.fill_layer(0, torch.tensor([[7, 0, 0, 0, 0, 0]], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probed_key_layout_reads_back_what_the_kernel_wrote(dtype):
+    kernels = CpuRingKernels(dtype, PAGE, D)
+    fmt = probe_page_format(dtype, PAGE, D, kernels.isa)
+    view = torch.zeros(5, 2 * PAGE, D, dtype=dtype)
+    key, value = torch.randn(PAGE, D).to(dtype), torch.randn(PAGE, D).to(dtype)
+    kernels.write(view, torch.arange(PAGE) + 3 * PAGE, key, value)
+    k, v = fmt.read(view, torch.tensor([[3]]))
+    assert torch.equal(k[0], key) and torch.equal(v[0], value)
