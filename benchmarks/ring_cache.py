@@ -41,8 +41,17 @@ def make_llm(model_dir: Path, plan: str, kv_gib: float, **kwargs):
     from vllm import LLM
 
     moa = {} if plan == STOCK else {"attention_backend": "moa", "additional_config": {"moa": {"plan": plan}}}
-    return LLM(model=str(model_dir), max_model_len=MAX_MODEL_LEN, dtype="float32", enforce_eager=True,
-               block_size=BLOCK, seed=0, kv_cache_memory_bytes=int(kv_gib * 2**30), **moa, **kwargs)
+    return LLM(
+        model=str(model_dir),
+        max_model_len=MAX_MODEL_LEN,
+        dtype="float32",
+        enforce_eager=True,
+        block_size=BLOCK,
+        seed=0,
+        kv_cache_memory_bytes=int(kv_gib * 2**30),
+        **moa,
+        **kwargs,
+    )
 
 
 def close(llm) -> None:
@@ -87,8 +96,11 @@ def measure_bytes(model_dir: Path, plans: list[str], lengths: list[int], max_tok
         heads = spec.num_kv_heads * 30
         free0 = core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
         for length in lengths:
-            rid = engine.add_request(f"b{length}", {"prompt_token_ids": [1000 + i % 5000 for i in range(length)]},
-                                     SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+            rid = engine.add_request(
+                f"b{length}",
+                {"prompt_token_ids": [1000 + i % 5000 for i in range(length)]},
+                SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            )
             engine.step()  # admission + the first 256-token chunk
             held = held_bytes(core, rid)
             engine.abort_request([rid])
@@ -96,11 +108,17 @@ def measure_bytes(model_dir: Path, plans: list[str], lengths: list[int], max_tok
             n = min(length + max_tokens, MAX_MODEL_LEN)
             formula = plan_formula_bytes(plan, n, token_bytes)
             page_bytes = BLOCK * token_bytes
-            rows.append({
-                "plan": Path(plan).stem, "prompt_tokens": length, "n": n, "held_bytes": held,
-                "formula_bytes": formula, "excess_pages_per_head": round((held - formula) / page_bytes / heads, 3),
-                "free_blocks_restored": core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free0,
-            })
+            rows.append(
+                {
+                    "plan": Path(plan).stem,
+                    "prompt_tokens": length,
+                    "n": n,
+                    "held_bytes": held,
+                    "formula_bytes": formula,
+                    "excess_pages_per_head": round((held - formula) / page_bytes / heads, 3),
+                    "free_blocks_restored": core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free0,
+                }
+            )
             print(rows[-1], flush=True)
         close(llm)
     return rows
@@ -131,14 +149,26 @@ def measure_concurrency(model_dir: Path, plan: str, kv_gib: float, requests: int
     from vllm import SamplingParams
     from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
 
-    llm = make_llm(model_dir, plan, kv_gib=kv_gib, max_num_seqs=max(requests, 1), max_num_batched_tokens=2048,
-                   enable_chunked_prefill=True)
+    llm = make_llm(
+        model_dir,
+        plan,
+        kv_gib=kv_gib,
+        max_num_seqs=max(requests, 1),
+        max_num_batched_tokens=2048,
+        enable_chunked_prefill=True,
+    )
     core, engine = core_of(llm), llm.llm_engine
     sched = core.scheduler
     reported = get_max_concurrency_for_kv_cache_config(core.vllm_config, sched.kv_cache_config)
     requests = min(requests, int(reported) + 1)  # one more than fits: the cap shows without prefilling extras
-    ids = [engine.add_request(f"c{i}", {"prompt_token_ids": [1000 + (i * 7 + j) % 5000 for j in range(prompt)]},
-                              SamplingParams(max_tokens=gen, ignore_eos=True)) for i in range(requests)]
+    ids = [
+        engine.add_request(
+            f"c{i}",
+            {"prompt_token_ids": [1000 + (i * 7 + j) % 5000 for j in range(prompt)]},
+            SamplingParams(max_tokens=gen, ignore_eos=True),
+        )
+        for i in range(requests)
+    ]
     max_running, decode_steps, preemptions = 0, [], 0
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -157,11 +187,16 @@ def measure_concurrency(model_dir: Path, plan: str, kv_gib: float, requests: int
     del ids
     return {
         "plan": Path(plan).stem if plan != STOCK else "dense (stock vLLM)",
-        "kv_gib": kv_gib, "num_blocks": sched.kv_cache_config.num_blocks, "requests_submitted": requests,
-        "vllm_max_concurrency": round(reported, 3), "max_running_observed": max_running,
+        "kv_gib": kv_gib,
+        "num_blocks": sched.kv_cache_config.num_blocks,
+        "requests_submitted": requests,
+        "vllm_max_concurrency": round(reported, 3),
+        "max_running_observed": max_running,
         "decode_step_s_median": round(statistics.median(peak), 4) if peak else None,
         "decode_tok_s_at_max": round(max_running / statistics.median(peak), 2) if peak else None,
-        "decode_steps_measured": len(peak), "preemptions": preemptions, "wall_s": round(wall, 1),
+        "decode_steps_measured": len(peak),
+        "preemptions": preemptions,
+        "wall_s": round(wall, 1),
     }
 
 
@@ -182,9 +217,13 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = prepare_embedded_model(progress=False)
     plans = args.plans if args.plans is not None else default_plans()
-    meta = {"command": "python benchmarks/ring_cache.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)", "dtype": "float32",
-            "block_size": BLOCK, "max_model_len": MAX_MODEL_LEN}
+    meta = {
+        "command": "python benchmarks/ring_cache.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "dtype": "float32",
+        "block_size": BLOCK,
+        "max_model_len": MAX_MODEL_LEN,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part == "bytes":
         rows = measure_bytes(model_dir, plans, args.prompt_lengths, args.max_tokens)

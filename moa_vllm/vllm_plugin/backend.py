@@ -212,8 +212,18 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         k = key[:n].view(n, h, d)
         v = value[:n].view(n, h, d)
         out = output[:n].view(n, self.num_heads, d)
-        ring_forward(q, k, v, out, kv_cache, self._kernels_for(kv_cache), attn_metadata.step, attn_metadata.layer,
-                     self.plan.sink_tokens, self.scale)
+        ring_forward(
+            q,
+            k,
+            v,
+            out,
+            kv_cache,
+            self._kernels_for(kv_cache),
+            attn_metadata.step,
+            attn_metadata.layer,
+            self.plan.sink_tokens,
+            self.scale,
+        )
         return output
 
 
@@ -243,8 +253,9 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
         _prefill_row(q, k, v, out, view, kernels, step, layer, r, sinks, page, scale)
 
 
-def _prefill_row(q, k, v, out, view, kernels, step: RingStep, layer: int, r: int, sinks: int, page: int,
-                 scale: float) -> None:
+def _prefill_row(
+    q, k, v, out, view, kernels, step: RingStep, layer: int, r: int, sinks: int, page: int, scale: float
+) -> None:
     qs, qe = step.query_start_loc[r], step.query_start_loc[r + 1]
     if qe <= qs:
         return
@@ -257,8 +268,9 @@ def _prefill_row(q, k, v, out, view, kernels, step: RingStep, layer: int, r: int
         ring_k, ring_v = kernels.format.read(view, tables[:, : -(-held // page)])
         ring_k, ring_v = ring_k[:, :held], ring_v[:, :held]
         ring_pos = slot_positions(torch.tensor([computed]), spans[None], sinks, held)[0]
-    prefill_attention(q[qs:qe], k[qs:qe], v[qs:qe], ring_k, ring_v, ring_pos, computed, spans - sinks, sinks, scale,
-                      out[qs:qe])
+    prefill_attention(
+        q[qs:qe], k[qs:qe], v[qs:qe], ring_k, ring_v, ring_pos, computed, spans - sinks, sinks, scale, out[qs:qe]
+    )
     # Attend first, then store: a chunk must not overwrite ring keys its own earlier queries still see.
     token, head, slot = survivors(computed, qe - qs, spans, sinks)
     flat = tables[head, torch.div(slot, page, rounding_mode="floor")].long() * page + slot % page

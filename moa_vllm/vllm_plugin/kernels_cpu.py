@@ -26,6 +26,7 @@ class CpuRingKernels:
         self.isa = _get_attn_isa(dtype, page, head_dim)
         self.format = probe_page_format(dtype, page, head_dim, self.isa)
         self._qsl: torch.Tensor = torch.zeros(0, dtype=torch.int32)
+        self._split_kv = bool(envs.VLLM_CPU_ATTN_SPLIT_KV)  # read once: vLLM's envs re-parse on every access
 
     def _split(self, cell_view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return cell_view[:, None, : self.page], cell_view[:, None, self.page :]
@@ -66,7 +67,7 @@ class CpuRingKernels:
             causal=True,
             sliding_window_size=-1,
             isa=self.isa,
-            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            enable_kv_split=self._split_kv,
         )
         kc, vc = self._split(cell_view)
         ops.cpu_attention_with_kv_cache(

@@ -17,11 +17,19 @@ from moa_vllm.vllm_plugin.ring_state import RingState
 
 
 class RingSim:
-    def __init__(self, kernels, alphas, betas, lengths, *, sinks, min_span, page, g, d, dtype, seed, max_len=4096,
-                 scale=0.125):
+    def __init__(
+        self, kernels, alphas, betas, lengths, *, sinks, min_span, page, g, d, dtype, seed, max_len=4096, scale=0.125
+    ):
         self.gen = torch.Generator().manual_seed(seed)
         self.kernels, self.sinks, self.page, self.g, self.d, self.dtype, self.scale = (
-            kernels, sinks, page, g, d, dtype, scale)
+            kernels,
+            sinks,
+            page,
+            g,
+            d,
+            dtype,
+            scale,
+        )
         self.alphas, self.betas = alphas, betas
         self.layers, self.h = alphas.shape
         self.lengths = lengths  # N of each request = tokens it will ever hold
@@ -38,14 +46,17 @@ class RingSim:
                 n = int(need[layer, r])
                 self.tables[layer, r, :n] = pool[used : used + n]
                 used += n
-        self.caches = [torch.full((total + 8, self.h, page, 2 * d), float("nan"), dtype=dtype)
-                       for _ in range(self.layers)]
+        self.caches = [
+            torch.full((total + 8, self.h, page, 2 * d), float("nan"), dtype=dtype) for _ in range(self.layers)
+        ]
         hq = self.h * g
         self.q = [[torch.randn(n, hq, d, generator=self.gen).to(dtype) for n in lengths] for _ in range(self.layers)]
-        self.k = [[torch.randn(n, self.h, d, generator=self.gen).to(dtype) for n in lengths]
-                  for _ in range(self.layers)]
-        self.v = [[torch.randn(n, self.h, d, generator=self.gen).to(dtype) for n in lengths]
-                  for _ in range(self.layers)]
+        self.k = [
+            [torch.randn(n, self.h, d, generator=self.gen).to(dtype) for n in lengths] for _ in range(self.layers)
+        ]
+        self.v = [
+            [torch.randn(n, self.h, d, generator=self.gen).to(dtype) for n in lengths] for _ in range(self.layers)
+        ]
         self.done = [0] * len(lengths)
         self.state = RingState(alphas, betas, min_span, sinks, page, max_len, torch.device("cpu"))
         self.reference_window_delta = 0  # mutation hook: the reference's windows off by this many tokens
@@ -58,8 +69,11 @@ class RingSim:
             qsl.append(qsl[-1] + counts[r])
             seq_lens.append(self.done[r] + counts[r])
         ring_state.publish_lengths([self.req_ids[r] for r in rows], [self.lengths[r] for r in rows])
-        common = SimpleNamespace(num_reqs=len(rows), query_start_loc_cpu=torch.tensor(qsl),
-                                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32))
+        common = SimpleNamespace(
+            num_reqs=len(rows),
+            query_start_loc_cpu=torch.tensor(qsl),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        )
         err = 0.0
         for layer in range(self.layers):  # what each layer's metadata builder does
             self.state.step_for(common)
@@ -70,14 +84,19 @@ class RingSim:
             k = torch.cat([self.k[layer][r][s] for r, s in zip(rows, sl)])
             v = torch.cat([self.v[layer][r][s] for r, s in zip(rows, sl)])
             out = torch.zeros_like(q)
-            ring_forward(q, k, v, out, self.caches[layer], self.kernels, self.state.step, layer, self.sinks,
-                         self.scale)
+            ring_forward(q, k, v, out, self.caches[layer], self.kernels, self.state.step, layer, self.sinks, self.scale)
             for i, r in enumerate(rows):
                 end = seq_lens[i]
                 windows = self.spans[layer, r] - self.sinks + self.reference_window_delta
-                ref = reference_attention(self.q[layer][r][self.done[r] : end], torch.arange(self.done[r], end),
-                                          self.k[layer][r][:end].transpose(0, 1), self.v[layer][r][:end].transpose(0, 1),
-                                          windows, self.sinks, self.scale)
+                ref = reference_attention(
+                    self.q[layer][r][self.done[r] : end],
+                    torch.arange(self.done[r], end),
+                    self.k[layer][r][:end].transpose(0, 1),
+                    self.v[layer][r][:end].transpose(0, 1),
+                    windows,
+                    self.sinks,
+                    self.scale,
+                )
                 got = out[qsl[i] : qsl[i + 1]].double()
                 err = max(err, float((got - ref).abs().max()))
         for r in rows:

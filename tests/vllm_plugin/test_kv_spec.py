@@ -25,15 +25,23 @@ def manager():
         KVCacheGroupSpec(
             [f"model.layers.{i}.self_attn.attn"],
             MoARingSpec(
-                block_size=BLOCK, num_kv_heads=HEADS, head_size=8, dtype=torch.float32, layer_index=i,
-                sink_tokens=4, min_span=16, alphas=a, betas=b,
+                block_size=BLOCK,
+                num_kv_heads=HEADS,
+                head_size=8,
+                dtype=torch.float32,
+                layer_index=i,
+                sink_tokens=4,
+                min_span=16,
+                alphas=a,
+                betas=b,
             ),
         )
         for i, (a, b) in enumerate(RULES)
     ]
     config = KVCacheConfig(num_blocks=200, kv_cache_tensors=[], kv_cache_groups=groups)
-    return KVCacheManager(config, max_model_len=MAX_LEN, scheduler_block_size=BLOCK, hash_block_size=BLOCK,
-                          enable_caching=False)
+    return KVCacheManager(
+        config, max_model_len=MAX_LEN, scheduler_block_size=BLOCK, hash_block_size=BLOCK, enable_caching=False
+    )
 
 
 def _request(rid: str, prompt: int, max_tokens: int):

@@ -34,9 +34,9 @@ def test_every_patch_names_its_vllm_version():
 
 
 def test_patches_are_idempotent():
-    from vllm.platforms.cpu import CpuPlatform
     from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
     from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+    from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -249,10 +249,14 @@ def test_beam_search_is_refused_with_moa(monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}),
-         "speculative decoding is not supported with --attention-backend moa"),
-        (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
-         "KV connectors .* are not supported with --attention-backend moa"),
+        (
+            dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}),
+            "speculative decoding is not supported with --attention-backend moa",
+        ),
+        (
+            dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+            "KV connectors .* are not supported with --attention-backend moa",
+        ),
         (dict(runner="pooling"), "pooling models .* are not supported with --attention-backend moa"),
     ],
 )

@@ -43,42 +43,92 @@ def _drive(sim: RingSim, chunk: int) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("g", [1, 3])
-def test_ring_paths_match_the_token_exact_reference(dtype, g):
+@pytest.mark.parametrize("q_tile", [16, 512])  # many tiles per chunk (every segment kind) / one tile per chunk
+def test_ring_paths_match_the_token_exact_reference(dtype, g, q_tile, monkeypatch):
+    monkeypatch.setattr("moa_vllm.ops.ring_prefill.Q_TILE", q_tile)
     alphas, betas = _rules(2, 3, seed=int(g))
-    sim = RingSim(CpuRingKernels(dtype, PAGE, D), alphas, betas, [200, 290, 150], sinks=4, min_span=20,
-                  page=PAGE, g=g, d=D, dtype=dtype, seed=1)
+    sim = RingSim(
+        CpuRingKernels(dtype, PAGE, D),
+        alphas,
+        betas,
+        [200, 290, 150],
+        sinks=4,
+        min_span=20,
+        page=PAGE,
+        g=g,
+        d=D,
+        dtype=dtype,
+        seed=1,
+    )
     assert bool((sim.spans < torch.tensor(sim.lengths)[None, :, None] - 60).any())  # some rings wrap
     assert _drive(sim, chunk=70) < TOL[dtype]
 
 
-def test_rings_wrapped_many_times_and_no_sinks():
+def test_rings_wrapped_many_times_and_no_sinks(monkeypatch):
+    monkeypatch.setattr("moa_vllm.ops.ring_prefill.Q_TILE", 8)
     alphas = torch.tensor([[20.0, 33.0, 40.0]]).double()
     betas = torch.zeros(1, 3).double()
-    sim = RingSim(CpuRingKernels(torch.float32, PAGE, D), alphas, betas, [260, 180], sinks=0, min_span=16,
-                  page=PAGE, g=3, d=D, dtype=torch.float32, seed=2)
+    sim = RingSim(
+        CpuRingKernels(torch.float32, PAGE, D),
+        alphas,
+        betas,
+        [260, 180],
+        sinks=0,
+        min_span=16,
+        page=PAGE,
+        g=3,
+        d=D,
+        dtype=torch.float32,
+        seed=2,
+    )
     assert _drive(sim, chunk=45) < TOL[torch.float32]  # 90 decode steps through 20-token rings: 4x+ wraps
 
 
 def test_a_window_off_by_one_fails():
     alphas, betas = _rules(1, 3, seed=5)
-    sim = RingSim(CpuRingKernels(torch.float32, PAGE, D), alphas, betas, [220, 200], sinks=4, min_span=20,
-                  page=PAGE, g=3, d=D, dtype=torch.float32, seed=3)
+    sim = RingSim(
+        CpuRingKernels(torch.float32, PAGE, D),
+        alphas,
+        betas,
+        [220, 200],
+        sinks=4,
+        min_span=20,
+        page=PAGE,
+        g=3,
+        d=D,
+        dtype=torch.float32,
+        seed=3,
+    )
     sim.reference_window_delta = 1
     assert _drive(sim, chunk=64) > 1e-3
 
 
 def test_persistent_metadata_equals_a_fresh_build():
     alphas, betas = _rules(2, 3, seed=7)
-    sim = RingSim(CpuRingKernels(torch.float32, PAGE, D), alphas, betas, [200, 170, 230], sinks=4, min_span=20,
-                  page=PAGE, g=3, d=D, dtype=torch.float32, seed=4)
+    sim = RingSim(
+        CpuRingKernels(torch.float32, PAGE, D),
+        alphas,
+        betas,
+        [200, 170, 230],
+        sinks=4,
+        min_span=20,
+        page=PAGE,
+        g=3,
+        d=D,
+        dtype=torch.float32,
+        seed=4,
+    )
     for _ in range(3):
         sim.step({0: 40, 1: 40})
     for _ in range(4):  # steady state: the step reuses the batch's tables
         sim.step({0: 1, 1: 1})
     kept = sim.state.step
     fresh = RingState(alphas, betas, 20, 4, PAGE, 4096, torch.device("cpu"))
-    common = SimpleNamespace(num_reqs=2, query_start_loc_cpu=torch.tensor([0, 1, 2]),
-                             seq_lens=torch.tensor([sim.done[0], sim.done[1]], dtype=torch.int32))
+    common = SimpleNamespace(
+        num_reqs=2,
+        query_start_loc_cpu=torch.tensor([0, 1, 2]),
+        seq_lens=torch.tensor([sim.done[0], sim.done[1]], dtype=torch.int32),
+    )
     new = fresh.step_for(common)
     for layer in range(2):
         fresh.fill_layer(layer, sim.tables[layer, [0, 1]])
@@ -92,8 +142,9 @@ def test_rows_with_missing_blocks_are_refused():
     alphas, betas = _rules(1, 3, seed=9)
     state = RingState(alphas, betas, 20, 4, PAGE, 4096, torch.device("cpu"))
     ring_state.publish_lengths(["a"], [300])
-    common = SimpleNamespace(num_reqs=1, query_start_loc_cpu=torch.tensor([0, 50]),
-                             seq_lens=torch.tensor([50], dtype=torch.int32))
+    common = SimpleNamespace(
+        num_reqs=1, query_start_loc_cpu=torch.tensor([0, 50]), seq_lens=torch.tensor([50], dtype=torch.int32)
+    )
     state.step_for(common)
     with pytest.raises(RuntimeError, match="fewer blocks than their rings need"):
         state.fill_layer(0, torch.tensor([[7, 0, 0, 0, 0, 0]], dtype=torch.int32))

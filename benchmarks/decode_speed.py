@@ -1,0 +1,297 @@
+"""Decode and prefill speed of the moa backend against stock vLLM (CPU wheel; all figures are CPU figures).
+
+Parts (each writes benchmarks/results/decode_speed_<part>.json with its command, + a PNG where it plots):
+  attention    one layer's decode attention per step, the moa path (ring write + per-KV-head virtual sequences
+               through CPU_ATTN) vs stock CPU_ATTN (cache write + attention) over the same bytes, 1k-8k context;
+               no engine. Also the moa path at a quarter of the bytes (spans = context / 4).
+  equal-batch  8 requests of 4k tokens decoding together, no memory pressure: median decode step time of stock
+               vLLM, the dense plan and the d0.25 plans, one engine at a time.
+  prefill      one 4k and one 8k prompt alone: prefill tokens/s (time to the first token), same configurations.
+
+Usage: python benchmarks/decode_speed.py {attention,equal-batch,prefill} [--plans P ...] [--repeats N]
+Run on an otherwise idle machine: every engine is started and measured one after another in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PLANS = REPO / "plans" / "SmolLM2-135M-Instruct"
+RESULTS = REPO / "benchmarks" / "results"
+
+from benchmarks.ring_cache import STOCK, close, core_of, make_llm  # noqa: E402
+
+
+def _meta(part: str, argv: list[str]) -> dict:
+    return {
+        "command": "python benchmarks/decode_speed.py " + " ".join(argv),
+        "part": part,
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "torch_threads": _threads(),
+    }
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# ---- attention (no engine) ------------------------------------------------------------------------------------------
+def _time(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+H, G, D, PAGE, SINKS = 3, 3, 64, 128, 64  # the embedded model's attention shapes, vLLM's CPU block size
+
+
+def _stock_step(requests: int, ctx: int):
+    """Stock CPU_ATTN for one layer's decode step: cache write + scheduler metadata + attention, dense cache."""
+    import torch
+    from vllm import _custom_ops as ops
+    from vllm import envs
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    isa = _get_attn_isa(torch.float32, PAGE, D)
+    split = bool(envs.VLLM_CPU_ATTN_SPLIT_KV)
+    q, k, v = torch.randn(requests, H * G, D), torch.randn(requests, H, D), torch.randn(requests, H, D)
+    out = torch.empty_like(q)
+    blocks = -(-(ctx + 1) // PAGE)
+    cache = torch.randn(requests * blocks + 1, H, PAGE, 2 * D)
+    kc, vc = cache.view(cache.shape[0], H, 2 * PAGE, D).chunk(2, dim=2)
+    table = torch.arange(1, requests * blocks + 1, dtype=torch.int32).view(requests, blocks)
+    seq = torch.full((requests,), ctx + 1, dtype=torch.int32)
+    qsl = torch.arange(requests + 1, dtype=torch.int32)
+    slots = table[:, -1].long() * PAGE + ctx % PAGE
+
+    def step() -> None:
+        ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
+        md = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=requests,
+            num_heads=H * G,
+            num_kv_heads=H,
+            head_dim=D,
+            seq_lens=seq,
+            dtype=torch.float32,
+            query_start_loc=qsl,
+            causal=True,
+            sliding_window_size=-1,
+            isa=isa,
+            enable_kv_split=split,
+        )
+        ops.cpu_attention_with_kv_cache(
+            query=q,
+            key_cache=kc,
+            value_cache=vc,
+            output=out,
+            query_start_loc=qsl,
+            seq_lens=seq,
+            scale=0.125,
+            causal=True,
+            alibi_slopes=None,
+            sliding_window=-1,
+            block_table=table,
+            softcap=0.0,
+            scheduler_metadata=md,
+            s_aux=None,
+        )
+
+    return step
+
+
+def _moa_step(requests: int, ctx: int, span: int, layers: int):
+    """The moa path for one layer's decode step (ring write + virtual-sequence attention), with the per-step
+    metadata of all `layers` layers charged 1/layers to each layer as in the engine."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moa_vllm.vllm_plugin import ring_state
+    from moa_vllm.vllm_plugin.backend import ring_forward
+    from moa_vllm.vllm_plugin.kernels_cpu import CpuRingKernels
+    from moa_vllm.vllm_plugin.ring_state import RingState
+
+    kernels = CpuRingKernels(torch.float32, PAGE, D)
+    q, k, v = torch.randn(requests, H * G, D), torch.randn(requests, H, D), torch.randn(requests, H, D)
+    out = torch.empty_like(q)
+    alphas = torch.full((layers, H), float(span)).double()
+    state = RingState(alphas, torch.zeros(layers, H).double(), SINKS, SINKS, PAGE, 1 << 20, torch.device("cpu"))
+    blocks = -(-span // PAGE)  # H rings of `blocks` pages each = `blocks` blocks of H head pages
+    cache = torch.randn(requests * blocks + 1, H, PAGE, 2 * D)
+    table = torch.arange(1, requests * blocks + 1, dtype=torch.int32).view(requests, blocks)
+    ring_state.publish_lengths([f"r{i}" for i in range(requests)], [1 << 19] * requests)
+    common = SimpleNamespace(
+        num_reqs=requests,
+        query_start_loc_cpu=torch.arange(requests + 1),
+        seq_lens=torch.full((requests,), ctx + 1, dtype=torch.int32),
+    )
+    state.step_for(common)
+    for layer in range(layers):
+        state.fill_layer(layer, table)
+    calls = [0]
+
+    def step() -> None:
+        if calls[0] % layers == 0:  # a new engine step: the all-layer part of the metadata again
+            state.step.visible = state.step.slots = None
+        calls[0] += 1
+        ring_forward(q, k, v, out, cache, kernels, state.step, 0, SINKS, 0.125)
+
+    return step
+
+
+def attention_part(contexts: list[int], requests: int, repeats: int, layers: int = 30) -> list[dict]:
+    """Per-layer decode attention of `requests` rows at each context, embedded model's shapes (3 KV heads, 9 query
+    heads, head_dim 64, fp32, page 128)."""
+    rows = []
+    for ctx in contexts:
+        row = {
+            "context": ctx,
+            "requests": requests,
+            "stock_ms": round(_time(_stock_step(requests, ctx), repeats) * 1e3, 4),
+        }
+        for name, fraction in (("moa_same_bytes", 1.0), ("moa_quarter_bytes", 0.25)):
+            span = max(int((ctx + 1) * fraction), 2 * SINKS)
+            row[f"{name}_ms"] = round(_time(_moa_step(requests, ctx, span, layers), repeats * layers) * 1e3, 4)
+            row[f"{name}_tokens_per_head"] = span
+        row["ratio_same_bytes"] = round(row["moa_same_bytes_ms"] / row["stock_ms"], 3)
+        row["ratio_quarter_bytes"] = round(row["moa_quarter_bytes_ms"] / row["stock_ms"], 3)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+# ---- engine parts ---------------------------------------------------------------------------------------------------
+def _label(plan: str) -> str:
+    return "stock vLLM (CPU_ATTN)" if plan == STOCK else Path(plan).stem
+
+
+def equal_batch(model_dir: Path, plan: str, requests: int, context: int, gen: int) -> dict:
+    from vllm import SamplingParams
+
+    llm = make_llm(
+        model_dir, plan, kv_gib=4, max_num_seqs=requests, max_num_batched_tokens=2048, enable_chunked_prefill=True
+    )
+    core, engine = core_of(llm), llm.llm_engine
+    prompt = context - gen
+    for i in range(requests):
+        engine.add_request(
+            f"e{i}",
+            {"prompt_token_ids": [1000 + (i * 7 + j) % 5000 for j in range(prompt)]},
+            SamplingParams(max_tokens=gen, ignore_eos=True),
+        )
+    steps = []
+    while engine.has_unfinished_requests():
+        running = list(core.scheduler.running)
+        decoding = len(running) == requests and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+        t0 = time.perf_counter()
+        engine.step()
+        if decoding:
+            steps.append(time.perf_counter() - t0)
+    close(llm)
+    median = statistics.median(steps)
+    return {
+        "config": _label(plan),
+        "requests": requests,
+        "context": context,
+        "decode_steps": len(steps),
+        "decode_step_s_median": round(median, 5),
+        "decode_tok_s": round(requests / median, 2),
+    }
+
+
+def prefill(model_dir: Path, plan: str, lengths: list[int], repeats: int) -> dict:
+    from vllm import SamplingParams
+
+    llm = make_llm(model_dir, plan, kv_gib=4, max_num_seqs=1, max_num_batched_tokens=2048, enable_chunked_prefill=True)
+    engine = llm.llm_engine
+    result = {"config": _label(plan)}
+    run = 0
+    for length in [lengths[0], *lengths]:  # the first run warms the engine up and is not counted
+        times = []
+        for _ in range(repeats):
+            run += 1  # a different prompt every run: stock vLLM's prefix cache must not hit
+            engine.add_request(
+                f"p{run}",
+                {"prompt_token_ids": [1000 + (j * 13 + run * 101) % 5000 for j in range(length)]},
+                SamplingParams(max_tokens=1, ignore_eos=True),
+            )
+            t0 = time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+            times.append(time.perf_counter() - t0)
+        result[f"prefill_{length}_s"] = round(statistics.median(times), 3)
+        result[f"prefill_{length}_tok_s"] = round(length / statistics.median(times), 1)
+    close(llm)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["attention", "equal-batch", "prefill"])
+    ap.add_argument("--plans", nargs="*", default=None)
+    ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--gen", type=int, default=48)
+    ap.add_argument("--lengths", type=int, nargs="*", default=[4096, 8000])
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = _meta(args.part, argv)
+    if args.part == "attention":
+        rows = attention_part(args.contexts, args.requests or 4, args.repeats or 50)
+    else:
+        from moa_vllm.model import prepare_embedded_model
+
+        model_dir = prepare_embedded_model(progress=False)
+        plans = (
+            args.plans
+            if args.plans is not None
+            else [str(PLANS / f"{n}.json") for n in ("dense", "uniform-d0.25", "moa-d0.25")]
+        )
+        rows = []
+        for plan in [STOCK, *plans]:
+            if args.part == "equal-batch":
+                rows.append(equal_batch(model_dir, plan, args.requests or 8, args.context, args.gen))
+            else:
+                rows.append(prefill(model_dir, plan, args.lengths, args.repeats or 1))
+            print(rows[-1], flush=True)
+        base = rows[0]
+        for row in rows[1:]:
+            if args.part == "equal-batch":
+                row["step_vs_stock"] = round(row["decode_step_s_median"] / base["decode_step_s_median"], 3)
+            else:
+                for length in args.lengths:
+                    key = f"prefill_{length}_tok_s"
+                    row[f"prefill_{length}_vs_stock"] = round(row[key] / base[key], 3)
+        meta |= {"dtype": "float32", "block_size": 128, "max_model_len": 8192}
+    name = f"decode_speed_{args.part.replace('-', '_')}.json"
+    (args.out / name).write_text(json.dumps(meta | {"results": rows}, indent=1))
+    print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
