@@ -130,6 +130,7 @@ def prefill_attention(
     scale: float,
     out: torch.Tensor,  # [n, Hq, D]
     q_tile: int | None = None,
+    heads: list[int] | None = None,  # KV heads to compute (default all); the others' outputs are left alone
 ) -> None:
     n, hq, d = query.shape
     h = key.shape[1]
@@ -139,7 +140,9 @@ def prefill_attention(
     vf_all = value.transpose(0, 1)
     qh = query.view(n, h, g, d)
     outh = out.view(n, h, g, d)
-    for head, window in enumerate(windows.tolist()):
+    window_list = windows.tolist()
+    for head in range(h) if heads is None else heads:
+        window = window_list[head]
         rk = rv = rp = None
         if ring_k is not None:
             held = int((ring_pos[head] >= 0).sum())  # valid slots come first: min(computed, span)

@@ -54,8 +54,24 @@ class CpuRingKernels:
         scale: float,
         out: torch.Tensor,  # [rows, G, D]
     ) -> None:
-        rows, g, d = query.shape
-        qsl = self._query_start_loc(rows)
+        """One query per virtual sequence."""
+        self.attend(query, cell_view, tables, seq_lens, self._query_start_loc(query.shape[0]), scale, out)
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [tokens, G, D], each virtual sequence's queries contiguous
+        cell_view: torch.Tensor,
+        tables: torch.Tensor,  # [rows, P] int32
+        seq_lens: torch.Tensor,  # [rows] int32: keys in each ring, the step's own included
+        query_start_loc: torch.Tensor,  # [rows + 1] int32
+        scale: float,
+        out: torch.Tensor,  # [tokens, G, D]
+        max_query_len: int = 1,
+    ) -> None:
+        """Causal attention of each virtual sequence's last queries over its ring (bottom-right aligned)."""
+        rows = tables.shape[0]
+        _, g, d = query.shape
+        qsl = query_start_loc
         metadata = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=rows,
             num_heads=g,

@@ -33,10 +33,26 @@ class CudaRingKernels:
             )
         return self._qsl[: rows + 1]
 
-    def decode(self, query, cell_view, tables, seq_lens, scale, out, max_seq_len: int | None = None) -> None:
+    def decode(self, query, cell_view, tables, seq_lens, scale, out) -> None:
+        """One query per virtual sequence."""
+        qsl = self._query_start_loc(query.shape[0], query.device)
+        self.attend(query, cell_view, tables, seq_lens, qsl, scale, out)
+
+    def attend(
+        self,
+        query,
+        cell_view,
+        tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        out,
+        max_query_len: int = 1,
+        max_seq_len: int | None = None,
+    ) -> None:
+        """Causal attention of each virtual sequence's last queries over its ring (bottom-right aligned)."""
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
-        rows = query.shape[0]
         k = cell_view[:, : self.page].unsqueeze(2)  # [pages, page, 1, D]
         v = cell_view[:, self.page :].unsqueeze(2)
         unified_attention(
@@ -44,8 +60,8 @@ class CudaRingKernels:
             k=k,
             v=v,
             out=out,
-            cu_seqlens_q=self._query_start_loc(rows, query.device),
-            max_seqlen_q=1,
+            cu_seqlens_q=query_start_loc,
+            max_seqlen_q=max_query_len,
             seqused_k=seq_lens,
             max_seqlen_k=max_seq_len if max_seq_len is not None else tables.shape[1] * self.page,
             softmax_scale=scale,
