@@ -103,7 +103,7 @@ def measure_bytes(model_dir: Path, plans: list[str], lengths: list[int], max_tok
             )
             engine.step()  # admission + the first 256-token chunk
             held = held_bytes(core, rid)
-            engine.abort_request([rid])
+            engine.abort_request([rid], internal=True)  # add_request returns the internal (suffixed) id
             engine.step() if engine.has_unfinished_requests() else None
             n = min(length + max_tokens, MAX_MODEL_LEN)
             formula = plan_formula_bytes(plan, n, token_bytes)

@@ -18,6 +18,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -150,19 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     from moa_vllm.model import prepare_embedded_model
 
     model = str(prepare_embedded_model(progress=False))
-    raw = args.out / "serve_load_raw"
+    raw = args.out / "serve_load_raw"  # vLLM's own per-run result JSON
     raw.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="moa-serve-load-"))  # server logs stay out of the repository
     rows = []
     for plan in [None, *args.plans]:
         name = "stock" if plan is None else Path(plan).stem
         port = free_port()
-        proc = start_server(model, plan, port, args.kv_gib, raw / f"{name}.log")
+        proc = start_server(model, plan, port, args.kv_gib, logs / f"{name}.log")
         try:
             wait_ready(proc, port)
             row = {"config": "stock vLLM (CPU_ATTN)" if plan is None else name} | bench(model, port, args, raw, name)
         finally:
             stop(proc)
-        print(row, flush=True)
+        print(row, f"(server log: {logs / (name + '.log')})", flush=True)
         rows.append(row)
     meta = {
         "command": "python benchmarks/serve_load.py " + " ".join(argv),
