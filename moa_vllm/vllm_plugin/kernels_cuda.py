@@ -2,8 +2,8 @@
 
 The cache cell is [K page | V page], both token-major, so the one-head view split at the page gives the
 [num_pages, page, 1, D] K and V tensors the paged kernel reads (stride-aware; no copy). Decode has no mask: the
-token is written first and seq_len = min(written, span), as on CPU. Unit-tested on CPU under the Triton
-interpreter; not yet run on a GPU.
+token is written first and seq_len = min(written, span), as on CPU. Tested on CPU with vLLM's real Triton kernel in
+the Triton interpreter (fp32, fp16) and against the kernel's contract in torch (bf16 too); not yet run on a GPU.
 """
 
 from __future__ import annotations

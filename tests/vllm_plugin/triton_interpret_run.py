@@ -1,0 +1,56 @@
+"""Run the CUDA ring path through vLLM's REAL Triton unified_attention kernel in the Triton interpreter, on CPU.
+
+Used by test_kernels_cuda.py in a subprocess: TRITON_INTERPRET must be set, and vLLM's CPU wheel disables Triton
+unless a "cpu" Triton backend exists, so a stand-in entry is registered before vLLM is imported (the interpreter
+needs no driver). Prints the largest error against the token-exact reference, one line: `max_err <float>`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import triton.backends  # noqa: E402
+
+triton.backends.backends.setdefault("cpu", types.SimpleNamespace(driver=types.SimpleNamespace(is_active=lambda: True)))
+
+import torch  # noqa: E402
+
+
+def main() -> int:
+    import vllm.triton_utils
+
+    if not vllm.triton_utils.HAS_TRITON:
+        print("skip: vLLM did not enable Triton")
+        return 0
+    from moa_vllm.vllm_plugin.kernels_cuda import CudaRingKernels
+    from tests.vllm_plugin.ring_sim import RingSim
+    from tests.vllm_plugin.test_ring_paths import PAGE, D, _drive
+
+    dtype = {"float32": torch.float32, "float16": torch.float16}[sys.argv[1]]
+    delta = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    alphas = torch.tensor([[20.0, 40.0, 70.0]]).double()
+    betas = torch.tensor([[0.0, 0.1, 0.0]]).double()
+    sim = RingSim(
+        CudaRingKernels(dtype, PAGE, D),
+        alphas,
+        betas,
+        [130, 110],
+        sinks=4,
+        min_span=16,
+        page=PAGE,
+        g=3,
+        d=D,
+        dtype=dtype,
+        seed=8,
+    )
+    sim.reference_window_delta = delta
+    print(f"max_err {_drive(sim, chunk=50):.3e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
