@@ -87,6 +87,18 @@ def _ordered_keys(kf, vf, ring_k, ring_v, ring_pos, computed: int, sinks: int):
     return sink_kv, torch.cat([ring_k[order], kf]), torch.cat([ring_v[order], vf]), base
 
 
+def _old_edge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Segment:
+    """The band's old edge of a tile of T queries: keys j = 0..T-2 where query i sees j >= i. Reversing both the
+    queries and the keys makes it a causal square, so no mask is built and the kernel skips the hidden half."""
+    g, t, d = q.shape
+    o, lse = _attend(q[:, : t - 1].flip(1), k.flip(0), v.flip(0), scale, causal=True)  # row r is query t-2-r
+    out = torch.zeros(g, t, d, dtype=o.dtype, device=o.device)
+    full_lse = torch.full((g, t), float("-inf"), dtype=lse.dtype, device=lse.device)  # the last query sees none
+    out[:, : t - 1] = o.flip(1)
+    full_lse[:, : t - 1] = lse.flip(1)
+    return out, full_lse
+
+
 def _band_segments(
     q, ks, vs, base: int, p_first: int, p_last: int, sinks: int, window: int, scale: float, out_parts: list[Segment]
 ) -> None:
@@ -107,8 +119,10 @@ def _band_segments(
 
     if window >= p_last + 1 - p_first:
         mid_lo = max(a, p_last - window + 1)
-        if mid_lo > a:
-            masked(a, mid_lo)  # the band's old edge: query p sees k > p - window
+        if mid_lo > a and mid_lo - a == p_last - p_first and a >= sink_end:
+            out_parts.append(_old_edge(q, ks[a - base : mid_lo - base], vs[a - base : mid_lo - base], scale))
+        elif mid_lo > a:
+            masked(a, mid_lo)  # the band's old edge, clipped or holding sinks: query p sees k > p - window
         if p_first > mid_lo:
             out_parts.append(_attend(q, ks[mid_lo - base : p_first - base], vs[mid_lo - base : p_first - base], scale))
         lo, hi = p_first - base, p_last + 1 - base
