@@ -15,17 +15,18 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PLANS = REPO / "plans" / "SmolLM2-135M-Instruct"
 RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))
+
+from tests.server_process import free_port, stop, wait_ready  # noqa: E402  (the tests' loopback server helpers)
+
 KEEP = (
     "completed",
     "failed",
@@ -35,12 +36,6 @@ KEEP = (
     "total_token_throughput",
     "max_concurrent_requests",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str, plan: str | None, port: int, kv_gib: float, log: Path) -> subprocess.Popen:
@@ -60,28 +55,6 @@ def start_server(model: str, plan: str | None, port: int, kv_gib: float, log: Pa
         cmd = [sys.executable, "-m", "moa_vllm.cli", "serve", model, "--plan", plan, *common]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(2)
-    raise TimeoutError(f"server not ready after {timeout_s} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def bench(model: str, port: int, args, result_dir: Path, name: str) -> dict:
@@ -160,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         proc = start_server(model, plan, port, args.kv_gib, logs / f"{name}.log")
         try:
-            wait_ready(proc, port)
+            wait_ready(proc, port, timeout_s=600)
             row = {"config": "stock vLLM (CPU_ATTN)" if plan is None else name} | bench(model, port, args, raw, name)
         finally:
             stop(proc)

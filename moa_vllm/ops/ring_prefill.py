@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from moa_vllm.ops.ring_layout import ring_slot_of
+
 Q_TILE = 512
 
 Segment = tuple[torch.Tensor, torch.Tensor]  # (out [G, T, D] float32, lse [G, T] float32)
@@ -186,7 +188,4 @@ def survivors(
     window = spans - sinks
     keep = (pos < sinks) | ((window > 0) & (pos >= computed + n - window))
     token, head = keep.nonzero(as_tuple=True)
-    p = pos[token, 0]
-    sp = spans[head]
-    slot = torch.where(p < sinks, p, sinks + torch.remainder(p - sinks, torch.clamp(sp - sinks, min=1)))
-    return token, head, slot
+    return token, head, ring_slot_of(pos[token, 0], spans[head], sinks)

@@ -27,8 +27,8 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 from moa_vllm.ops.page_format import cells
 from moa_vllm.ops.ring_layout import slot_positions
 from moa_vllm.ops.ring_prefill import prefill_attention, survivors
-from moa_vllm.vllm_plugin.kernels_cuda import ring_kernels
 from moa_vllm.vllm_plugin.kv_spec import MoARingSpec, rank_heads
+from moa_vllm.vllm_plugin.ring_kernels import ring_kernels
 from moa_vllm.vllm_plugin.ring_state import RingState, RingStep
 from moa_vllm.vllm_plugin.settings import plan_from_vllm_config
 
@@ -186,7 +186,8 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
             if self._kernels.name not in _logged_kernels:
                 _logged_kernels.add(self._kernels.name)
                 logger.info(
-                    "moa-vllm: ring decode through %s; prefill through the torch ring prefill", self._kernels.name
+                    "moa-vllm: ring decode and unwrapped-ring prefill through %s; wrapped-ring prefill in torch",
+                    self._kernels.name,
                 )
         return self._kernels
 

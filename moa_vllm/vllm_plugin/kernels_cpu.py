@@ -16,16 +16,16 @@ from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from moa_vllm.ops.page_format import PageFormat
+from moa_vllm.vllm_plugin.ring_kernels import RingKernels
 
 
-class CpuRingKernels:
+class CpuRingKernels(RingKernels):
     name = "CPU_ATTN (vLLM cpu_attention_with_kv_cache)"
 
     def __init__(self, dtype: torch.dtype, page: int, head_dim: int) -> None:
-        self.dtype, self.page, self.head_dim = dtype, page, head_dim
+        super().__init__(dtype, page, head_dim)
         self.isa = _get_attn_isa(dtype, page, head_dim)
         self.format = probe_page_format(dtype, page, head_dim, self.isa)
-        self._qsl: torch.Tensor = torch.zeros(0, dtype=torch.int32)
         self._split_kv = bool(envs.VLLM_CPU_ATTN_SPLIT_KV)  # read once: vLLM's envs re-parse on every access
 
     def _split(self, cell_view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,23 +39,6 @@ class CpuRingKernels:
         ops.cpu_attn_reshape_and_cache(
             key[:, None].to(cell_view.dtype), value[:, None].to(cell_view.dtype), kc, vc, slots.long(), self.isa
         )
-
-    def _query_start_loc(self, rows: int) -> torch.Tensor:
-        if self._qsl.numel() < rows + 1:
-            self._qsl = torch.arange(max(rows + 1, 2 * self._qsl.numel()), dtype=torch.int32)
-        return self._qsl[: rows + 1]
-
-    def decode(
-        self,
-        query: torch.Tensor,  # [rows, G, D]
-        cell_view: torch.Tensor,
-        tables: torch.Tensor,  # [rows, P] int32
-        seq_lens: torch.Tensor,  # [rows] int32
-        scale: float,
-        out: torch.Tensor,  # [rows, G, D]
-    ) -> None:
-        """One query per virtual sequence."""
-        self.attend(query, cell_view, tables, seq_lens, self._query_start_loc(query.shape[0]), scale, out)
 
     def attend(
         self,

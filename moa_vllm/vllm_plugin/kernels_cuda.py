@@ -11,32 +11,18 @@ from __future__ import annotations
 import torch
 
 from moa_vllm.ops.page_format import PageFormat, write_token_major
+from moa_vllm.vllm_plugin.ring_kernels import RingKernels
 
 
-class CudaRingKernels:
+class CudaRingKernels(RingKernels):
     name = "vLLM Triton unified_attention"
 
     def __init__(self, dtype: torch.dtype, page: int, head_dim: int) -> None:
-        self.dtype, self.page, self.head_dim = dtype, page, head_dim
+        super().__init__(dtype, page, head_dim)
         self.format = PageFormat.token_major(page, head_dim)
-        self._qsl: torch.Tensor | None = None
 
     def write(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         write_token_major(cell_view, slots.long(), key, value)
-
-    def _query_start_loc(self, rows: int, device: torch.device) -> torch.Tensor:
-        if self._qsl is None or self._qsl.numel() < rows + 1 or self._qsl.device != device:
-            self._qsl = torch.arange(
-                rows + 1 if self._qsl is None else max(rows + 1, 2 * self._qsl.numel()),
-                dtype=torch.int32,
-                device=device,
-            )
-        return self._qsl[: rows + 1]
-
-    def decode(self, query, cell_view, tables, seq_lens, scale, out) -> None:
-        """One query per virtual sequence."""
-        qsl = self._query_start_loc(query.shape[0], query.device)
-        self.attend(query, cell_view, tables, seq_lens, qsl, scale, out)
 
     def attend(
         self,
@@ -73,12 +59,3 @@ class CudaRingKernels:
             k_descale=None,
             v_descale=None,
         )
-
-
-def ring_kernels(device: torch.device, dtype: torch.dtype, page: int, head_dim: int):
-    """The kernels for the cache's device: CUDA -> Triton unified attention; anything else -> CPU_ATTN."""
-    if device.type == "cuda":
-        return CudaRingKernels(dtype, page, head_dim)
-    from moa_vllm.vllm_plugin.kernels_cpu import CpuRingKernels
-
-    return CpuRingKernels(dtype, page, head_dim)

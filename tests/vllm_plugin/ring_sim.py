@@ -102,3 +102,46 @@ class RingSim:
         for r in rows:
             self.done[r] += counts[r]
         return err
+
+
+PAGE, D = 32, 64  # page tokens (CPU_ATTN needs multiples of 32) and head dim of the simulated layers
+
+
+def rules(layers: int, heads: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random per-head rules: alpha 0..59 tokens, beta 0..0.5."""
+    gen = torch.Generator().manual_seed(seed)
+    alphas = torch.randint(0, 60, (layers, heads), generator=gen).double()
+    betas = torch.rand(layers, heads, generator=gen).double() * 0.5
+    return alphas, betas
+
+
+def make_sim(kernels_cls, dtype, alphas, betas, lengths, *, seed, sinks=4, min_span=20, g=3) -> RingSim:
+    return RingSim(
+        kernels_cls(dtype, PAGE, D),
+        alphas,
+        betas,
+        lengths,
+        sinks=sinks,
+        min_span=min_span,
+        page=PAGE,
+        g=g,
+        d=D,
+        dtype=dtype,
+        seed=seed,
+    )
+
+
+def drive(sim: RingSim, chunk: int) -> float:
+    """Prompts (N - 90 tokens) in chunks, interleaved with other requests' decodes, until every request reaches N;
+    the largest error of any step against the reference."""
+    prompts = [n - 90 for n in sim.lengths]
+    err = 0.0
+    while any(sim.done[r] < sim.lengths[r] for r in range(len(sim.lengths))):
+        counts = {}
+        for r in range(len(sim.lengths)):
+            if sim.done[r] < prompts[r]:
+                counts[r] = min(chunk, prompts[r] - sim.done[r])
+            elif sim.done[r] < sim.lengths[r]:
+                counts[r] = 1
+        err = max(err, sim.step(counts))
+    return err

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from moa_vllm.vllm_plugin.kernels_cuda import CudaRingKernels
-from tests.vllm_plugin.ring_sim import RingSim
-from tests.vllm_plugin.test_ring_paths import PAGE, D, _drive, _rules
+from tests.vllm_plugin.ring_sim import drive, make_sim, rules
 
 
 def unified_attention_contract(
@@ -65,40 +64,16 @@ def contract(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_ring_path_arguments_match_the_reference(contract, dtype):
-    alphas, betas = _rules(2, 3, seed=11)
-    sim = RingSim(
-        CudaRingKernels(dtype, PAGE, D),
-        alphas,
-        betas,
-        [210, 170],
-        sinks=4,
-        min_span=20,
-        page=PAGE,
-        g=3,
-        d=D,
-        dtype=dtype,
-        seed=6,
-    )
-    assert _drive(sim, chunk=60) < {torch.float32: 2e-5, torch.bfloat16: 4e-2}[dtype]
+    alphas, betas = rules(2, 3, seed=11)
+    sim = make_sim(CudaRingKernels, dtype, alphas, betas, [210, 170], seed=6)
+    assert drive(sim, chunk=60) < {torch.float32: 2e-5, torch.bfloat16: 4e-2}[dtype]
 
 
 def test_cuda_ring_path_fails_on_a_wrong_window(contract):
-    alphas, betas = _rules(1, 3, seed=12)
-    sim = RingSim(
-        CudaRingKernels(torch.float32, PAGE, D),
-        alphas,
-        betas,
-        [220, 200],
-        sinks=4,
-        min_span=20,
-        page=PAGE,
-        g=3,
-        d=D,
-        dtype=torch.float32,
-        seed=7,
-    )
+    alphas, betas = rules(1, 3, seed=12)
+    sim = make_sim(CudaRingKernels, torch.float32, alphas, betas, [220, 200], seed=7)
     sim.reference_window_delta = -1
-    assert _drive(sim, chunk=64) > 1e-3
+    assert drive(sim, chunk=64) > 1e-3
 
 
 def _interpret(*args: str) -> float:

@@ -13,32 +13,9 @@ import torch
 from moa_vllm.vllm_plugin import ring_state
 from moa_vllm.vllm_plugin.kernels_cpu import CpuRingKernels, probe_page_format
 from moa_vllm.vllm_plugin.ring_state import RingState
-from tests.vllm_plugin.ring_sim import RingSim
+from tests.vllm_plugin.ring_sim import PAGE, D, drive, make_sim, rules
 
-PAGE, D = 32, 64
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 6e-3}
-
-
-def _rules(layers: int, heads: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    alphas = torch.randint(0, 60, (layers, heads), generator=gen).double()
-    betas = torch.rand(layers, heads, generator=gen).double() * 0.5
-    return alphas, betas
-
-
-def _drive(sim: RingSim, chunk: int) -> float:
-    """Prompts in chunks, interleaved with other requests' decodes, until every request reaches its N."""
-    prompts = [n - 90 for n in sim.lengths]
-    err = 0.0
-    while any(sim.done[r] < sim.lengths[r] for r in range(len(sim.lengths))):
-        counts = {}
-        for r in range(len(sim.lengths)):
-            if sim.done[r] < prompts[r]:
-                counts[r] = min(chunk, prompts[r] - sim.done[r])
-            elif sim.done[r] < sim.lengths[r]:
-                counts[r] = 1
-        err = max(err, sim.step(counts))
-    return err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -46,78 +23,30 @@ def _drive(sim: RingSim, chunk: int) -> float:
 @pytest.mark.parametrize("q_tile", [16, 512])  # many tiles per chunk (every segment kind) / one tile per chunk
 def test_ring_paths_match_the_token_exact_reference(dtype, g, q_tile, monkeypatch):
     monkeypatch.setattr("moa_vllm.ops.ring_prefill.Q_TILE", q_tile)
-    alphas, betas = _rules(2, 3, seed=int(g))
-    sim = RingSim(
-        CpuRingKernels(dtype, PAGE, D),
-        alphas,
-        betas,
-        [200, 290, 150],
-        sinks=4,
-        min_span=20,
-        page=PAGE,
-        g=g,
-        d=D,
-        dtype=dtype,
-        seed=1,
-    )
+    alphas, betas = rules(2, 3, seed=int(g))
+    sim = make_sim(CpuRingKernels, dtype, alphas, betas, [200, 290, 150], seed=1, g=g)
     assert bool((sim.spans < torch.tensor(sim.lengths)[None, :, None] - 60).any())  # some rings wrap
-    assert _drive(sim, chunk=70) < TOL[dtype]
+    assert drive(sim, chunk=70) < TOL[dtype]
 
 
 def test_rings_wrapped_many_times_and_no_sinks(monkeypatch):
     monkeypatch.setattr("moa_vllm.ops.ring_prefill.Q_TILE", 8)
     alphas = torch.tensor([[20.0, 33.0, 40.0]]).double()
     betas = torch.zeros(1, 3).double()
-    sim = RingSim(
-        CpuRingKernels(torch.float32, PAGE, D),
-        alphas,
-        betas,
-        [260, 180],
-        sinks=0,
-        min_span=16,
-        page=PAGE,
-        g=3,
-        d=D,
-        dtype=torch.float32,
-        seed=2,
-    )
-    assert _drive(sim, chunk=45) < TOL[torch.float32]  # 90 decode steps through 20-token rings: 4x+ wraps
+    sim = make_sim(CpuRingKernels, torch.float32, alphas, betas, [260, 180], seed=2, sinks=0, min_span=16)
+    assert drive(sim, chunk=45) < TOL[torch.float32]  # 90 decode steps through 20-token rings: 4x+ wraps
 
 
 def test_a_window_off_by_one_fails():
-    alphas, betas = _rules(1, 3, seed=5)
-    sim = RingSim(
-        CpuRingKernels(torch.float32, PAGE, D),
-        alphas,
-        betas,
-        [220, 200],
-        sinks=4,
-        min_span=20,
-        page=PAGE,
-        g=3,
-        d=D,
-        dtype=torch.float32,
-        seed=3,
-    )
+    alphas, betas = rules(1, 3, seed=5)
+    sim = make_sim(CpuRingKernels, torch.float32, alphas, betas, [220, 200], seed=3)
     sim.reference_window_delta = 1
-    assert _drive(sim, chunk=64) > 1e-3
+    assert drive(sim, chunk=64) > 1e-3
 
 
 def test_persistent_metadata_equals_a_fresh_build():
-    alphas, betas = _rules(2, 3, seed=7)
-    sim = RingSim(
-        CpuRingKernels(torch.float32, PAGE, D),
-        alphas,
-        betas,
-        [200, 170, 230],
-        sinks=4,
-        min_span=20,
-        page=PAGE,
-        g=3,
-        d=D,
-        dtype=torch.float32,
-        seed=4,
-    )
+    alphas, betas = rules(2, 3, seed=7)
+    sim = make_sim(CpuRingKernels, torch.float32, alphas, betas, [200, 170, 230], seed=4)
     for _ in range(3):
         sim.step({0: 40, 1: 40})
     for _ in range(4):  # steady state: the step reuses the batch's tables
@@ -139,7 +68,7 @@ def test_persistent_metadata_equals_a_fresh_build():
 
 
 def test_rows_with_missing_blocks_are_refused():
-    alphas, betas = _rules(1, 3, seed=9)
+    alphas, betas = rules(1, 3, seed=9)
     state = RingState(alphas, betas, 20, 4, PAGE, 4096, torch.device("cpu"))
     ring_state.publish_lengths(["a"], [300])
     common = SimpleNamespace(

@@ -27,28 +27,15 @@ def main() -> int:
         print("skip: vLLM did not enable Triton")
         return 0
     from moa_vllm.vllm_plugin.kernels_cuda import CudaRingKernels
-    from tests.vllm_plugin.ring_sim import RingSim
-    from tests.vllm_plugin.test_ring_paths import PAGE, D, _drive
+    from tests.vllm_plugin.ring_sim import drive, make_sim
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[sys.argv[1]]
     delta = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     alphas = torch.tensor([[20.0, 40.0, 70.0]]).double()
     betas = torch.tensor([[0.0, 0.1, 0.0]]).double()
-    sim = RingSim(
-        CudaRingKernels(dtype, PAGE, D),
-        alphas,
-        betas,
-        [130, 110],
-        sinks=4,
-        min_span=16,
-        page=PAGE,
-        g=3,
-        d=D,
-        dtype=dtype,
-        seed=8,
-    )
+    sim = make_sim(CudaRingKernels, dtype, alphas, betas, [130, 110], seed=8, min_span=16)
     sim.reference_window_delta = delta
-    print(f"max_err {_drive(sim, chunk=50):.3e}")
+    print(f"max_err {drive(sim, chunk=50):.3e}")
     return 0
 
 

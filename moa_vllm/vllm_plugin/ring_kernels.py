@@ -1,0 +1,60 @@
+"""What ring_forward needs from a device's paged attention kernels, and which kernels serve which device.
+
+Each (request, KV head) ring is a one-KV-head "virtual sequence" (page table of one-head page ids, seq_len =
+min(written, span)); `attend` is causal attention of each virtual sequence's last queries over its ring,
+bottom-right aligned, `decode` the one-query case. `write` stores K/V at flat one-head slots in the kernel's own
+page format (`format`, which the torch ring prefill reads back).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moa_vllm.ops.page_format import PageFormat
+
+
+class RingKernels:
+    name: str
+    format: PageFormat
+
+    def __init__(self, dtype: torch.dtype, page: int, head_dim: int) -> None:
+        self.dtype, self.page, self.head_dim = dtype, page, head_dim
+        self._qsl: torch.Tensor | None = None
+
+    def write(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [tokens, G, D], each virtual sequence's queries contiguous
+        cell_view: torch.Tensor,  # [pages, 2 * page, D]
+        tables: torch.Tensor,  # [rows, P] int32
+        seq_lens: torch.Tensor,  # [rows] int32: keys in each ring, the step's own included
+        query_start_loc: torch.Tensor,  # [rows + 1] int32
+        scale: float,
+        out: torch.Tensor,  # [tokens, G, D]
+        max_query_len: int = 1,
+    ) -> None:
+        raise NotImplementedError
+
+    def decode(self, query, cell_view, tables, seq_lens, scale: float, out) -> None:
+        """One query per virtual sequence: query/out [rows, G, D]."""
+        self.attend(query, cell_view, tables, seq_lens, self._query_start_loc(query.shape[0], query.device), scale, out)
+
+    def _query_start_loc(self, rows: int, device: torch.device) -> torch.Tensor:
+        """0..rows as int32, from a buffer kept across steps (grown by doubling)."""
+        if self._qsl is None or self._qsl.numel() < rows + 1 or self._qsl.device != device:
+            size = rows + 1 if self._qsl is None else max(rows + 1, 2 * self._qsl.numel())
+            self._qsl = torch.arange(size, dtype=torch.int32, device=device)
+        return self._qsl[: rows + 1]
+
+
+def ring_kernels(device: torch.device, dtype: torch.dtype, page: int, head_dim: int) -> RingKernels:
+    """The kernels for the cache's device: CUDA -> Triton unified attention; anything else -> CPU_ATTN."""
+    if device.type == "cuda":
+        from moa_vllm.vllm_plugin.kernels_cuda import CudaRingKernels
+
+        return CudaRingKernels(dtype, page, head_dim)
+    from moa_vllm.vllm_plugin.kernels_cpu import CpuRingKernels
+
+    return CpuRingKernels(dtype, page, head_dim)
