@@ -33,16 +33,13 @@ _published = PublishedBatch(0, (), np.zeros(0, dtype=np.int64))
 
 
 def publish(req_ids: list[str | None], prompt_tokens: list[int], max_tokens: list[int | None], max_model_len: int):
-    """Called by the runner patch once per step, before attention metadata is built."""
-    global _published
-    lengths = np.array(
-        [request_length(p, m, max_model_len) for p, m in zip(prompt_tokens, max_tokens, strict=True)],
-        dtype=np.int64,
-    )
-    _published = PublishedBatch(_published.serial + 1, tuple(req_ids), lengths)
+    """Called by the runner patch once per step, before attention metadata is built (model runner V1)."""
+    lengths = [request_length(p, m, max_model_len) for p, m in zip(prompt_tokens, max_tokens, strict=True)]
+    publish_lengths(req_ids, np.array(lengths, dtype=np.int64))
 
 
 def publish_lengths(req_ids: list[str | None], lengths: np.ndarray) -> None:
+    """The batch's request ids and their N, row by row; a new serial marks a new step for the builders."""
     global _published
     _published = PublishedBatch(_published.serial + 1, tuple(req_ids), np.asarray(lengths, dtype=np.int64))
 
