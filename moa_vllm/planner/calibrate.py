@@ -3,7 +3,9 @@
 Every sample is natural text the machine has offline (Python's own reference docs from `pydoc_data`, or the
 project's story sentences) with a retrieval or recall target placed early, far from the question at the end. The
 supervision is the dense model's own greedy answer: the profiled loss then measures how far a sparse head moves the
-model from what it would have said, not from a human answer.
+model from what it would have said, not from a human answer. A sample whose dense answer misses the hidden target is
+redrawn (a few attempts, then its slot is dropped): a wrong answer teaches the planner nothing about retrieval.
+Task kinds go round-robin over a level's sample indices, so every level profiles every kind.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class Sample:
     answer_ids: list[int]
     target: str = ""  # the hidden text, for inspection
     question: str = ""
+    expected: tuple[str, ...] = ()  # strings a correct answer contains
+    index: int = 0  # slot within its level
+    attempt: int = 0  # redraws before this sample's dense answer was correct
 
     @property
     def length(self) -> int:
@@ -44,6 +49,10 @@ class Sample:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Sample:
+        return cls(**{**data, "expected": tuple(data.get("expected", ()))})
 
 
 def docs_corpus() -> str:
@@ -71,21 +80,27 @@ def filler_text(rng: random.Random, corpus: str, chars: int) -> tuple[str, str]:
     return story_text(rng, chars), "story"
 
 
-def make_target(task: str, rng: random.Random) -> tuple[str, str]:
-    """(text hidden in the context, question asked at the end)."""
+def make_target(task: str, rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
+    """(text hidden in the context, question asked at the end, strings a correct answer contains)."""
     if task == "passkey":
         key = rng.randrange(10000, 100000)
-        return f" The pass key is {key}. Remember it. {key} is the pass key. ", "What is the pass key?"
+        return f" The pass key is {key}. Remember it. {key} is the pass key. ", "What is the pass key?", (str(key),)
     if task == "facts":
         items = rng.sample(range(len(_NOUNS)), 3)
         facts = [(f"{rng.choice(_ADJECTIVES)} {_NOUNS[i]}", rng.randrange(10, 1000)) for i in items]
         text = " ".join(f"Note: the {what} is kept in box {box}." for what, box in facts)
-        return f" {text} ", f"In which box is the {rng.choice(facts)[0]} kept?"
+        what, box = rng.choice(facts)
+        return f" {text} ", f"In which box is the {what} kept?", (str(box),)
     name, city = rng.choice(_NAMES), rng.choice(("Lisbon", "Oslo", "Quito", "Hanoi", "Accra", "Perth"))
     return (
         f" {name} arrived in {city} on a Tuesday carrying a letter for the harbour master. ",
         f"Who arrived in {city}, and what were they carrying?",
+        (name, "letter"),
     )
+
+
+def answer_is_correct(answer: str, expected: tuple[str, ...]) -> bool:
+    return all(e.lower() in answer.lower() for e in expected)
 
 
 def prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
@@ -103,10 +118,12 @@ def prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
     return encode(before), encode(after)
 
 
-def build_prompt(tokenizer, level: int, max_new_tokens: int, rng: random.Random, corpus: str) -> dict:
+def build_prompt(
+    tokenizer, level: int, max_new_tokens: int, rng: random.Random, corpus: str, task: str | None = None
+) -> dict:
     """Prompt ids of at most level - max_new_tokens tokens with the target at a random early depth."""
-    task = TASKS[rng.randrange(len(TASKS))]
-    target, question = make_target(task, rng)
+    task = task or TASKS[rng.randrange(len(TASKS))]
+    target, question, expected = make_target(task, rng)
     before, after = prompt_parts(tokenizer, question)
     needle = tokenizer.encode(target, add_special_tokens=False)
     budget = level - max_new_tokens - len(before) - len(after) - len(needle)
@@ -129,6 +146,7 @@ def build_prompt(tokenizer, level: int, max_new_tokens: int, rng: random.Random,
         "prompt_ids": before + context + after,
         "target": target,
         "question": question,
+        "expected": expected,
     }
 
 
@@ -158,40 +176,80 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return found
 
 
-def sample_rng(seed: int, level: int, index: int) -> random.Random:
+def sample_rng(seed: int, level: int, index: int, attempt: int = 0) -> random.Random:
     """One generator per sample, so a resumed run makes exactly the samples a fresh run would."""
-    return random.Random(f"{seed}:{level}:{index}")
+    return random.Random(f"{seed}:{level}:{index}" + (f":{attempt}" if attempt else ""))
+
+
+def slot_task(index: int) -> str:
+    """Round-robin task kind of a level's sample slot."""
+    return TASKS[index % len(TASKS)]
 
 
 def make_sample(
-    model, tokenizer, level: int, index: int, seed: int, max_new_tokens: int, corpus: str, eos: set[int]
+    model,
+    tokenizer,
+    level: int,
+    index: int,
+    seed: int,
+    max_new_tokens: int,
+    corpus: str,
+    eos: set[int],
+    attempt: int = 0,
+    task: str | None = None,
 ) -> Sample:
-    spec = build_prompt(tokenizer, level, max_new_tokens, sample_rng(seed, level, index), corpus)
+    rng = sample_rng(seed, level, index, attempt)
+    spec = build_prompt(tokenizer, level, max_new_tokens, rng, corpus, task)
     answer = greedy_answer(model, spec["prompt_ids"], max_new_tokens, eos)
     if not answer:
         raise RuntimeError(f"the model produced no answer tokens for sample {index} at level {level}")
-    return Sample(answer_ids=answer, **spec)
+    return Sample(answer_ids=answer, index=index, attempt=attempt, **spec)
+
+
+@dataclass(frozen=True)
+class SlotResult:
+    """What one (level, index) slot produced: a sample, or None when every attempt's dense answer was wrong."""
+
+    level: int
+    index: int
+    sample: Sample | None
+    attempts: int
+
+
+def fill_slot(
+    model,
+    tokenizer,
+    level: int,
+    index: int,
+    seed: int,
+    max_new_tokens: int,
+    corpus: str,
+    eos: set[int],
+    attempts: int,
+    check_answers: bool,
+) -> SlotResult:
+    """Draw samples of the slot's task until the dense model answers one correctly (or attempts run out)."""
+    for attempt in range(attempts):
+        sample = make_sample(
+            model, tokenizer, level, index, seed, max_new_tokens, corpus, eos, attempt, slot_task(index)
+        )
+        text = tokenizer.decode(sample.answer_ids, skip_special_tokens=True)
+        if not check_answers or answer_is_correct(text, sample.expected):
+            return SlotResult(level, index, sample, attempt + 1)
+    return SlotResult(level, index, None, attempts)
 
 
 def calibrate(
     model,
     tokenizer,
-    levels: list[int],
-    samples_per_level: int,
+    slots: list[tuple[int, int]],
     seed: int,
     max_new_tokens: int,
-    done: list[Sample],
-    on_sample: Callable[[Sample], None],
-    progress: Callable[[int], None] | None = None,
-) -> list[Sample]:
-    """All samples, level by level; `done` are samples an interrupted run already made (kept, in order)."""
+    on_result: Callable[[SlotResult], None],
+    attempts: int = 3,
+    check_answers: bool = True,
+) -> None:
+    """Fill every (level, index) slot in order, reporting each result (the caller keeps and checkpoints them)."""
     corpus, eos = docs_corpus(), eos_token_ids(model, tokenizer)
-    samples = list(done)
-    todo = [(level, i) for level in levels for i in range(samples_per_level)][len(done) :]
-    for level, i in todo:
-        sample = make_sample(model, tokenizer, level, i, seed, max_new_tokens, corpus, eos)
-        samples.append(sample)
-        on_sample(sample)
-        if progress:
-            progress(1)
-    return samples
+    for level, index in slots:
+        on_result(fill_slot(model, tokenizer, level, index, seed, max_new_tokens, corpus, eos, attempts, check_answers))

@@ -12,9 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from moa_vllm.planner.rules import DEFAULT_ALPHAS, DEFAULT_NUM_BETAS
+from moa_vllm.planner.rules import DEFAULT_NUM_BETAS
 
-STEPS = ("calibrate", "profile", "optimize", "validate", "run")
+STEPS = ("calibrate", "profile", "optimize", "validate", "run", "diagnose")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -38,7 +38,8 @@ def common_options() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
     p.add_argument("--lengths", type=_ints, default=(1024, 2048, 4096), help="profiled lengths, e.g. '1024 2048'")
-    p.add_argument("--validation-length", type=int, default=3072, help="unprofiled length that picks the plan")
+    p.add_argument("--validation-length", type=int, default=3072, help="held-out length whose true loss picks the plan")
+    p.add_argument("--validation-samples", type=int, default=4, help="held-out samples at the validation length")
     p.add_argument("--extension-lengths", type=_ints, default=(8192,), help="density-constrained, not profiled")
     p.add_argument("--samples-per-length", type=int, default=4)
     p.add_argument(
@@ -47,16 +48,38 @@ def common_options() -> argparse.ArgumentParser:
         default={},
         help="profile only the first N calibration samples of some levels, e.g. '3072=2 4096=2' (default: all)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=24, help="length of the dense model's greedy answers")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="length of the dense model's greedy answers")
+    p.add_argument("--answer-attempts", type=int, default=3, help="redraws of a sample the dense model answers wrong")
+    p.add_argument("--keep-wrong-answers", action="store_true", help="keep samples whose dense answer is wrong")
+    p.add_argument("--context-weight", type=float, default=1.0, help="loss = answer CE + this x context CE")
     p.add_argument("--sinks", type=int, default=64)
     p.add_argument("--min-span", type=int, default=128)
-    p.add_argument("--alphas", type=_floats, default=DEFAULT_ALPHAS, help="rule grid alphas, e.g. '-1024 0 1024'")
+    p.add_argument(
+        "--alphas",
+        type=_floats,
+        default=None,
+        help="rule grid alphas, e.g. '-1024 0 1024' (default: -shortest .. longest profiled length, --alpha-step)",
+    )
+    p.add_argument("--alpha-step", type=int, default=None, help="step of the default alphas (shortest length / 2)")
     p.add_argument("--num-betas", type=int, default=DEFAULT_NUM_BETAS, help="betas evenly spaced over [0, 1]")
+    p.add_argument(
+        "--no-rule-filter",
+        action="store_true",
+        help="keep rules whose span is <= 0 at the shortest or > N at the longest profiled length",
+    )
+    p.add_argument(
+        "--min-head-density", type=float, default=0.0, help="drop rules below this density at any constraint length"
+    )
     p.add_argument("--max-rules-per-layer", type=int, default=2)
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per MILP solve")
     p.add_argument("--epsilon-points", type=int, default=5)
     p.add_argument("--density", type=_floats, default=(0.5,), help="density target(s), e.g. '0.5 0.25'")
     p.add_argument("--out-dir", type=Path, help="also copy plan + report here as moa-d{density}.json/-report/")
+    p.add_argument(
+        "--no-ship-gate",
+        action="store_true",
+        help="write the plan even when it loses to uniform on the held-out true loss (experiments only)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -71,9 +94,15 @@ def parser() -> argparse.ArgumentParser:
         "optimize": "Pareto set of rule assignments per density (OR-Tools)",
         "validate": "choose a Pareto plan at the validation length; write plan + report",
         "run": "all steps",
+        "diagnose": "predicted vs true loss change of probe heads; held-out true loss of plans",
     }
     for step in STEPS:
-        sub.add_parser(step, parents=[parent], help=helps[step])
+        sp = sub.add_parser(step, parents=[parent], help=helps[step])
+        if step == "diagnose":
+            sp.add_argument("--probe-layers", type=int, default=10, help="layers probed (one KV head each)")
+            sp.add_argument("--probe-spans", type=_floats, default=(0.125, 0.5), help="probe spans as fractions of N")
+            sp.add_argument("--diagnose-samples", type=int, default=None, help="profiled samples per level used")
+            sp.add_argument("--plans", type=Path, nargs="*", default=[], help="plan files whose held-out loss to add")
     return top
 
 
@@ -94,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from moa_vllm.planner.pipeline import Pipeline, PlannerConfig
+    from moa_vllm.planner.pipeline import Pipeline, PlannerConfig, ShipGateError
 
     torch.set_num_threads(args.threads)
     config = PlannerConfig(
@@ -105,12 +134,20 @@ def main(argv: list[str] | None = None) -> int:
         extension_lengths=args.extension_lengths,
         samples_per_length=args.samples_per_length,
         profile_samples=args.profile_samples,
+        validation_samples=args.validation_samples,
         max_new_tokens=args.max_new_tokens,
+        answer_attempts=args.answer_attempts,
+        check_answers=not args.keep_wrong_answers,
+        context_weight=args.context_weight,
+        ship_gate=not args.no_ship_gate,
         seed=args.seed,
         device=args.device,
         sinks=args.sinks,
         min_span=args.min_span,
         alphas=args.alphas,
+        alpha_step=args.alpha_step,
+        rule_filter=not args.no_rule_filter,
+        min_head_density=args.min_head_density,
         num_betas=args.num_betas,
         max_rules_per_layer=args.max_rules_per_layer,
         time_limit_s=args.time_limit,
@@ -118,7 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     pipe = Pipeline(config)
-    if args.step == "calibrate":
+    refused = run_step(pipe, args, ShipGateError)
+    print(f"timings: {pipe.timings.path}")
+    return 3 if refused else 0
+
+
+def run_step(pipe, args: argparse.Namespace, gate_error: type[Exception]) -> int:
+    """Run the step; returns how many densities the ship gate refused (each is reported, the others still run)."""
+    if args.step == "diagnose":
+        out = pipe.diagnose(args.probe_layers, args.probe_spans, args.diagnose_samples, args.density, tuple(args.plans))
+        print(f"diagnosis: {out}")
+    elif args.step == "calibrate":
         pipe.calibrate()
     elif args.step == "profile":
         pipe.profile()
@@ -126,12 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         for d in args.density:
             pipe.optimize(d)
     else:  # validate and run: validate pulls every earlier step it needs
+        refused = 0
         for d in args.density:
-            plan = pipe.validate(d)
+            try:
+                plan = pipe.validate(d)
+            except gate_error as err:
+                print(err, file=sys.stderr)
+                refused += 1
+                continue
             print(f"plan for density {d}: {plan}")
             if args.out_dir:
                 print(f"exported: {pipe.export(d, args.out_dir)}")
-    print(f"timings: {pipe.timings.path}")
+        return refused
     return 0
 
 

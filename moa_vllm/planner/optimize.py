@@ -361,22 +361,6 @@ def _to_solution(problem: PlanningProblem, point: _Point) -> ParetoSolution:
 # ---- choosing and exporting ------------------------------------------------------------------------------------
 
 
-def validation_losses(solutions: Sequence[ParetoSolution], validation_loss: np.ndarray) -> list[float]:
-    """Each solution's summed loss in validation_loss [layers, kv_heads, rules] (profiled at an unseen length)."""
-    if not solutions:
-        raise ValueError("no solutions to evaluate")
-    validation_loss = np.asarray(validation_loss, dtype=np.float64)
-    shape = solutions[0].assignment.shape
-    if validation_loss.ndim != 3 or validation_loss.shape[:2] != shape:
-        raise ValueError(f"validation_loss must be [{shape[0]}, {shape[1]}, rules], got {validation_loss.shape}")
-    return [assignment_loss(validation_loss, s.assignment) for s in solutions]
-
-
-def select_by_validation(solutions: Sequence[ParetoSolution], validation_loss: np.ndarray) -> int:
-    """Index of the solution with the lowest loss at an unseen length (the first one on ties)."""
-    return int(np.argmin(validation_losses(solutions, validation_loss)))
-
-
 def solution_to_plan(
     solution: ParetoSolution,
     problem: PlanningProblem,
@@ -410,7 +394,7 @@ def _metadata(solution: ParetoSolution, problem: PlanningProblem, notes: str) ->
         "gap": solution.gap,
         "max_rules_per_layer": problem.max_rules_per_layer,
         "lower_ratio": problem.lower_ratio,
-        "rule_grid": {"alphas": list(problem.grid.alphas), "betas": list(problem.grid.betas)},
+        "rule_grid": problem.grid.model_dump(mode="json"),
     }
     return PlanMetadata(
         method="moa-plan",

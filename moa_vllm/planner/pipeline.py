@@ -23,11 +23,12 @@ import torch
 from tqdm import tqdm
 
 from moa_vllm.plan.fingerprint import fingerprint_from_hf_config, load_hf_config
+from moa_vllm.plan.generate import uniform_plan
 from moa_vllm.plan.io import load_plan, save_plan
 from moa_vllm.plan.schema import ModelFingerprint, Plan
 from moa_vllm.plan.span import span_tokens, window_tokens
 from moa_vllm.planner import artefacts as art
-from moa_vllm.planner.calibrate import Sample, calibrate
+from moa_vllm.planner.calibrate import Sample, SlotResult, calibrate
 from moa_vllm.planner.influence import outside_window_loss
 from moa_vllm.planner.optimize import (
     ParetoSolution,
@@ -35,16 +36,31 @@ from moa_vllm.planner.optimize import (
     SolverOptions,
     density_targets,
     pareto_front,
-    select_by_validation,
     solution_to_plan,
-    validation_losses,
 )
-from moa_vllm.planner.rules import DEFAULT_ALPHAS, DEFAULT_NUM_BETAS, RuleGrid
+from moa_vllm.planner.rules import DEFAULT_NUM_BETAS, RuleGrid
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 1  # bump when sample construction changes, so old calibrations are not reused
-PROFILE_VERSION = 1
+
+class ShipGateError(RuntimeError):
+    """The best MoA plan loses to the uniform plan of its density on the held-out true loss: nothing is written."""
+
+
+def gate(best: float, uniform: float, density: float, length: int) -> str | None:
+    """None when the MoA plan may ship, else why not (by how much it loses)."""
+    if best <= uniform:
+        return None
+    return (
+        f"moa-plan: the best MoA plan at density {density} loses to the uniform plan on the held-out true loss at "
+        f"N={length}: {best:.5f} vs {uniform:.5f} (+{best - uniform:.5f}, {100 * (best / uniform - 1):+.2f}%); "
+        "no plan written"
+    )
+
+
+CALIBRATION_VERSION = 2  # bump when sample construction changes, so old calibrations are not reused
+PROFILE_VERSION = 2
+TRUTH_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -52,19 +68,27 @@ class PlannerConfig:
     model: Path
     work_dir: Path
     lengths: tuple[int, ...] = (1024, 2048, 4096)  # profiled lengths: one objective each
-    validation_length: int = 3072  # profiled too, but only to choose among Pareto plans
+    validation_length: int = 3072  # held out: Pareto plans are chosen by their true loss here (never profiled)
+    validation_samples: int = 4
     extension_lengths: tuple[int, ...] = (8192,)  # density-constrained, not profiled
     samples_per_length: int = 4
     # level -> how many of its calibration samples to profile (default: all); profiling cost grows with L^2
     profile_samples: dict[int, int] = field(default_factory=dict)
-    max_new_tokens: int = 24
+    max_new_tokens: int = 96  # the dense model's answers: long answers give late layers gradient too
+    answer_attempts: int = 3  # redraws of a sample whose dense answer misses its target; then the slot is dropped
+    check_answers: bool = True
+    context_weight: float = 1.0  # loss = mean answer CE + context_weight * mean context CE
     seed: int = 0
     device: str = "cpu"
     sinks: int = 64
     min_span: int = 128
     block: int = 64
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    alphas: tuple[float, ...] | None = None  # None: scaled to the profiled lengths (RuleGrid.scaled)
+    alpha_step: int | None = None  # of the scaled grid; default shortest length / 2
     num_betas: int = DEFAULT_NUM_BETAS
+    rule_filter: bool = True  # drop rules with span <= 0 at the shortest or > N at the longest profiled length
+    min_head_density: float = 0.0  # drop rules below this density at any constraint length (a per-head floor)
+    ship_gate: bool = True  # refuse a plan whose held-out true loss is above the uniform plan's
     max_rules_per_layer: int = 2
     time_limit_s: float = 60.0
     epsilon_points: int = 5
@@ -82,7 +106,17 @@ class PlannerConfig:
 
     @property
     def grid(self) -> RuleGrid:
-        return RuleGrid.evenly(self.alphas, self.num_betas)
+        filters: dict[str, Any] = {}
+        if self.min_head_density > 0:
+            filters = {"min_density": self.min_head_density, "min_density_lengths": self.constraint_lengths}
+        if self.alphas is None:
+            return RuleGrid.scaled(self.lengths, self.num_betas, self.alpha_step, **filters)
+        valid = (min(self.lengths), max(self.lengths)) if self.rule_filter else None
+        return RuleGrid.evenly(self.alphas, self.num_betas, valid_between=valid, **filters)
+
+    @property
+    def constraint_lengths(self) -> tuple[int, ...]:
+        return tuple(sorted({*self.lengths, *self.extension_lengths}))
 
 
 def density_tag(density: float) -> str:
@@ -136,9 +170,17 @@ class Pipeline:
             "model": self.model_identity,
             "seed": c.seed,
             "levels": c.levels,
-            "samples_per_length": c.samples_per_length,
+            "slots": self.calibration_slots(),
             "max_new_tokens": c.max_new_tokens,
+            "answer_attempts": c.answer_attempts,
+            "check_answers": c.check_answers,
         }
+
+    def calibration_slots(self) -> list[tuple[int, int]]:
+        """(level, index) of every sample: samples_per_length per profiled length, validation_samples held out."""
+        c = self.config
+        counts = {**dict.fromkeys(c.lengths, c.samples_per_length), c.validation_length: c.validation_samples}
+        return [(level, i) for level in c.levels for i in range(counts[level])]
 
     def calibrate(self) -> dict[str, Any]:
         path, key = self.path("calibration.json"), self.calibration_key()
@@ -146,38 +188,60 @@ class Pipeline:
             log.info("calibrate: %s is up to date, skipped", path)
             return art.read_json(path)
         old = art.read_json(path)
-        done = [Sample(**s) for s in old["samples"]] if old and old.get("key") == art.normalised(key) else []
-        samples: list[Sample] = []
+        # Samples depend on their slot, not on how many slots there are: more (or fewer) slots keep the others.
+        same = old and _without(old.get("key", {}), "slots") == _without(art.normalised(key), "slots")
+        resumed = old if same else {"samples": [], "dropped": []}
+        wanted = set(self.calibration_slots())
+        samples = [s for s in map(Sample.from_json, resumed["samples"]) if (s.level, s.index) in wanted]
+        dropped = [d for d in resumed.get("dropped", []) if (d["level"], d["index"]) in wanted]
+        done = {(s.level, s.index) for s in samples} | {(d["level"], d["index"]) for d in dropped}
+        todo = [slot for slot in self.calibration_slots() if slot not in done]
 
-        def checkpoint(sample: Sample) -> None:
-            samples.append(sample)
-            art.write_json_atomic(path, self._calibration_doc(key, done + samples, complete=False))
+        def checkpoint(result: SlotResult) -> None:
+            if result.sample is None:
+                dropped.append({"level": result.level, "index": result.index, "attempts": result.attempts})
+                log.warning(
+                    "calibrate: level %d slot %d dropped (%d wrong dense answers)",
+                    result.level,
+                    result.index,
+                    result.attempts,
+                )
+            else:
+                samples.append(result.sample)
+            art.write_json_atomic(path, self._calibration_doc(key, samples, dropped, complete=False))
+            bar.update(1)
 
-        total = len(self.config.levels) * self.config.samples_per_length
+        total = len(self.calibration_slots())
         with (
             self.timings.step("calibrate", samples=total, resumed_from=len(done)),
             self._bar(total, "calibrate", len(done)) as bar,
         ):
             torch.manual_seed(self.config.seed)
-            every = calibrate(
+            calibrate(
                 self.model,
                 self.tokenizer,
-                self.config.levels,
-                self.config.samples_per_length,
+                todo,
                 self.config.seed,
                 self.config.max_new_tokens,
-                done,
                 checkpoint,
-                bar.update,
+                self.config.answer_attempts,
+                self.config.check_answers,
             )
-            doc = self._calibration_doc(key, every, complete=True)
+            order = {slot: i for i, slot in enumerate(self.calibration_slots())}
+            samples.sort(key=lambda s: order[(s.level, s.index)])
+            doc = self._calibration_doc(key, samples, dropped, complete=True)
             art.write_json_atomic(path, doc)
         return doc
 
     @staticmethod
-    def _calibration_doc(key: dict[str, Any], samples: list[Sample], complete: bool) -> dict[str, Any]:
+    def _calibration_doc(
+        key: dict[str, Any], samples: list[Sample], dropped: list[dict[str, int]], complete: bool
+    ) -> dict[str, Any]:
         body = [s.to_json() for s in samples]
-        return {"key": key, "complete": complete, "digest": art.digest(body), "samples": body}
+        return {"key": key, "complete": complete, "digest": art.digest(body), "samples": body, "dropped": dropped}
+
+    def samples(self, level: int) -> list[Sample]:
+        return [Sample.from_json(s) for s in self.calibrate()["samples"] if s["level"] == level]
 
     # ---- profile -----------------------------------------------------------------------------------------------
     def profile_key(self, calibration_digest: str, level: int) -> dict[str, Any]:
@@ -189,6 +253,7 @@ class Pipeline:
             "sinks": c.sinks,
             "block": c.block,
             "dtype": "float32",
+            "context_weight": c.context_weight,
         }
         if self.profiled_count(level) < c.samples_per_length:
             key["samples"] = self.profiled_count(level)  # only when subsampled: "all" needs no entry
@@ -200,11 +265,11 @@ class Pipeline:
         )
 
     def profile(self) -> dict[int, Path]:
-        """Profile every level (profiled lengths and the validation length); returns the artefact per level."""
+        """Profile every profiled length (the validation length stays held out); returns the artefact per level."""
         cal = self.calibrate()
-        samples = [Sample(**s) for s in cal["samples"]]
+        samples = [Sample.from_json(s) for s in cal["samples"]]
         out: dict[int, Path] = {}
-        for level in self.config.levels:
+        for level in self.config.lengths:
             out[level] = self.path(f"profile-L{level}.npz")
             key = art.normalised(self.profile_key(cal["digest"], level))
             self._profile_level(level, key, [s for s in samples if s.level == level][: self.profiled_count(level)])
@@ -213,6 +278,11 @@ class Pipeline:
     def _profile_level(self, level: int, key: dict[str, Any], todo: list[Sample]) -> None:
         from moa_vllm.planner import profile as prof
 
+        if not todo:
+            raise ValueError(
+                f"no calibration sample at length {level}: every dense answer missed its target "
+                "(raise --answer-attempts or --samples-per-length, or pass --keep-wrong-answers)"
+            )
         path = self.path(f"profile-L{level}.npz")
         old = art.load_npz(path)
         if old and old["key"] == key and bool(old["complete"]):
@@ -223,6 +293,7 @@ class Pipeline:
         if old and old["key"] == key:  # an interrupted run: continue after its last finished sample
             acc.blocks, acc.offsets = old["blocks_sum"], old["offsets_sum"]
             acc.count, acc.losses = int(old["count"]), old["losses"].tolist()
+            acc.each = list(old["offsets_each"])
         prof.use_capture_attention(self.model)
         with (
             self.timings.step(f"profile-L{level}", samples=len(todo), resumed_from=acc.count),
@@ -230,7 +301,9 @@ class Pipeline:
         ):
             for sample in todo[acc.count :]:
                 ids = sample.prompt_ids + sample.answer_ids
-                acc.add(prof.sample_influence(self.model, ids, len(sample.prompt_ids), c.sinks, c.block))
+                acc.add(
+                    prof.sample_influence(self.model, ids, len(sample.prompt_ids), c.sinks, c.block, c.context_weight)
+                )
                 self._save_profile(path, key, acc, complete=acc.count == len(todo))
                 bar.update(1)
 
@@ -243,6 +316,7 @@ class Pipeline:
             offsets=acc.mean_offsets(),
             blocks_sum=acc.blocks,
             offsets_sum=acc.offsets,
+            offsets_each=acc.offsets_each(),
             count=np.array(acc.count),
             losses=np.array(acc.losses, dtype=np.float64),
             complete=np.array(complete),
@@ -290,7 +364,7 @@ class Pipeline:
             "density": density,
             "lengths": list(c.lengths),
             "extension_lengths": list(c.extension_lengths),
-            "grid": {"alphas": list(c.grid.alphas), "betas": list(c.grid.betas)},
+            "grid": c.grid.model_dump(mode="json"),
             "min_span": c.min_span,
             "max_rules_per_layer": c.max_rules_per_layer,
             "solver": asdict(self.solver_options()),
@@ -308,55 +382,194 @@ class Pipeline:
         return solutions
 
     # ---- validate ----------------------------------------------------------------------------------------------
-    def validate_key(self, density: float) -> dict[str, Any]:
-        opt = art.read_json(self.path(f"optimize-{density_tag(density)}.json"))
+    def truth_key(self, density: float) -> dict[str, Any]:
+        c = self.config
         return {
-            "optimize": art.digest(opt),
-            "validation": self._profile_digests([self.config.validation_length]),
-            "sinks": self.config.sinks,
+            "version": TRUTH_VERSION,
+            "optimize": art.digest(art.read_json(self.path(f"optimize-{density_tag(density)}.json"))),
+            "calibration": art.read_json(self.path("calibration.json"))["digest"],
+            "validation_length": c.validation_length,
+            "context_weight": c.context_weight,
+            "sinks": c.sinks,
+            "min_span": c.min_span,
+        }
+
+    def candidate_plans(self, density: float) -> dict[str, Plan]:
+        """Every Pareto plan of the density (pareto-0, pareto-1, ...), then the uniform plan of the same density."""
+        problem = self.problem(density)
+        solutions = self.optimize(density)
+        plans = {
+            f"pareto-{i}": solution_to_plan(s, problem, self.fingerprint, self.config.sinks, self.notes())
+            for i, s in enumerate(solutions)
+        }
+        plans["uniform"] = uniform_plan(self.fingerprint, density, self.config.sinks, self.config.min_span)
+        return plans
+
+    def true_losses(self, density: float) -> dict[str, Any]:
+        """Held-out true loss (masked forward at the validation length) of dense, every candidate plan and uniform;
+        checkpointed per plan."""
+        from moa_vllm.planner.masked import mean_loss, plan_loss
+
+        plans = self.candidate_plans(density)
+        path, key = self.path(f"truth-{density_tag(density)}.json"), self.truth_key(density)
+        doc = art.read_json(path)
+        if not doc or doc.get("key") != art.normalised(key):
+            doc = {"key": art.normalised(key), "complete": False, "plans": {}}
+        if doc["complete"]:
+            return doc
+        samples = self.samples(self.config.validation_length)
+        if not samples:
+            raise ValueError(f"no held-out samples at the validation length {self.config.validation_length}")
+        todo = [name for name in ["dense", *plans] if name not in doc["plans"]]
+        with (
+            self.timings.step(f"truth-{density_tag(density)}", plans=len(todo), samples=len(samples)),
+            self._bar(len(todo) * len(samples), f"true loss d{density}") as bar,
+        ):
+            for name in todo:
+                losses = []
+                for sample in samples:
+                    losses += plan_loss(self.model, plans.get(name), [sample], self.config.context_weight)
+                    bar.update(1)
+                doc["plans"][name] = {"mean": asdict(mean_loss(losses)), "samples": [asdict(x) for x in losses]}
+                art.write_json_atomic(path, doc)
+        doc["complete"] = True
+        art.write_json_atomic(path, doc)
+        return doc
+
+    def validate_key(self, density: float) -> dict[str, Any]:
+        return {
+            "truth": art.digest(art.read_json(self.path(f"truth-{density_tag(density)}.json"))),
             "fingerprint": self.fingerprint.model_dump(),
         }
 
     def validate(self, density: float) -> Path:
-        """Pick the Pareto plan with the lowest loss at the validation length; write the plan and its report."""
+        """Pick the Pareto plan with the lowest held-out true loss; refuse it when the uniform plan of the same
+        density does better (the ship gate); write the plan and its report."""
         solutions = self.optimize(density)
+        truth = self.true_losses(density)
         tag = density_tag(density)
         path, key = self.path(f"validate-{tag}.json"), self.validate_key(density)
         plan_path, report_dir = self.path(f"plan-{tag}.json"), self.path(f"report-{tag}")
-        if art.json_matches(path, key) and plan_path.exists():
+        losses = [truth["plans"][f"pareto-{i}"]["mean"]["total"] for i in range(len(solutions))]
+        uniform = truth["plans"]["uniform"]["mean"]["total"]
+        chosen = int(np.argmin(losses))
+        verdict = gate(losses[chosen], uniform, density, self.config.validation_length)
+        if verdict is not None and not self.config.ship_gate:
+            log.warning("%s (ship gate off: written anyway)", verdict.replace("; no plan written", ""))
+            verdict = None
+        if art.json_matches(path, key) and plan_path.exists() and verdict is None:
             log.info("validate: %s is up to date, skipped", path)
             return plan_path
+        record = {
+            "key": key,
+            "chosen": chosen,
+            "validation_length": self.config.validation_length,
+            "true_loss": {"pareto": losses, "uniform": uniform, "dense": truth["plans"]["dense"]["mean"]["total"]},
+            "shipped": verdict is None,
+            "beats_uniform": losses[chosen] <= uniform,
+        }
+        art.write_json_atomic(path, record)
+        if verdict is not None:
+            plan_path.unlink(missing_ok=True)
+            raise ShipGateError(verdict)
         with self.timings.step(f"validate-{tag}"):
             problem = self.problem(density)
-            validation = self.rule_loss(self.config.validation_length)
-            chosen = select_by_validation(solutions, validation)
             plan = solution_to_plan(solutions[chosen], problem, self.fingerprint, self.config.sinks, self.notes())
+            plan.metadata.extra["true_loss"] = {
+                "length": self.config.validation_length,
+                "samples": len(truth["plans"]["dense"]["samples"]),
+                "plan": losses[chosen],
+                "uniform": uniform,
+                "dense": record["true_loss"]["dense"],
+                "beats_uniform": losses[chosen] <= uniform,
+            }
             save_plan(plan, plan_path)
-            self._report(report_dir, solutions, chosen, problem, plan, validation)
-        art.write_json_atomic(
-            path,
-            {
-                "key": key,
-                "chosen": chosen,
-                "validation_length": self.config.validation_length,
-                "validation_loss": validation_losses(solutions, validation),
-                "plan": plan_path.name,
-            },
-        )
+            self._report(report_dir, solutions, chosen, problem, plan, losses, uniform)
         return plan_path
 
-    def _report(self, out: Path, solutions, chosen: int, problem, plan: Plan, validation: np.ndarray) -> None:
+    def _report(self, out: Path, solutions, chosen: int, problem, plan: Plan, losses, uniform: float) -> None:
         from moa_vllm.planner.report import write_report
 
-        write_report(out, solutions, chosen, problem, plan, validation, self.config.validation_length)
+        write_report(out, solutions, chosen, problem, plan, losses, self.config.validation_length, uniform_loss=uniform)
+
+    # ---- diagnose ----------------------------------------------------------------------------------------------
+    def diagnose(
+        self,
+        probe_layers: int = 10,
+        span_fractions: tuple[float, ...] = (0.125, 0.5),
+        samples_per_level: int | None = None,
+        densities: tuple[float, ...] = (),
+        extra_plans: tuple[Path, ...] = (),
+    ) -> Path:
+        """Predicted vs true loss change of probe heads on the profiled samples, split-half reliability, and the
+        held-out true loss of the Pareto / uniform / given plans; diagnose.json + diagnose.png in the work dir."""
+        from moa_vllm.planner import diagnose as dg
+        from moa_vllm.planner.report import plot_diagnosis
+
+        c, fp = self.config, self.fingerprint
+        self.profile()
+        probes = dg.probe_set(fp.num_layers, fp.num_kv_heads, probe_layers, span_fractions)
+        path = self.path("diagnose.json")
+        key = art.normalised(
+            {
+                "profiles": self._profile_digests(list(c.lengths)),
+                "probes": [asdict(p) for p in probes],
+                "samples_per_level": samples_per_level,
+                "context_weight": c.context_weight,
+            }
+        )
+        doc = art.read_json(path)
+        if not doc or doc.get("key") != key:
+            doc = {"key": key, "true": {}}
+        levels = {}
+        for level in c.lengths:
+            data = art.load_npz(self.path(f"profile-L{level}.npz"))
+            each = data["offsets_each"][:samples_per_level]
+            samples = self.samples(level)[: len(each)]
+            done = doc["true"].setdefault(str(level), [])
+            with self.timings.step(f"diagnose-L{level}", samples=len(samples), resumed_from=len(done)):
+                for sample in tqdm(samples[len(done) :], desc=f"diagnose {level}", disable=not c.progress):
+                    done.append(
+                        dg.true_changes(self.model, sample, probes, c.sinks, fp.num_kv_heads, c.context_weight).tolist()
+                    )
+                    art.write_json_atomic(path, doc)
+            rule_each = outside_window_loss(torch.from_numpy(data["offsets_each"]), self.rule_windows(level)).numpy()
+            levels[level] = {
+                "predicted": dg.predicted_changes(each, probes, level, c.sinks),
+                "true": np.array(done),
+                "reliability": dg.split_half_reliability(rule_each),
+            }
+        summary = diagnosis_summary(probes, levels, fp.num_layers)
+        summary["plans"] = self._plan_truths(densities, extra_plans)
+        doc.update(summary)
+        art.write_json_atomic(path, doc)
+        plot_diagnosis(self.path("diagnose.png"), probes, levels, summary)
+        return path
+
+    def _plan_truths(self, densities: tuple[float, ...], extra_plans: tuple[Path, ...]) -> dict[str, Any]:
+        """Held-out true loss per plan: the Pareto and uniform plans of each density, and any given plan files."""
+        from moa_vllm.planner.masked import mean_loss, plan_loss
+
+        out: dict[str, Any] = {}
+        for d in densities:
+            truth = self.true_losses(d)
+            out[density_tag(d)] = {name: v["mean"] for name, v in truth["plans"].items()}
+        samples = self.samples(self.config.validation_length)
+        for plan_file in extra_plans:
+            losses = plan_loss(self.model, load_plan(plan_file), samples, self.config.context_weight)
+            out[str(plan_file)] = asdict(mean_loss(losses))
+        if extra_plans:
+            out["dense"] = asdict(mean_loss(plan_loss(self.model, None, samples, self.config.context_weight)))
+        return out
 
     def notes(self) -> str:
         c = self.config
         profiled = {n: self.profiled_count(n) for n in c.levels}
         return (
             f"moa-plan: calibration at {c.levels} tokens (seed {c.seed}), samples profiled per length {profiled}, "
-            f"objectives at {list(c.lengths)}, chosen by loss at {c.validation_length}; rule loss is token-exact "
-            "(per-offset influence sums)"
+            f"objectives at {list(c.lengths)}, chosen by the true held-out loss at {c.validation_length} "
+            f"({c.validation_samples} samples); loss = answer CE + {c.context_weight} x context CE; rule loss is "
+            "token-exact (per-offset influence sums)"
         )
 
     def export(self, density: float, out_dir: Path) -> Path:
@@ -370,6 +583,33 @@ class Pipeline:
         report_dst = out_dir / f"moa-{tag}-report"
         shutil.copytree(self.path(f"report-{tag}"), report_dst, dirs_exist_ok=True)
         return plan_dst
+
+
+def _without(d: dict[str, Any], name: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != name}
+
+
+def diagnosis_summary(probes, levels: dict[int, dict[str, Any]], num_layers: int) -> dict[str, Any]:
+    """Correlation, per-layer ratio and reliability per profiled level and over all levels (means over samples)."""
+    from moa_vllm.planner import diagnose as dg
+
+    out: dict[str, Any] = {"levels": {}}
+    pooled_p, pooled_t = [], []
+    for level, d in levels.items():
+        pred, true = d["predicted"][: len(d["true"])], d["true"]
+        mp, mt = pred.mean(0), true.mean(0)
+        pooled_p.append(mp)
+        pooled_t.append(mt)
+        out["levels"][str(level)] = {
+            "samples": int(len(true)),
+            "probes": [{**asdict(p), "predicted": float(a), "true": float(b)} for p, a, b in zip(probes, mp, mt)],
+            "spearman": dg.spearman(mp, mt),
+            "layer_ratio": {str(k): v for k, v in dg.layer_ratios(probes, mp, mt).items()},
+            "corrected": dg.corrected_correlation(probes, pred, true, num_layers),
+            "reliability": d["reliability"],
+        }
+    out["spearman_all"] = dg.spearman(np.concatenate(pooled_p), np.concatenate(pooled_t))
+    return out
 
 
 def solution_to_json(s: ParetoSolution) -> dict[str, Any]:

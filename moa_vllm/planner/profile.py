@@ -65,14 +65,39 @@ def use_capture_attention(model) -> None:
     model.set_attn_implementation(CAPTURE_ATTENTION)
 
 
-def answer_loss(model, ids: torch.Tensor, answer_start: int) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (ids[answer_start:]) only; logits are made for those positions only.
+@dataclass(frozen=True)
+class LossParts:
+    """Mean cross-entropy of the answer tokens and of the context (prompt) tokens, and the profiled combination."""
 
-    The input embeddings are the leaf that requires grad: weights need no gradient, activations do."""
-    embeds = model.get_input_embeddings()(ids[None]).detach().requires_grad_(True)
+    answer: torch.Tensor
+    context: torch.Tensor
+    total: torch.Tensor
+
+
+def loss_parts(logits: torch.Tensor, ids: torch.Tensor, answer_start: int, context_weight: float) -> LossParts:
+    """logits [L - 1, vocab] predicting ids[1:]. The context part (next-token loss over the prompt) reaches every
+    layer's attention at every position, so late layers are seen too; the answer part measures the retrieval."""
+    ce = F.cross_entropy(logits.float(), ids[1:], reduction="none")
+    answer = ce[answer_start - 1 :].mean()
+    context = ce[: answer_start - 1].mean() if answer_start > 1 else ce.new_zeros(())
+    return LossParts(answer, context, answer + context_weight * context)
+
+
+def decoder_logits(model, embeds: torch.Tensor, first: int) -> torch.Tensor:
+    """Logits [L - 1 - first, vocab] of positions first .. L-2 (each predicting the next token)."""
     hidden = model.get_decoder()(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
-    logits = model.get_output_embeddings()(hidden[answer_start - 1 : -1]).float()
-    return F.cross_entropy(logits, ids[answer_start:])
+    return model.get_output_embeddings()(hidden[first:-1])
+
+
+def calibration_loss(model, ids: torch.Tensor, answer_start: int, context_weight: float = 1.0) -> LossParts:
+    """The profiled loss: mean answer CE + context_weight * mean context CE. With context_weight 0 only answer
+    positions get logits. The input embeddings are the leaf that requires grad: weights need no gradient."""
+    embeds = model.get_input_embeddings()(ids[None]).detach().requires_grad_(True)
+    if context_weight == 0.0:
+        logits = decoder_logits(model, embeds, answer_start - 1)
+        answer = F.cross_entropy(logits.float(), ids[answer_start:])
+        return LossParts(answer, answer.new_zeros(()), answer)
+    return loss_parts(decoder_logits(model, embeds, 0), ids, answer_start, context_weight)
 
 
 @dataclass
@@ -80,6 +105,8 @@ class SampleInfluence:
     blocks: np.ndarray  # float64 [layers, kv_heads, nb, nb]: block sums of |E|, summed over each query group
     offsets: np.ndarray  # float64 [layers, kv_heads, L]: per-offset sums of |E| over keys beyond the sinks
     loss: float
+    answer_loss: float = 0.0
+    context_loss: float = 0.0
 
 
 def layer_influence(rec: LayerCapture, sinks: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,15 +126,17 @@ def layer_influence(rec: LayerCapture, sinks: int, block: int) -> tuple[torch.Te
     return torch.stack(blocks), torch.stack(offsets)
 
 
-def sample_influence(model, ids: list[int], answer_start: int, sinks: int, block: int = BLOCK) -> SampleInfluence:
+def sample_influence(
+    model, ids: list[int], answer_start: int, sinks: int, block: int = BLOCK, context_weight: float = 1.0
+) -> SampleInfluence:
     """Influence of every head on one sample (model must use the capture attention)."""
     device = next(model.parameters()).device
     capture = Capture()
     _ACTIVE.append(capture)
     try:
         with torch.enable_grad():
-            loss = answer_loss(model, torch.tensor(ids, device=device), answer_start)
-            loss.backward()
+            parts = calibration_loss(model, torch.tensor(ids, device=device), answer_start, context_weight)
+            parts.total.backward()
     finally:
         _ACTIVE.remove(capture)
     num_layers = len(capture.layers)
@@ -120,7 +149,13 @@ def sample_influence(model, ids: list[int], answer_start: int, sinks: int, block
             b, o = layer_influence(rec, sinks, block)
             blocks.append(b.double().cpu().numpy())
             offsets.append(o.double().cpu().numpy())
-    return SampleInfluence(np.stack(blocks), np.stack(offsets), float(loss.detach()))
+    return SampleInfluence(
+        np.stack(blocks),
+        np.stack(offsets),
+        float(parts.total.detach()),
+        float(parts.answer.detach()),
+        float(parts.context.detach()),
+    )
 
 
 @dataclass
@@ -132,6 +167,7 @@ class LevelAccumulator:
     offsets: np.ndarray
     count: int = 0
     losses: list[float] = field(default_factory=list)
+    each: list[np.ndarray] = field(default_factory=list)  # per-sample offsets [layers, kv_heads, length]
 
     @classmethod
     def empty(cls, length: int, layers: int, kv_heads: int, block: int = BLOCK) -> LevelAccumulator:
@@ -145,6 +181,9 @@ class LevelAccumulator:
             raise ValueError(f"sample of {n} tokens is longer than its level {self.length}")
         self.blocks[..., :nb, :nb] += s.blocks
         self.offsets[..., :n] += s.offsets
+        one = np.zeros(self.offsets.shape)
+        one[..., :n] = s.offsets
+        self.each.append(one)
         self.count += 1
         self.losses.append(s.loss)
 
@@ -153,3 +192,7 @@ class LevelAccumulator:
 
     def mean_offsets(self) -> np.ndarray:
         return self.offsets / max(self.count, 1)
+
+    def offsets_each(self) -> np.ndarray:
+        """[samples, layers, kv_heads, length]: what split-half reliability and the diagnostic need."""
+        return np.stack(self.each) if self.each else np.zeros((0, *self.offsets.shape))

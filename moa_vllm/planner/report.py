@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from moa_vllm.plan.schema import Plan  # noqa: E402
-from moa_vllm.planner.optimize import ParetoSolution, PlanningProblem, validation_losses  # noqa: E402
+from moa_vllm.planner.optimize import ParetoSolution, PlanningProblem  # noqa: E402
 
 CSV_NAME = "pareto.csv"
 HEATMAP_NAME = "spans.png"
@@ -34,14 +34,16 @@ def write_report(
     chosen_index: int,
     problem: PlanningProblem,
     plan: Plan,
-    validation_loss: np.ndarray | None = None,
+    validation: Sequence[float] | None = None,
     validation_length: int | None = None,
     span_length: int | None = None,
+    uniform_loss: float | None = None,
 ) -> ReportFiles:
     """Write the Pareto CSV, the span heatmap of `plan` at `span_length` and the Pareto-front plot into out_dir.
 
-    validation_loss [layers, kv_heads, rules] (the profiled loss at the unseen length validation_length) adds a
-    validation column and colours the front. span_length defaults to the largest constraint length.
+    validation (one true held-out loss per solution, measured at validation_length) adds a column and colours the
+    front; uniform_loss (the uniform plan's, same samples) goes into the CSV and the plot title.
+    span_length defaults to the largest constraint length.
     """
     if not solutions:
         raise ValueError("no solutions to report")
@@ -49,11 +51,12 @@ def write_report(
         raise ValueError(f"chosen_index {chosen_index} outside 0..{len(solutions) - 1}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    validation = None if validation_loss is None else validation_losses(solutions, validation_loss)
+    if validation is not None and len(validation) != len(solutions):
+        raise ValueError(f"{len(validation)} validation losses for {len(solutions)} solutions")
     files = ReportFiles(out / CSV_NAME, out / HEATMAP_NAME, out / FRONT_NAME)
-    write_pareto_csv(files.csv, solutions, chosen_index, problem, validation)
+    write_pareto_csv(files.csv, solutions, chosen_index, problem, validation, uniform_loss)
     plot_span_heatmap(files.heatmap, plan, span_length or max(problem.constraint_lengths))
-    plot_pareto_front(files.front, solutions, chosen_index, problem, validation, validation_length)
+    plot_pareto_front(files.front, solutions, chosen_index, problem, validation, validation_length, uniform_loss)
     return files
 
 
@@ -63,8 +66,10 @@ def write_pareto_csv(
     chosen_index: int,
     problem: PlanningProblem,
     validation: Sequence[float] | None,
+    uniform_loss: float | None = None,
 ) -> None:
-    """One row per Pareto plan: losses per profiled length, densities per constraint length, validation, chosen."""
+    """One row per Pareto plan: losses per profiled length, densities per constraint length, validation, chosen;
+    then a row for the uniform plan (validation loss only) when uniform_loss is given."""
     header = [
         "index",
         "chosen",
@@ -89,6 +94,9 @@ def write_pareto_csv(
                     repr(float(s.gap)),
                 ]
             )
+        if uniform_loss is not None:
+            blank = [""] * (len(problem.lengths) + len(problem.constraint_lengths))
+            writer.writerow(["uniform", 0, *blank, repr(float(uniform_loss)), "", ""])
 
 
 def plot_span_heatmap(path: Path, plan: Plan, length: int) -> None:
@@ -114,6 +122,7 @@ def plot_pareto_front(
     problem: PlanningProblem,
     validation: Sequence[float] | None,
     validation_length: int | None,
+    uniform_loss: float | None = None,
 ) -> None:
     """Loss at the shortest vs the longest profiled length (one length: loss per plan), chosen plan ringed."""
     first, last = problem.lengths[0], problem.lengths[-1]
@@ -128,15 +137,50 @@ def plot_pareto_front(
     else:
         points = ax.scatter(xs, ys, c=np.asarray(validation, dtype=np.float64), cmap="plasma", zorder=2)
         at = f" at {validation_length}" if validation_length else ""
-        fig.colorbar(points, ax=ax, label=f"validation loss{at}")
+        fig.colorbar(points, ax=ax, label=f"held-out true loss{at}")
     ax.scatter(
         [xs[chosen_index]], [ys[chosen_index]], s=220, facecolors="none", edgecolors="red", zorder=3, label="chosen"
     )
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
-    ax.set_title(f"Pareto front ({len(solutions)} plans)")
+    uniform = "" if uniform_loss is None else f"; uniform plan's held-out loss {uniform_loss:.4f}"
+    ax.set_title(f"Pareto front ({len(solutions)} plans){uniform}", fontsize=9)
     ax.legend(loc="best")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_diagnosis(path: Path, probes, levels: dict, summary: dict) -> None:
+    """Left: predicted vs true loss change per probe (means over samples), one marker per level, coloured by layer.
+    Right: true / predicted ratio per probed layer and level."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    markers = "osD^v"
+    layers = np.array([p.layer for p in probes])
+    for i, (level, d) in enumerate(levels.items()):
+        pred = d["predicted"][: len(d["true"])].mean(0)
+        true = d["true"].mean(0)
+        rho = summary["levels"][str(level)]["spearman"]
+        left.scatter(
+            pred, true, c=layers, cmap="viridis", marker=markers[i % len(markers)], label=f"N={level} (rho {rho:.2f})"
+        )
+        ratio = summary["levels"][str(level)]["layer_ratio"]
+        right.plot([int(k) for k in ratio], list(ratio.values()), marker=markers[i % len(markers)], label=f"N={level}")
+    left.set_xscale("log")
+    left.set_yscale("symlog", linthresh=1e-4)
+    left.set_xlabel("predicted loss change (sum |E| outside the mask)")
+    left.set_ylabel("true loss change (masked forward)")
+    left.set_title(f"probe heads: Spearman over all levels {summary['spearman_all']:.2f}", fontsize=9)
+    left.legend(loc="best", fontsize=8)
+    left.grid(alpha=0.3)
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_yscale("symlog", linthresh=1e-2)
+    right.set_xlabel("layer")
+    right.set_ylabel("true / predicted")
+    right.set_title("per-layer ratio", fontsize=9)
+    right.legend(loc="best", fontsize=8)
+    right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

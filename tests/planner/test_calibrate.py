@@ -10,12 +10,15 @@ from transformers import LlamaForCausalLM
 
 from moa_vllm.planner.calibrate import (
     TASKS,
+    answer_is_correct,
     build_prompt,
     docs_corpus,
     eos_token_ids,
+    fill_slot,
     greedy_answer,
     make_sample,
     sample_rng,
+    slot_task,
 )
 from tests.planner.tiny_llama import tiny_config, tiny_tokenizer
 
@@ -86,3 +89,28 @@ def test_answer_is_the_dense_greedy_continuation_cut_after_the_end_token(model, 
     assert answer == expected
     sample = make_sample(model, tokenizer, 200, 0, 0, 8, docs_corpus(), eos)
     assert sample.answer_ids == answer and sample.length <= 200
+
+
+def test_tasks_go_round_robin_over_slots():
+    assert [slot_task(i) for i in range(6)] == [*TASKS, *TASKS]
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "ok"),
+    [
+        ("The pass key is 12345.", ("12345",), True),
+        ("The pass key is 12354.", ("12345",), False),
+        ("Mara arrived carrying a Letter.", ("Mara", "letter"), True),
+        ("Mara arrived.", ("Mara", "letter"), False),
+    ],
+)
+def test_answer_check(answer: str, expected: tuple[str, ...], ok: bool):
+    assert answer_is_correct(answer, expected) is ok
+
+
+def test_a_slot_the_model_always_answers_wrong_is_dropped_after_its_attempts(model, tokenizer):
+    eos = eos_token_ids(model, tokenizer)
+    result = fill_slot(model, tokenizer, 200, 0, 0, 4, docs_corpus(), eos, attempts=2, check_answers=True)
+    assert result.sample is None and result.attempts == 2  # a random model never says the key
+    kept = fill_slot(model, tokenizer, 200, 0, 0, 4, docs_corpus(), eos, attempts=2, check_answers=False)
+    assert kept.sample is not None and kept.sample.task == slot_task(0) and kept.sample.expected

@@ -17,6 +17,7 @@ TINY_ARGS = [
     "--lengths", "192 256", "--validation-length", "224", "--extension-lengths", "512",
     "--samples-per-length", "2", "--max-new-tokens", "6", "--sinks", "8", "--min-span", "16",
     "--alphas", "-32 0 64", "--num-betas", "5", "--time-limit", "20", "--epsilon-points", "3", "--no-progress",
+    "--validation-samples", "2", "--keep-wrong-answers",  # a random model never answers right
 ]  # fmt: skip
 
 
@@ -38,7 +39,7 @@ def test_parser_reads_lists_and_requires_a_work_dir():
 def test_run_writes_valid_plans_for_two_densities(tiny_dir: Path, tmp_path: Path):
     work, out = tmp_path / "work", tmp_path / "plans"
     argv = ["run", "--model", str(tiny_dir), "--work-dir", str(work), "--density", "0.5 0.25", "--out-dir", str(out)]
-    assert main([*argv, *TINY_ARGS]) == 0
+    assert main([*argv, *TINY_ARGS, "--no-ship-gate"]) == 0
     fingerprint = fingerprint_from_hf_config(load_hf_config(tiny_dir))
     for density in (0.5, 0.25):
         plan = load_plan(out / f"moa-d{density:.2f}.json")
@@ -52,11 +53,46 @@ def test_run_writes_valid_plans_for_two_densities(tiny_dir: Path, tmp_path: Path
         assert rows and sum(int(r["chosen"]) for r in rows) == 1
         assert (report / "spans.png").stat().st_size > 0 and (report / "pareto_front.png").stat().st_size > 0
     timings = json.loads((work / "timings.json").read_text())
-    steps = {"calibrate", "profile-L192", "profile-L224", "profile-L256", "optimize-d0.50", "validate-d0.25"}
-    assert steps <= set(timings)
+    steps = {"calibrate", "profile-L192", "profile-L256", "optimize-d0.50", "truth-d0.50", "validate-d0.25"}
+    assert steps <= set(timings) and "profile-L224" not in timings  # the validation length stays held out
     assert all(t["seconds"] >= 0 and t["cpu_seconds"] >= 0 for t in timings.values())
 
 
 def test_model_folder_without_config_is_refused(tmp_path: Path):
     with pytest.raises(SystemExit, match="not a HF model folder"):
         main(["calibrate", "--model", str(tmp_path), "--work-dir", str(tmp_path / "w"), *TINY_ARGS])
+
+
+def test_diagnose_reports_correlation_ratios_reliability_and_plan_losses(tiny_dir: Path, tmp_path: Path):
+    work = tmp_path / "work"
+    argv = ["diagnose", "--model", str(tiny_dir), "--work-dir", str(work), "--density", "0.5", "--probe-layers", "2"]
+    assert main([*argv, *TINY_ARGS]) == 0
+    doc = json.loads((work / "diagnose.json").read_text())
+    for level in ("192", "256"):
+        entry = doc["levels"][level]
+        assert entry["samples"] == 2 and len(entry["probes"]) == 4  # 2 layers x 2 spans
+        assert set(entry["layer_ratio"]) == {"0", "1"}
+        assert entry["reliability"]["samples"] == 2
+        # masking a head changes the loss of a random model: the measured change is real, not a placeholder
+        assert any(p["true"] != 0.0 for p in entry["probes"])
+    assert {"dense", "uniform", "pareto-0"} <= set(doc["plans"]["d0.50"])
+    assert (work / "diagnose.png").stat().st_size > 0
+
+
+def test_run_refuses_a_plan_that_loses_to_uniform(tiny_dir: Path, tmp_path: Path, monkeypatch, capsys):
+    from moa_vllm.planner.pipeline import Pipeline
+
+    real = Pipeline.true_losses
+
+    def uniform_wins(self, density):
+        doc = real(self, density)
+        best = min(v["mean"]["total"] for k, v in doc["plans"].items() if k.startswith("pareto"))
+        doc["plans"]["uniform"]["mean"]["total"] = best / 2
+        return doc
+
+    monkeypatch.setattr(Pipeline, "true_losses", uniform_wins)
+    work, out = tmp_path / "work", tmp_path / "plans"
+    argv = ["run", "--model", str(tiny_dir), "--work-dir", str(work), "--density", "0.5", "--out-dir", str(out)]
+    assert main([*argv, *TINY_ARGS]) == 3
+    assert "loses to the uniform plan" in capsys.readouterr().err
+    assert not (out / "moa-d0.50.json").exists() and not (work / "plan-d0.50.json").exists()

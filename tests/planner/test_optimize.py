@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +20,6 @@ from moa_vllm.planner.optimize import (
     PlanningProblem,
     SolverOptions,
     pareto_front,
-    select_by_validation,
     solution_to_plan,
     solve_single,
 )
@@ -252,26 +250,6 @@ def test_pareto_front_trades_off_two_lengths() -> None:
 
 
 # ---- choosing and exporting ----------------------------------------------------------------------------------------
-
-
-@given(seed=st.integers(0, 2**32 - 1), count=st.integers(1, 6))
-@settings(max_examples=30, deadline=None)
-def test_select_by_validation_is_the_argmin(seed: int, count: int) -> None:
-    rng = np.random.default_rng(seed)
-    validation = rng.random((3, 2, 4))
-    solutions = [ParetoSolution(rng.integers(0, 4, size=(3, 2)), {}, {}, optimal=True, gap=0.0) for _ in range(count)]
-    losses = [sum(validation[i, h, s.assignment[i, h]] for i in range(3) for h in range(2)) for s in solutions]
-    chosen = select_by_validation(solutions, validation)
-    assert math.isclose(losses[chosen], min(losses))
-    assert chosen == losses.index(min(losses))  # the first one on ties
-
-
-def test_select_by_validation_rejects_wrong_shapes() -> None:
-    solution = ParetoSolution(np.zeros((3, 2), dtype=np.int64), {}, {}, optimal=True, gap=0.0)
-    with pytest.raises(ValueError):
-        select_by_validation([solution], np.zeros((2, 3, 4)))
-    with pytest.raises(ValueError):
-        select_by_validation([], np.zeros((3, 2, 4)))
 
 
 def test_solution_to_plan_round_trip() -> None:

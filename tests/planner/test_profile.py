@@ -49,10 +49,18 @@ def tiny_model() -> LlamaForCausalLM:
     return LlamaForCausalLM(tiny_config(vocab_size=97, layers=2, heads=6, kv_heads=2)).eval().requires_grad_(False)
 
 
-def _autograd_reference(model, ids: list[int], answer_start: int, sinks: int, block: int):
+def _reference_loss(model, ids: torch.Tensor, answer_start: int, context_weight: float) -> torch.Tensor:
+    """The profiled loss written out with the model's own forward: mean answer CE + weight x mean context CE."""
+    embeds = model.get_input_embeddings()(ids[None]).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits[0, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+    return ce[answer_start - 1 :].mean() + context_weight * ce[: answer_start - 1].mean()
+
+
+def _autograd_reference(model, ids: list[int], answer_start: int, sinks: int, block: int, context_weight=1.0):
     model.set_attn_implementation(EAGER_STORE)
     _STORED.clear()
-    loss = prof.answer_loss(model, torch.tensor(ids), answer_start)
+    loss = _reference_loss(model, torch.tensor(ids), answer_start, context_weight)
     loss.backward()
     blocks, offsets = [], []
     for layer in range(len(_STORED)):
@@ -97,14 +105,29 @@ def test_other_families_profile_like_autograd(family: str):
     np.testing.assert_allclose(got.offsets, ref_offsets, rtol=1e-4, atol=1e-9)
 
 
-def test_only_answer_tokens_carry_loss(tiny_model):
-    """Queries after the last answer-predicting position get no gradient, so their influence rows are zero."""
+def test_answer_only_loss_leaves_the_last_layer_blind_to_the_context(tiny_model):
+    """With context weight 0 only answer-predicting rows carry loss: the last layer's prompt rows get no gradient.
+    With the context part every layer sees gradient on prompt rows too."""
     prof.use_capture_attention(tiny_model)
     ids = list(range(1, 61))
-    got = prof.sample_influence(tiny_model, ids, 40, sinks=0, block=1)  # block 1: the token-level matrix
-    assert np.all(got.blocks[:, :, 59, :] == 0)  # the last position predicts nothing
-    assert np.all(got.blocks[:, :, 40:59, :].sum(axis=-1) > 0)
-    assert np.all(np.triu(got.blocks, 1) == 0)  # causal part only
+    answer_only = prof.sample_influence(tiny_model, ids, 40, sinks=0, block=1, context_weight=0.0)  # token level
+    assert np.all(answer_only.blocks[:, :, 59, :] == 0)  # the last position predicts nothing
+    assert np.all(answer_only.blocks[:, :, 39:59, :].sum(axis=-1) > 0)
+    assert np.all(answer_only.blocks[-1, :, 1:39, :] == 0)  # last layer, prompt rows: no gradient
+    assert np.all(np.triu(answer_only.blocks, 1) == 0)  # causal part only
+    with_context = prof.sample_influence(tiny_model, ids, 40, sinks=0, block=1, context_weight=1.0)
+    assert np.all(with_context.blocks[-1, :, 1:39, :].sum(axis=-1) > 0)
+    assert with_context.context_loss > 0 and with_context.answer_loss > 0
+    assert with_context.loss == pytest.approx(with_context.answer_loss + with_context.context_loss, rel=1e-6)
+
+
+def test_answer_only_influence_matches_autograd(tiny_model):
+    ids = torch.randint(0, 97, (70,), generator=torch.Generator().manual_seed(4)).tolist()
+    ref_blocks, ref_offsets, ref_loss = _autograd_reference(tiny_model, ids, 50, 4, 16, context_weight=0.0)
+    prof.use_capture_attention(tiny_model)
+    got = prof.sample_influence(tiny_model, ids, 50, sinks=4, block=16, context_weight=0.0)
+    assert got.loss == pytest.approx(ref_loss, rel=1e-5)
+    np.testing.assert_allclose(got.offsets, ref_offsets, rtol=1e-4, atol=1e-9)
 
 
 def test_level_accumulator_averages_samples_of_shorter_length():
