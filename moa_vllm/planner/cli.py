@@ -80,6 +80,12 @@ def common_options() -> argparse.ArgumentParser:
         action="store_true",
         help="write the plan even when it loses to uniform on the held-out true loss (experiments only)",
     )
+    p.add_argument(
+        "--layer-correction",
+        type=Path,
+        default=None,
+        help="a diagnose.json: rescale each layer's rule losses by its measured true / predicted ratio",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         check_answers=not args.keep_wrong_answers,
         context_weight=args.context_weight,
         ship_gate=not args.no_ship_gate,
+        layer_correction=args.layer_correction,
         seed=args.seed,
         device=args.device,
         sinks=args.sinks,

@@ -75,26 +75,28 @@ def _logits_from(model, layer: int, hidden: torch.Tensor, kwargs: dict) -> torch
 
 
 @torch.no_grad()
-def true_changes(
-    model, sample: Sample, probes: Sequence[Probe], sinks: int, kv_heads: int, context_weight: float
-) -> np.ndarray:
-    """[probes]: loss with the probe's head masked minus the dense loss, on one sample (N = its level)."""
+def true_changes(model, sample: Sample, probes: Sequence[Probe], sinks: int, kv_heads: int) -> np.ndarray:
+    """[probes, 2]: change of the (answer, context) mean CE when the probe's head is masked, on one sample (N = its
+    level). Kept apart so any loss weighting can be judged from one measurement."""
     use_masked_attention(model)
     device = next(model.parameters()).device
     ids = torch.tensor(sample.prompt_ids + sample.answer_ids, device=device)
     start = len(sample.prompt_ids)
     hidden, kwargs, logits = _layer_inputs(model, ids, {p.layer for p in probes})
-    dense = float(loss_parts(logits, ids, start, context_weight).total)
+    dense = loss_parts(logits, ids, start, 1.0)
     out = []
     for p in probes:
         windows = [sample.level] * kv_heads  # a window as long as the sequence: every other head dense
         windows[p.kv_head] = probe_window(p, sample.level, sinks)
         with masks({p.layer: windows}, sinks):
-            masked = float(
-                loss_parts(_logits_from(model, p.layer, hidden[p.layer], kwargs), ids, start, context_weight).total
-            )
-        out.append(masked - dense)
+            masked = loss_parts(_logits_from(model, p.layer, hidden[p.layer], kwargs), ids, start, 1.0)
+        out.append([float(masked.answer - dense.answer), float(masked.context - dense.context)])
     return np.array(out)
+
+
+def weighted(parts: np.ndarray, context_weight: float) -> np.ndarray:
+    """[..., 2] (answer, context) changes -> the change of answer + context_weight * context."""
+    return parts[..., 0] + context_weight * parts[..., 1]
 
 
 def predicted_changes(offsets_each: np.ndarray, probes: Sequence[Probe], level: int, sinks: int) -> np.ndarray:
@@ -150,11 +152,16 @@ def corrected_correlation(
 
 
 def split_half_reliability(rule_loss_each: np.ndarray) -> dict[str, float]:
-    """rule_loss_each [samples, layers, kv_heads, rules]: correlation of the per-head rule losses between the
-    even and the odd samples (Spearman), and the Spearman-Brown estimate for the full sample count."""
-    if rule_loss_each.shape[0] < 2:
-        return {"samples": int(rule_loss_each.shape[0]), "half_spearman": float("nan"), "spearman_brown": float("nan")}
-    a = rule_loss_each[0::2].mean(0).ravel()
-    b = rule_loss_each[1::2].mean(0).ravel()
-    r = spearman(a, b)
-    return {"samples": int(rule_loss_each.shape[0]), "half_spearman": r, "spearman_brown": 2 * r / (1 + r)}
+    """rule_loss_each [samples, layers, kv_heads, rules]: how well the even samples and the odd samples agree on
+    which heads lose most under each rule (Spearman across heads, averaged over rules that lose anything), and the
+    Spearman-Brown estimate for the full sample count. Across heads, not across rules: a wider window always loses
+    less, which would make any two halves agree."""
+    samples = int(rule_loss_each.shape[0])
+    if samples < 2:
+        return {"samples": samples, "half_spearman": float("nan"), "spearman_brown": float("nan")}
+    a = rule_loss_each[0::2].mean(0).reshape(-1, rule_loss_each.shape[-1])
+    b = rule_loss_each[1::2].mean(0).reshape(-1, rule_loss_each.shape[-1])
+    per_rule = [spearman(a[:, r], b[:, r]) for r in range(a.shape[1])]
+    per_rule = [x for x in per_rule if np.isfinite(x)]
+    r = float(np.mean(per_rule)) if per_rule else float("nan")
+    return {"samples": samples, "half_spearman": r, "spearman_brown": 2 * r / (1 + r)}

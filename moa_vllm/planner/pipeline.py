@@ -44,15 +44,16 @@ log = logging.getLogger(__name__)
 
 
 class ShipGateError(RuntimeError):
-    """The best MoA plan loses to the uniform plan of its density on the held-out true loss: nothing is written."""
+    """The best MoA plan does not beat the uniform plan of its density on the held-out true loss (equal counts as a
+    loss: a plan no better than uniform is not worth a MoA label): nothing is written."""
 
 
 def gate(best: float, uniform: float, density: float, length: int) -> str | None:
     """None when the MoA plan may ship, else why not (by how much it loses)."""
-    if best <= uniform:
+    if best < uniform:
         return None
     return (
-        f"moa-plan: the best MoA plan at density {density} loses to the uniform plan on the held-out true loss at "
+        f"moa-plan: the best MoA plan at density {density} does not beat the uniform plan on the held-out true loss at "
         f"N={length}: {best:.5f} vs {uniform:.5f} (+{best - uniform:.5f}, {100 * (best / uniform - 1):+.2f}%); "
         "no plan written"
     )
@@ -61,6 +62,7 @@ def gate(best: float, uniform: float, density: float, length: int) -> str | None
 CALIBRATION_VERSION = 2  # bump when sample construction changes, so old calibrations are not reused
 PROFILE_VERSION = 2
 TRUTH_VERSION = 1
+DIAGNOSE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class PlannerConfig:
     rule_filter: bool = True  # drop rules with span <= 0 at the shortest or > N at the longest profiled length
     min_head_density: float = 0.0  # drop rules below this density at any constraint length (a per-head floor)
     ship_gate: bool = True  # refuse a plan whose held-out true loss is above the uniform plan's
+    layer_correction: Path | None = None  # a diagnose.json: rescale rule losses per layer by its measured ratios
     max_rules_per_layer: int = 2
     time_limit_s: float = 60.0
     epsilon_points: int = 5
@@ -120,7 +123,8 @@ class PlannerConfig:
 
 
 def density_tag(density: float) -> str:
-    return f"d{density:.2f}"
+    """d0.50, d0.25, d0.125: two decimals unless the density needs more."""
+    return f"d{density:.2f}" if round(density, 2) == density else f"d{density:.3f}"
 
 
 @dataclass
@@ -337,9 +341,25 @@ class Pipeline:
             raise FileNotFoundError(f"no complete profile for length {level}; run `moa-plan profile` first")
         return outside_window_loss(torch.from_numpy(data["offsets"]), self.rule_windows(level)).numpy()
 
+    def layer_scale(self, level: int) -> np.ndarray:
+        """[layers]: the correction applied to the rule losses of `level` (ones when there is none).
+
+        From a diagnose.json: the measured true / predicted ratio per probed layer at that level, interpolated
+        between probed layers (clipped positive: the MILP needs non-negative losses)."""
+        from moa_vllm.planner.diagnose import interpolate_ratios
+
+        layers = self.fingerprint.num_layers
+        if self.config.layer_correction is None:
+            return np.ones(layers)
+        doc = art.read_json(self.config.layer_correction)
+        if not doc or str(level) not in doc.get("levels", {}):
+            raise ValueError(f"{self.config.layer_correction}: no diagnosis at length {level} to correct with")
+        ratios = {int(k): float(v) for k, v in doc["levels"][str(level)]["layer_ratio"].items()}
+        return interpolate_ratios(ratios, layers)
+
     def problem(self, density: float) -> PlanningProblem:
         c = self.config
-        loss = np.stack([self.rule_loss(n) for n in c.lengths])
+        loss = np.stack([self.rule_loss(n) * self.layer_scale(n)[:, None, None] for n in c.lengths])
         return PlanningProblem(
             loss=loss,
             lengths=c.lengths,
@@ -359,7 +379,7 @@ class Pipeline:
     # ---- optimize ----------------------------------------------------------------------------------------------
     def optimize_key(self, density: float) -> dict[str, Any]:
         c = self.config
-        return {
+        key = {
             "profiles": self._profile_digests(list(c.lengths)),
             "density": density,
             "lengths": list(c.lengths),
@@ -369,6 +389,9 @@ class Pipeline:
             "max_rules_per_layer": c.max_rules_per_layer,
             "solver": asdict(self.solver_options()),
         }
+        if c.layer_correction is not None:  # only then: uncorrected runs keep their artefacts
+            key["layer_scale"] = {str(n): self.layer_scale(n).round(12).tolist() for n in c.lengths}
+        return key
 
     def optimize(self, density: float) -> list[ParetoSolution]:
         self.profile()
@@ -466,7 +489,7 @@ class Pipeline:
             "validation_length": self.config.validation_length,
             "true_loss": {"pareto": losses, "uniform": uniform, "dense": truth["plans"]["dense"]["mean"]["total"]},
             "shipped": verdict is None,
-            "beats_uniform": losses[chosen] <= uniform,
+            "beats_uniform": losses[chosen] < uniform,
         }
         art.write_json_atomic(path, record)
         if verdict is not None:
@@ -481,7 +504,7 @@ class Pipeline:
                 "plan": losses[chosen],
                 "uniform": uniform,
                 "dense": record["true_loss"]["dense"],
-                "beats_uniform": losses[chosen] <= uniform,
+                "beats_uniform": losses[chosen] < uniform,
             }
             save_plan(plan, plan_path)
             self._report(report_dir, solutions, chosen, problem, plan, losses, uniform)
@@ -510,12 +533,15 @@ class Pipeline:
         self.profile()
         probes = dg.probe_set(fp.num_layers, fp.num_kv_heads, probe_layers, span_fractions)
         path = self.path("diagnose.json")
+        # The measurement depends on the samples and probes only (answer and context parts are kept apart), so a
+        # work dir profiled with another loss weighting can reuse it: copy diagnose.json over.
         key = art.normalised(
             {
-                "profiles": self._profile_digests(list(c.lengths)),
+                "version": DIAGNOSE_VERSION,
+                "calibration": self.calibrate()["digest"],
                 "probes": [asdict(p) for p in probes],
                 "samples_per_level": samples_per_level,
-                "context_weight": c.context_weight,
+                "sinks": c.sinks,
             }
         )
         doc = art.read_json(path)
@@ -529,14 +555,12 @@ class Pipeline:
             done = doc["true"].setdefault(str(level), [])
             with self.timings.step(f"diagnose-L{level}", samples=len(samples), resumed_from=len(done)):
                 for sample in tqdm(samples[len(done) :], desc=f"diagnose {level}", disable=not c.progress):
-                    done.append(
-                        dg.true_changes(self.model, sample, probes, c.sinks, fp.num_kv_heads, c.context_weight).tolist()
-                    )
+                    done.append(dg.true_changes(self.model, sample, probes, c.sinks, fp.num_kv_heads).tolist())
                     art.write_json_atomic(path, doc)
             rule_each = outside_window_loss(torch.from_numpy(data["offsets_each"]), self.rule_windows(level)).numpy()
             levels[level] = {
                 "predicted": dg.predicted_changes(each, probes, level, c.sinks),
-                "true": np.array(done),
+                "true": dg.weighted(np.array(done).reshape(len(done), len(probes), 2), c.context_weight),
                 "reliability": dg.split_half_reliability(rule_each),
             }
         summary = diagnosis_summary(probes, levels, fp.num_layers)

@@ -94,5 +94,5 @@ def test_run_refuses_a_plan_that_loses_to_uniform(tiny_dir: Path, tmp_path: Path
     work, out = tmp_path / "work", tmp_path / "plans"
     argv = ["run", "--model", str(tiny_dir), "--work-dir", str(work), "--density", "0.5", "--out-dir", str(out)]
     assert main([*argv, *TINY_ARGS]) == 3
-    assert "loses to the uniform plan" in capsys.readouterr().err
+    assert "does not beat the uniform plan" in capsys.readouterr().err
     assert not (out / "moa-d0.50.json").exists() and not (work / "plan-d0.50.json").exists()
