@@ -84,7 +84,9 @@ def make_target(task: str, rng: random.Random) -> tuple[str, str, tuple[str, ...
     """(text hidden in the context, question asked at the end, strings a correct answer contains)."""
     if task == "passkey":
         key = rng.randrange(10000, 100000)
-        return f" The pass key is {key}. Remember it. {key} is the pass key. ", "What is the pass key?", (str(key),)
+        # "number only": without it this small model often explains what a pass key is instead of answering
+        question = "What is the pass key? Reply with the 5-digit number only."
+        return f" The pass key is {key}. Remember it. {key} is the pass key. ", question, (str(key),)
     if task == "facts":
         items = rng.sample(range(len(_NOUNS)), 3)
         facts = [(f"{rng.choice(_ADJECTIVES)} {_NOUNS[i]}", rng.randrange(10, 1000)) for i in items]
@@ -94,8 +96,8 @@ def make_target(task: str, rng: random.Random) -> tuple[str, str, tuple[str, ...
     name, city = rng.choice(_NAMES), rng.choice(("Lisbon", "Oslo", "Quito", "Hanoi", "Accra", "Perth"))
     return (
         f" {name} arrived in {city} on a Tuesday carrying a letter for the harbour master. ",
-        f"Who arrived in {city}, and what were they carrying?",
-        (name, "letter"),
+        f"Who arrived in {city} on a Tuesday? Reply with the name only.",
+        (name,),
     )
 
 

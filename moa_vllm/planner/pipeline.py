@@ -59,7 +59,7 @@ def gate(best: float, uniform: float, density: float, length: int) -> str | None
     )
 
 
-CALIBRATION_VERSION = 2  # bump when sample construction changes, so old calibrations are not reused
+CALIBRATION_VERSION = 3  # bump when sample construction changes, so old calibrations are not reused
 PROFILE_VERSION = 2
 TRUTH_VERSION = 1
 DIAGNOSE_VERSION = 1

@@ -135,3 +135,18 @@ def test_profile_samples_subsamples_one_level_and_keeps_the_others(tiny_dir: Pat
     assert after["profile-L160.npz"] == before["profile-L160.npz"]  # untouched levels keep their artefact
     sub = art.load_npz(tmp_path / "profile-L224.npz")
     assert int(sub["count"]) == 1 and sub["key"]["samples"] == 1 and bool(sub["complete"])
+
+
+def test_layer_correction_rescales_each_layers_rule_losses(tiny_dir: Path, tmp_path: Path):
+    plain = Pipeline(_config(tiny_dir, tmp_path))
+    plain.profile()
+    diagnosis = tmp_path / "diagnose.json"
+    ratios = {"160": {"layer_ratio": {"0": 2.0, "1": 0.5}}, "224": {"layer_ratio": {"0": 3.0, "1": -1.0}}}
+    diagnosis.write_text(json.dumps({"levels": ratios}))
+    corrected = Pipeline(_config(tiny_dir, tmp_path, layer_correction=diagnosis))
+    a, b = plain.problem(0.5).loss, corrected.problem(0.5).loss
+    np.testing.assert_allclose(b[0, 0], 2.0 * a[0, 0])
+    np.testing.assert_allclose(b[0, 1], 0.5 * a[0, 1])
+    np.testing.assert_allclose(b[1, 0], 3.0 * a[1, 0])
+    np.testing.assert_allclose(b[1, 1], 1e-3 * a[1, 1])  # a negative ratio is clipped: losses stay >= 0
+    assert "layer_scale" in corrected.optimize_key(0.5) and "layer_scale" not in plain.optimize_key(0.5)
