@@ -29,6 +29,7 @@ from moa_vllm.plan.schema import ModelFingerprint, Plan
 from moa_vllm.plan.span import span_tokens, window_tokens
 from moa_vllm.planner import artefacts as art
 from moa_vllm.planner.calibrate import Sample, SlotResult, calibrate
+from moa_vllm.planner.gate import ShipGateError, gate  # noqa: F401  (ShipGateError: re-exported for the CLI)
 from moa_vllm.planner.influence import outside_window_loss
 from moa_vllm.planner.optimize import (
     ParetoSolution,
@@ -43,26 +44,9 @@ from moa_vllm.planner.rules import DEFAULT_NUM_BETAS, RuleGrid
 log = logging.getLogger(__name__)
 
 
-class ShipGateError(RuntimeError):
-    """The best MoA plan does not beat the uniform plan of its density on the held-out true loss (equal counts as a
-    loss: a plan no better than uniform is not worth a MoA label): nothing is written."""
-
-
-def gate(best: float, uniform: float, density: float, length: int) -> str | None:
-    """None when the MoA plan may ship, else why not (by how much it loses)."""
-    if best < uniform:
-        return None
-    return (
-        f"moa-plan: the best MoA plan at density {density} does not beat the uniform plan on the held-out true loss at "
-        f"N={length}: {best:.5f} vs {uniform:.5f} (+{best - uniform:.5f}, {100 * (best / uniform - 1):+.2f}%); "
-        "no plan written"
-    )
-
-
 CALIBRATION_VERSION = 3  # bump when sample construction changes, so old calibrations are not reused
 PROFILE_VERSION = 2
 TRUTH_VERSION = 1
-DIAGNOSE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -524,67 +508,10 @@ class Pipeline:
         densities: tuple[float, ...] = (),
         extra_plans: tuple[Path, ...] = (),
     ) -> Path:
-        """Predicted vs true loss change of probe heads on the profiled samples, split-half reliability, and the
-        held-out true loss of the Pareto / uniform / given plans; diagnose.json + diagnose.png in the work dir."""
-        from moa_vllm.planner import diagnose as dg
-        from moa_vllm.planner.report import plot_diagnosis
+        """diagnose.json + diagnose.png in the work dir (see moa_vllm.planner.diagnosis_step)."""
+        from moa_vllm.planner.diagnosis_step import run_diagnosis
 
-        c, fp = self.config, self.fingerprint
-        self.profile()
-        probes = dg.probe_set(fp.num_layers, fp.num_kv_heads, probe_layers, span_fractions)
-        path = self.path("diagnose.json")
-        # The measurement depends on the samples and probes only (answer and context parts are kept apart), so a
-        # work dir profiled with another loss weighting can reuse it: copy diagnose.json over.
-        key = art.normalised(
-            {
-                "version": DIAGNOSE_VERSION,
-                "calibration": self.calibrate()["digest"],
-                "probes": [asdict(p) for p in probes],
-                "samples_per_level": samples_per_level,
-                "sinks": c.sinks,
-            }
-        )
-        doc = art.read_json(path)
-        if not doc or doc.get("key") != key:
-            doc = {"key": key, "true": {}}
-        levels = {}
-        for level in c.lengths:
-            data = art.load_npz(self.path(f"profile-L{level}.npz"))
-            each = data["offsets_each"][:samples_per_level]
-            samples = self.samples(level)[: len(each)]
-            done = doc["true"].setdefault(str(level), [])
-            with self.timings.step(f"diagnose-L{level}", samples=len(samples), resumed_from=len(done)):
-                for sample in tqdm(samples[len(done) :], desc=f"diagnose {level}", disable=not c.progress):
-                    done.append(dg.true_changes(self.model, sample, probes, c.sinks, fp.num_kv_heads).tolist())
-                    art.write_json_atomic(path, doc)
-            rule_each = outside_window_loss(torch.from_numpy(data["offsets_each"]), self.rule_windows(level)).numpy()
-            levels[level] = {
-                "predicted": dg.predicted_changes(each, probes, level, c.sinks),
-                "true": dg.weighted(np.array(done).reshape(len(done), len(probes), 2), c.context_weight),
-                "reliability": dg.split_half_reliability(rule_each),
-            }
-        summary = diagnosis_summary(probes, levels, fp.num_layers)
-        summary["plans"] = self._plan_truths(densities, extra_plans)
-        doc.update(summary)
-        art.write_json_atomic(path, doc)
-        plot_diagnosis(self.path("diagnose.png"), probes, levels, summary)
-        return path
-
-    def _plan_truths(self, densities: tuple[float, ...], extra_plans: tuple[Path, ...]) -> dict[str, Any]:
-        """Held-out true loss per plan: the Pareto and uniform plans of each density, and any given plan files."""
-        from moa_vllm.planner.masked import mean_loss, plan_loss
-
-        out: dict[str, Any] = {}
-        for d in densities:
-            truth = self.true_losses(d)
-            out[density_tag(d)] = {name: v["mean"] for name, v in truth["plans"].items()}
-        samples = self.samples(self.config.validation_length)
-        for plan_file in extra_plans:
-            losses = plan_loss(self.model, load_plan(plan_file), samples, self.config.context_weight)
-            out[str(plan_file)] = asdict(mean_loss(losses))
-        if extra_plans:
-            out["dense"] = asdict(mean_loss(plan_loss(self.model, None, samples, self.config.context_weight)))
-        return out
+        return run_diagnosis(self, probe_layers, span_fractions, samples_per_level, densities, extra_plans)
 
     def notes(self) -> str:
         c = self.config
@@ -611,29 +538,6 @@ class Pipeline:
 
 def _without(d: dict[str, Any], name: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k != name}
-
-
-def diagnosis_summary(probes, levels: dict[int, dict[str, Any]], num_layers: int) -> dict[str, Any]:
-    """Correlation, per-layer ratio and reliability per profiled level and over all levels (means over samples)."""
-    from moa_vllm.planner import diagnose as dg
-
-    out: dict[str, Any] = {"levels": {}}
-    pooled_p, pooled_t = [], []
-    for level, d in levels.items():
-        pred, true = d["predicted"][: len(d["true"])], d["true"]
-        mp, mt = pred.mean(0), true.mean(0)
-        pooled_p.append(mp)
-        pooled_t.append(mt)
-        out["levels"][str(level)] = {
-            "samples": int(len(true)),
-            "probes": [{**asdict(p), "predicted": float(a), "true": float(b)} for p, a, b in zip(probes, mp, mt)],
-            "spearman": dg.spearman(mp, mt),
-            "layer_ratio": {str(k): v for k, v in dg.layer_ratios(probes, mp, mt).items()},
-            "corrected": dg.corrected_correlation(probes, pred, true, num_layers),
-            "reliability": d["reliability"],
-        }
-    out["spearman_all"] = dg.spearman(np.concatenate(pooled_p), np.concatenate(pooled_t))
-    return out
 
 
 def solution_to_json(s: ParetoSolution) -> dict[str, Any]:
