@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_step(pipe, args: argparse.Namespace, gate_error: type[Exception]) -> int:
     """Run the step; returns how many densities the ship gate refused (each is reported, the others still run)."""
     if args.step == "diagnose":
-        out = pipe.diagnose(args.probe_layers, args.probe_spans, args.diagnose_samples, args.density, tuple(args.plans))
+        from moa_vllm.planner.diagnosis_step import run_diagnosis
+
+        out = run_diagnosis(
+            pipe, args.probe_layers, args.probe_spans, args.diagnose_samples, args.density, tuple(args.plans)
+        )
         print(f"diagnosis: {out}")
     elif args.step == "calibrate":
         pipe.calibrate()

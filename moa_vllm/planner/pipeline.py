@@ -499,20 +499,6 @@ class Pipeline:
 
         write_report(out, solutions, chosen, problem, plan, losses, self.config.validation_length, uniform_loss=uniform)
 
-    # ---- diagnose ----------------------------------------------------------------------------------------------
-    def diagnose(
-        self,
-        probe_layers: int = 10,
-        span_fractions: tuple[float, ...] = (0.125, 0.5),
-        samples_per_level: int | None = None,
-        densities: tuple[float, ...] = (),
-        extra_plans: tuple[Path, ...] = (),
-    ) -> Path:
-        """diagnose.json + diagnose.png in the work dir (see moa_vllm.planner.diagnosis_step)."""
-        from moa_vllm.planner.diagnosis_step import run_diagnosis
-
-        return run_diagnosis(self, probe_layers, span_fractions, samples_per_level, densities, extra_plans)
-
     def notes(self) -> str:
         c = self.config
         profiled = {n: self.profiled_count(n) for n in c.levels}
