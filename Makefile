@@ -32,4 +32,4 @@ test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check moa_vllm tests benchmarks
+	$(VENV)/bin/ruff check moa_vllm kernels tests benchmarks

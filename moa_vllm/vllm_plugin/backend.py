@@ -1,8 +1,9 @@
 """The MoA attention backend for vLLM 0.32: metadata builder and attention impl over per-KV-head rings.
 
 Decode rows (one query token) go through vLLM's own paged kernels as one-KV-head virtual sequences
-(kernels_cpu.py / kernels_cuda.py); prefill and chunk rows of the same step go through the token-exact ring prefill
-(moa_vllm/ops/ring_prefill.py). Ring metadata is built once per step for every layer (ring_state.py).
+(kernels_cpu.py / kernels_cuda.py); prefill and chunk rows of the same step go through moa_kernels' Triton ring
+prefill on CUDA and the token-exact torch ring prefill (moa_vllm/ops/ring_prefill.py) elsewhere. Ring metadata is
+built once per step for every layer (ring_state.py).
 """
 
 from __future__ import annotations
@@ -186,8 +187,9 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
             if self._kernels.name not in _logged_kernels:
                 _logged_kernels.add(self._kernels.name)
                 logger.info(
-                    "moa-vllm: ring decode and unwrapped-ring prefill through %s; wrapped-ring prefill in torch",
+                    "moa-vllm: ring decode through %s; prefill through %s",
                     self._kernels.name,
+                    self._kernels.prefill_name,
                 )
         return self._kernels
 
@@ -250,7 +252,9 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
             scale,
             out[:nd].view(nd * h, g, d),
         )
-    if nd < len(step.computed):
+    if nd < len(step.computed) and kernels.prefill is not None:
+        kernels.prefill(q, k, v, out, view, step, layer, sinks, scale)
+    elif nd < len(step.computed):
         _prefill_rows(q, k, v, out, view, kernels, step, layer, sinks, page, scale)
 
 

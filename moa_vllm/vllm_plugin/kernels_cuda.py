@@ -1,4 +1,5 @@
-"""Ring decode and ring writes on CUDA: vLLM's Triton unified attention over one-KV-head virtual sequences.
+"""Ring kernels on CUDA: decode through vLLM's Triton unified attention over one-KV-head virtual sequences,
+prefill and chunked prefill through moa_kernels' Triton ring prefill (one launch for all of a step's chunk rows).
 
 The cache cell is [K page | V page], both token-major, so the one-head view split at the page gives the
 [num_pages, page, 1, D] K and V tensors the paged kernel reads (stride-aware; no copy). Decode has no mask: the
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from moa_kernels import ring_prefill
 from moa_vllm.ops.page_format import PageFormat, write_token_major
+from moa_vllm.ops.ring_prefill import survivors
 from moa_vllm.vllm_plugin.ring_kernels import RingKernels
 
 
 class CudaRingKernels(RingKernels):
     name = "vLLM Triton unified_attention"
+    prefill_name = "moa_kernels Triton ring prefill"
 
     def __init__(self, dtype: torch.dtype, page: int, head_dim: int) -> None:
         super().__init__(dtype, page, head_dim)
@@ -59,3 +63,21 @@ class CudaRingKernels(RingKernels):
             k_descale=None,
             v_descale=None,
         )
+
+    def prefill(self, q, k, v, out, cell_view, step, layer: int, sinks: int, scale: float) -> None:
+        """Every prefill / chunk row of the step: attend over (ring before the step) + (fresh chunk), then store
+        each row's survivors (attending first: a chunk must not overwrite keys its own queries still see)."""
+        qsl = step.query_start_loc
+        rows = [r for r in range(step.num_decodes, len(step.computed)) if qsl[r + 1] > qsl[r]]
+        if not rows:
+            return
+        tables, spans = step.tables[layer], step.spans[layer]
+        ring_prefill(q, k, v, cell_view, tables, spans, step.computed, qsl, rows, sinks, scale, out)
+        flat, keys, values = [], [], []
+        for r in rows:
+            token, head, slot = survivors(step.computed[r], qsl[r + 1] - qsl[r], spans[r], sinks)
+            flat.append(tables[r, head, torch.div(slot, self.page, rounding_mode="floor")].long() * self.page
+                        + slot % self.page)
+            keys.append(k[qsl[r] + token, head])
+            values.append(v[qsl[r] + token, head])
+        self.write(cell_view, torch.cat(flat), torch.cat(keys), torch.cat(values))

@@ -3,7 +3,9 @@
 Each (request, KV head) ring is a one-KV-head "virtual sequence" (page table of one-head page ids, seq_len =
 min(written, span)); `attend` is causal attention of each virtual sequence's last queries over its ring,
 bottom-right aligned, `decode` the one-query case. `write` stores K/V at flat one-head slots in the kernel's own
-page format (`format`, which the torch ring prefill reads back).
+page format (`format`, which the torch ring prefill reads back). `prefill`, where a device has a ring prefill
+kernel (CUDA: moa_kernels' Triton kernel), computes every prefill / chunk row of a step and stores the survivors;
+where it is None, ring_forward runs the torch ring prefill (CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from moa_vllm.ops.page_format import PageFormat
 
 class RingKernels:
     name: str
+    prefill_name: str = "torch ring prefill (wrapped rings) + the decode kernel (unwrapped rings)"
     format: PageFormat
+    prefill = None  # or a method (q, k, v, out, cell_view, step, layer, sinks, scale) -> None
 
     def __init__(self, dtype: torch.dtype, page: int, head_dim: int) -> None:
         self.dtype, self.page, self.head_dim = dtype, page, head_dim

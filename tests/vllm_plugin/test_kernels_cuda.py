@@ -1,8 +1,10 @@
 """The CUDA ring path as far as a CPU allows: the token-major cell format, the one-head K/V views and the arguments
-given to vLLM's Triton `unified_attention` (cu_seqlens_q, seqused_k, block_table over one-KV-head pages), checked
-end to end through the ring simulation (1) with the kernel replaced by a plain torch implementation of its
-documented contract and (2) with vLLM's real Triton kernel in the Triton interpreter (fp32 and fp16; the
-interpreter's bf16 tl.dot returns garbage in Triton 3.9, so bf16 is covered by (1) only). Not yet run on a GPU."""
+given to vLLM's Triton `unified_attention` (cu_seqlens_q, seqused_k, block_table over one-KV-head pages) and to
+moa_kernels' ring prefill, the survivors' writes, checked end to end through the ring simulation (1) with both
+kernels replaced by plain torch implementations of their contracts and (2) with vLLM's real Triton decode kernel
+and our real Triton prefill kernel in the Triton interpreter (fp32 and fp16; the interpreter's bf16 tl.dot returns
+garbage in Triton 3.9 and vLLM's kernel has no switch around it, so bf16 is covered by (1) and tests/kernels).
+Not yet run on a GPU."""
 
 from __future__ import annotations
 
@@ -57,9 +59,14 @@ def unified_attention_contract(
 
 @pytest.fixture
 def contract(monkeypatch):
+    """Both Triton kernels replaced by their contracts: unified_attention by the torch code above, moa_kernels'
+    ring prefill by its reference (the kernels themselves run in the interpreter tests below and in tests/kernels)."""
     import vllm.v1.attention.ops.triton_unified_attention as module
 
+    from moa_kernels import ring_prefill_reference
+
     monkeypatch.setattr(module, "unified_attention", unified_attention_contract)
+    monkeypatch.setattr("moa_vllm.vllm_plugin.kernels_cuda.ring_prefill", ring_prefill_reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
