@@ -76,8 +76,9 @@ class CudaRingKernels(RingKernels):
         flat, keys, values = [], [], []
         for r in rows:
             token, head, slot = survivors(step.computed[r], qsl[r + 1] - qsl[r], spans[r], sinks)
-            flat.append(tables[r, head, torch.div(slot, self.page, rounding_mode="floor")].long() * self.page
-                        + slot % self.page)
+            flat.append(
+                tables[r, head, torch.div(slot, self.page, rounding_mode="floor")].long() * self.page + slot % self.page
+            )
             keys.append(k[qsl[r] + token, head])
             values.append(v[qsl[r] + token, head])
         self.write(cell_view, torch.cat(flat), torch.cat(keys), torch.cat(values))

@@ -64,9 +64,7 @@ def cases() -> dict[str, float]:
     untouched = torch.full_like(batch.query, 7.0)
     ring_prefill(*batch.args([1]), untouched)
     q0, q1 = batch.query_start_loc[1], batch.query_start_loc[2]
-    out["row-subset-others-untouched"] = float(
-        torch.cat([untouched[:q0], untouched[q1:]]).sub(7.0).abs().max()
-    )
+    out["row-subset-others-untouched"] = float(torch.cat([untouched[:q0], untouched[q1:]]).sub(7.0).abs().max())
     # Mutations that must be caught: the reference's windows one token narrower (same ring layout), and the
     # kernel given spans one token wider (its slot arithmetic then reads slots never written: NaN or wrong keys).
     spans, computed, chunks = random_rows(8, 4, heads=2)
