@@ -133,7 +133,9 @@ def _moa_step(requests: int, ctx: int, span: int, layers: int):
     q, k, v = torch.randn(requests, H * G, D), torch.randn(requests, H, D), torch.randn(requests, H, D)
     out = torch.empty_like(q)
     alphas = torch.full((layers, H), float(span)).double()
-    state = RingState(alphas, torch.zeros(layers, H).double(), SINKS, SINKS, PAGE, 1 << 20, torch.device("cpu"))
+    state = RingState(
+        alphas, torch.zeros(layers, H).double(), SINKS, SINKS, PAGE, 1 << 20, torch.device("cpu"), max_rows=requests
+    )
     blocks = -(-span // PAGE)  # H rings of `blocks` pages each = `blocks` blocks of H head pages
     cache = torch.randn(requests * blocks + 1, H, PAGE, 2 * D)
     table = torch.arange(1, requests * blocks + 1, dtype=torch.int32).view(requests, blocks)

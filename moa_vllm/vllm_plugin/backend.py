@@ -8,6 +8,7 @@ built once per step for every layer (ring_state.py).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -114,6 +115,7 @@ def ring_state(vllm_config: VllmConfig, spec: MoARingSpec, device: torch.device)
             spec.block_size,
             vllm_config.model_config.max_model_len,
             device,
+            max_rows=vllm_config.scheduler_config.max_num_seqs,
         )
     return _states[key]
 
@@ -121,9 +123,18 @@ def ring_state(vllm_config: VllmConfig, spec: MoARingSpec, device: torch.device)
 class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
     """One builder per MoA layer (each layer is its own KV cache group); all of them share the step's RingStep."""
 
-    # Metadata is planned on the host from the step's query lengths: no CUDA graphs yet.
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
     reorder_batch_threshold: int | None = 1  # decode rows first: they form one kernel call
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
+        """Full CUDA graphs for decode-only batches on CUDA: the decode path reads only persistent buffers and
+        never syncs (ring_state.py). Prefill and mixed steps run eagerly (the ring prefill plans on the host).
+        MOA_VLLM_CUDA_GRAPHS=0 turns them off."""
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda() or not cuda_graphs_enabled():
+            return AttentionCGSupport.NEVER
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -140,6 +151,10 @@ class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
         step = self.state.step_for(c)
         self.state.fill_layer(self.layer, c.block_table_tensor[: c.num_reqs])
         return MoAMetadata(num_actual_tokens=c.num_actual_tokens, layer=self.layer, step=step)
+
+
+def cuda_graphs_enabled() -> bool:
+    return os.environ.get("MOA_VLLM_CUDA_GRAPHS", "1") != "0"
 
 
 _logged_kernels: set[str] = set()

@@ -7,6 +7,13 @@ tables are computed when it is first scheduled, from each layer's block table as
 checked against the blocks the scheduler gave it, and reused until it leaves the batch or restarts from position
 0), and, at the first attention call, the decode tensors of all layers: visible lengths [L, R*H] and the slots of
 the new tokens [L, R_decode*H]. Builders of later layers only hand out the same step.
+
+CUDA graphs (decode-only batches): a captured graph replays the kernels with the addresses it saw at capture, so
+everything the decode path reads lives in buffers allocated once, [L, max_rows, ...], and each build rewrites
+them in place; rows past the batch (and padding rows, which have no request) hold spans 0 and page tables of
+zeros, so a padded row's write lands in the null block. The decode tensors are derived inside the forward from
+those buffers and the runner's own persistent seq_lens, and nothing on the decode path reads a value back to
+the host (the build takes lengths from the runner's CPU copies).
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ class RingStep:
         self.visible = visible_lengths(self.seq_lens, self.spans)
         nd = self.num_decodes
         positions = self.seq_lens[:nd].to(torch.int64) - 1
+        positions = torch.clamp(positions, min=0)  # padding rows (seq_len 0) write position 0 of a null table
         self.slots = decode_slots(self.tables[:, :nd], self.spans[:, :nd], positions, sinks, page)
 
 
@@ -86,6 +94,7 @@ class RingState:
         page: int,
         max_model_len: int,
         device: torch.device,
+        max_rows: int = 256,
     ) -> None:
         self.alphas, self.betas = alphas, betas  # [L, H] float64 (CPU)
         self.min_span, self.sinks, self.page = min_span, sinks, page
@@ -94,6 +103,10 @@ class RingState:
         self.device = device
         widest = ring_spans(alphas, betas, torch.tensor([max_model_len]), min_span)
         self.max_pages = int(ring_pages(widest, page).max())
+        self.max_rows = max_rows
+        layers = alphas.shape[0]
+        self._spans_buf = torch.zeros(layers, max_rows, self.heads, dtype=torch.int64, device=device)
+        self._tables_buf = torch.zeros(layers, max_rows, self.heads, self.max_pages, dtype=torch.int32, device=device)
         self._tables: dict[str, torch.Tensor] = {}  # req_id -> [L, H, P] (device)
         self._lengths: dict[str, int] = {}
         self._batch_key: tuple | None = None
@@ -108,9 +121,13 @@ class RingState:
         if self.step is not None and self.step.serial == batch.serial:
             return self.step
         rows = common.num_reqs
+        if rows > self.max_rows:
+            raise RuntimeError(
+                f"moa-vllm: a step has {rows} rows but the ring buffers hold {self.max_rows} (max_num_seqs)"
+            )
         qsl = common.query_start_loc_cpu[: rows + 1].tolist()
         seq_lens = common.seq_lens[:rows]
-        seq_host = seq_lens.tolist() if seq_lens.device.type == "cpu" else seq_lens.cpu().tolist()
+        seq_host = _host_seq_lens(common, rows)
         computed = [seq_host[r] - (qsl[r + 1] - qsl[r]) for r in range(rows)]
         req_ids = tuple(batch.req_ids[r] if r < len(batch.req_ids) else None for r in range(rows))
         lengths = [int(batch.lengths[r]) if r < len(batch.lengths) else self.max_model_len for r in range(rows)]
@@ -135,22 +152,23 @@ class RingState:
             )
             self._pending = []
             return self.step
-        self._spans = ring_spans(self.alphas, self.betas, torch.tensor(lengths, dtype=torch.int64), self.min_span).to(
-            self.device
-        )
+        spans = ring_spans(self.alphas, self.betas, torch.tensor(lengths, dtype=torch.int64), self.min_span)
+        spans[:, [r for r, rid in enumerate(req_ids) if rid is None]] = 0  # padding rows: no ring
+        self._spans_buf.zero_()
+        self._spans_buf[:, :rows].copy_(spans)
+        self._spans = self._spans_buf[:, :rows]
         self._batch_key = key
         live = set(req_ids)
         for rid in [r for r in self._tables if r not in live]:
             del self._tables[rid]
             self._lengths.pop(rid, None)
-        tables = torch.zeros(
-            self.alphas.shape[0], rows, self.heads, self.max_pages, dtype=torch.int32, device=self.device
-        )
+        self._tables_buf.zero_()  # rows past the batch and padding rows point at the null block
+        tables = self._tables_buf[:, :rows]
         pending: list[int] = []
         for r, rid in enumerate(req_ids):
             cached = self._tables.get(rid) if rid is not None else None
             if cached is not None and computed[r] > 0 and self._lengths.get(rid) == lengths[r]:
-                tables[:, r] = cached
+                tables[:, r].copy_(cached)
             elif rid is not None:
                 pending.append(r)  # new, resumed after preemption (restarts at 0) or N changed: lay out again
         self.step = RingStep(batch.serial, req_ids, num_decodes, qsl, computed, self._spans, tables, seq_lens)
@@ -194,3 +212,13 @@ class RingState:
             self._tables[rid] = step.tables[:, r].clone()
             self._lengths[rid] = int(self._batch_key[r][1])
         self._pending = []
+
+
+def _host_seq_lens(common, rows: int) -> list[int]:
+    """The rows' seq_lens on the host without a device sync: the runner's CPU copy (exact outside async speculative
+    decoding, which moa refuses) where it has one, else the tensor itself (a CPU tensor on the CPU wheel)."""
+    upper = getattr(common, "seq_lens_cpu_upper_bound", None)
+    if upper is not None:
+        return upper[:rows].tolist()
+    seq_lens = common.seq_lens[:rows]
+    return seq_lens.tolist() if seq_lens.device.type == "cpu" else seq_lens.cpu().tolist()

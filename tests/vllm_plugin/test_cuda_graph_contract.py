@@ -1,0 +1,136 @@
+"""What full CUDA graphs of decode-only steps need from the moa backend, checked on CPU (no GPU here): the support
+level is declared on CUDA only (and can be switched off); the decode forward reads nothing back to the host; the
+metadata it reads lives in buffers that keep their addresses across batch changes; a padding row (no request,
+seq_len 0, one query, as a padded graph replays it) writes only into the null block and leaves every real ring
+and every real output as the reference has them."""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moa_vllm.ops.page_format import cells
+from moa_vllm.vllm_plugin import ring_state
+from moa_vllm.vllm_plugin.backend import MoAMetadataBuilder, ring_forward
+from moa_vllm.vllm_plugin.kernels_cuda import CudaRingKernels
+from tests.vllm_plugin.ring_sim import make_sim, rules
+from tests.vllm_plugin.test_kernels_cuda import contract  # noqa: F401  (fixture)
+
+SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on every op that hands a tensor's value to the host (item(), int(t), bool(t), nonzero)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in SYNCS:
+            raise AssertionError(f"host sync on the decode path: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("host read on the decode path")
+
+    with pytest.MonkeyPatch.context() as patch, NoHostReads():
+        for name in ("tolist", "numpy", "item", "__int__", "__bool__", "__float__", "__index__"):
+            patch.setattr(torch.Tensor, name, refuse, raising=False)
+        yield
+
+
+def test_support_level_is_declared_on_cuda_only(monkeypatch):
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    assert MoAMetadataBuilder.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER  # the CPU wheel
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    assert MoAMetadataBuilder.get_cudagraph_support(None, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    monkeypatch.setenv("MOA_VLLM_CUDA_GRAPHS", "0")
+    assert MoAMetadataBuilder.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+
+
+def _sim():
+    alphas, betas = rules(2, 3, seed=21)
+    sim = make_sim(CudaRingKernels, torch.float32, alphas, betas, [260, 230, 120], seed=9)
+    for _ in range(3):  # prompts of requests 0 and 1, then decodes
+        sim.step({0: 60, 1: 50})
+    return sim
+
+
+def _build(sim, rows: list[int], counts: dict[int, int], padding: int = 0):
+    """What the builders do for a step (publish, step_for, fill_layer), with `padding` extra rows of no request."""
+    ring_state.publish_lengths([sim.req_ids[r] for r in rows], [sim.lengths[r] for r in rows])
+    qsl, seq = [0], []
+    for r in rows:
+        qsl.append(qsl[-1] + counts[r])
+        seq.append(sim.done[r] + counts[r])
+    for _ in range(padding):
+        qsl.append(qsl[-1] + 1)
+        seq.append(0)
+    common = SimpleNamespace(
+        num_reqs=len(rows) + padding,
+        query_start_loc_cpu=torch.tensor(qsl),
+        seq_lens=torch.tensor(seq, dtype=torch.int32),
+        seq_lens_cpu_upper_bound=torch.tensor(seq, dtype=torch.int32),
+    )
+    for layer in range(sim.layers):
+        sim.state.step_for(common)
+        width = sim.tables.shape[2]
+        table = torch.cat([sim.tables[layer, rows], torch.zeros(padding, width, dtype=torch.int32)])
+        sim.state.fill_layer(layer, table)
+    return sim.state.step
+
+
+def test_decode_forward_reads_nothing_back_to_the_host(contract, monkeypatch):  # noqa: F811
+    sim = _sim()
+    calls = []
+    import vllm.v1.attention.ops.triton_unified_attention as module
+
+    monkeypatch.setattr(module, "unified_attention", lambda **kwargs: calls.append(kwargs))
+    step = _build(sim, [0, 1], {0: 1, 1: 1})
+    q = torch.randn(2, sim.h * sim.g, sim.d)
+    kv = torch.randn(2, sim.h, sim.d)
+    out = torch.empty_like(q)
+    with no_host_reads():
+        for layer in range(sim.layers):
+            ring_forward(q, kv, kv, out, sim.caches[layer], sim.kernels, step, layer, sim.sinks, sim.scale)
+    assert len(calls) == sim.layers
+
+
+def test_metadata_buffers_keep_their_addresses(contract):  # noqa: F811
+    sim = _sim()
+    first = _build(sim, [0, 1], {0: 1, 1: 1})
+    addresses = (first.spans.data_ptr(), first.tables.data_ptr())
+    sim.step({0: 1, 1: 1})
+    sim.step({2: 40, 0: 1})  # the batch changes: request 1 out, request 2 in
+    sim.step({0: 1, 2: 1, 1: 1})
+    later = sim.state.step
+    assert (later.spans.data_ptr(), later.tables.data_ptr()) == addresses
+
+
+def test_a_padding_row_writes_only_the_null_block(contract):  # noqa: F811
+    sim = _sim()
+    before = [c.clone() for c in sim.caches]
+    step = _build(sim, [0, 1], {0: 1, 1: 1}, padding=2)
+    assert int(step.tables[:, 2:].abs().sum()) == 0 and int(step.spans[:, 2:].abs().sum()) == 0
+    tokens = 4
+    q = torch.randn(tokens, sim.h * sim.g, sim.d)
+    k = torch.randn(tokens, sim.h, sim.d)
+    v = torch.randn(tokens, sim.h, sim.d)
+    step.num_decodes = tokens  # what a graph captured for 4 decode rows replays
+    for layer in range(sim.layers):
+        out = torch.zeros_like(q)
+        ring_forward(q, k, v, out, sim.caches[layer], sim.kernels, step, layer, sim.sinks, sim.scale)
+        changed = (cells(sim.caches[layer]) != cells(before[layer])) & ~(
+            cells(sim.caches[layer]).isnan() & cells(before[layer]).isnan()
+        )
+        pages = changed.flatten(1).any(dim=1).nonzero()[:, 0].tolist()
+        real = step.slots[layer, : 2 * sim.h] // sim.page
+        allowed = set(real.tolist()) | set(range(sim.h))  # the real rows' slots + block 0's cells
+        assert set(pages) <= allowed, (layer, sorted(set(pages) - allowed))
+        assert set(real.tolist()) <= set(pages)
