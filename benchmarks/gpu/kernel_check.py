@@ -116,7 +116,7 @@ def run(smoke: bool, repeats: int) -> dict:
         args, spans = build(shape, dtype, context, chunk, page, sinks, device)
         scale = shape[2] ** -0.5
         got = torch.empty_like(args[0])
-        ring_prefill(*args, sinks, scale, got)
+        handle = ring_prefill(*args, sinks, scale, got)
         want = torch.empty_like(args[0])
         ring_prefill_reference(*args, sinks, scale, want)
         err = float((got.double() - want.double()).abs().max())
@@ -130,6 +130,8 @@ def run(smoke: bool, repeats: int) -> dict:
             "density": sum(spans) / (len(spans) * (context + chunk)),
             "blocks": vars(pick_blocks(shape[2], shape[1], interpret=interpreting())),
             "max_abs_err": err,
+            "n_regs": getattr(handle, "n_regs", None),  # compiled kernels only
+            "n_spills": getattr(handle, "n_spills", None),
         }
         if device.type == "cuda" and not smoke:
             row["kernel_ms"] = median_ms(functools.partial(ring_prefill, *args, sinks, scale, got), repeats)

@@ -149,6 +149,18 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+@functools.lru_cache(maxsize=8)
+def launch_tensors(computed: tuple, query_start_loc: tuple, tile_row: tuple, tile_start: tuple, device):
+    """The step's int32 launch tensors in one host->device copy (pinned, non-blocking on CUDA); the same for every
+    layer of a step, so cached: one copy per step instead of four per layer."""
+    parts = (computed, query_start_loc, tile_row, tile_start)
+    host = torch.tensor([x for part in parts for x in part], dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    return torch.split(flat, [len(part) for part in parts])
+
+
 def query_tiles(query_start_loc: list[int], rows: list[int], block_t: int) -> tuple[list[int], list[int]]:
     """(row, first token) of every query tile of the given rows."""
     tile_row, tile_start = [], []
@@ -174,8 +186,9 @@ def ring_prefill(
     out: torch.Tensor,  # [T, Hq, D]
     *,
     blocks: Blocks | None = None,
-) -> None:
-    """Attention of the rows' chunks over (their rings before the step) + (their own fresh keys), into out."""
+):
+    """Attention of the rows' chunks over (their rings before the step) + (their own fresh keys), into out.
+    Returns the launch handle (on a GPU its compiled kernel: n_regs, n_spills), None if there was nothing to do."""
     heads, head_dim = key.shape[1], key.shape[2]
     group = query.shape[1] // heads
     page = cells.shape[1] // 2
@@ -183,15 +196,16 @@ def ring_prefill(
     blocks = blocks or pick_blocks(head_dim, group, interpret=interpret)
     tile_row, tile_start = query_tiles(query_start_loc, rows, blocks.block_t)
     if not tile_row:
-        return
+        return None
     named = (("query", query), ("key", key), ("value", value), ("cells", cells), ("out", out), ("tables", tables))
     for name, tensor in named:
         if tensor.stride(-1) != 1:
             raise ValueError(f"moa_kernels.ring_prefill: {name} must be contiguous in its last dimension")
-    device = query.device
-    ints = functools.partial(torch.tensor, dtype=torch.int32, device=device)
-    spans = spans.to(device)
-    _kernel[(len(tile_row), heads)](
+    computed_t, qsl_t, tile_row_t, tile_start_t = launch_tensors(
+        tuple(computed), tuple(query_start_loc), tuple(tile_row), tuple(tile_start), query.device
+    )
+    spans = spans.to(query.device)
+    return _kernel[(len(tile_row), heads)](
         query,
         key,
         value,
@@ -199,10 +213,10 @@ def ring_prefill(
         out,
         tables,
         spans,
-        ints(computed),
-        ints(query_start_loc),
-        ints(tile_row),
-        ints(tile_start),
+        computed_t,
+        qsl_t,
+        tile_row_t,
+        tile_start_t,
         query.stride(0),
         query.stride(1),
         key.stride(0),

@@ -153,6 +153,18 @@ class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
         return MoAMetadata(num_actual_tokens=c.num_actual_tokens, layer=self.layer, step=step)
 
 
+def _check_cache_dtype(kv_cache_dtype: str, vllm_config: VllmConfig) -> None:
+    """On CUDA the Triton kernels take the cache in the model's dtype (their dots need one operand dtype)."""
+    from vllm.platforms import current_platform
+
+    model_dtype = str(vllm_config.model_config.dtype).removeprefix("torch.") if vllm_config.model_config else None
+    if current_platform.is_cuda() and kv_cache_dtype not in ("auto", model_dtype):
+        raise NotImplementedError(
+            f"moa-vllm on CUDA: --kv-cache-dtype {kv_cache_dtype} differs from the model dtype {model_dtype}; "
+            "use --kv-cache-dtype auto"
+        )
+
+
 def cuda_graphs_enabled() -> bool:
     return os.environ.get("MOA_VLLM_CUDA_GRAPHS", "1") != "0"
 
@@ -190,7 +202,10 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        self.plan = plan_from_vllm_config(get_current_vllm_config())
+        vllm_config = get_current_vllm_config()
+        self.plan = plan_from_vllm_config(vllm_config)
+        self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+        _check_cache_dtype(kv_cache_dtype, vllm_config)
         self._kernels = None
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -198,7 +213,14 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
 
     def _kernels_for(self, kv_cache: torch.Tensor):
         if self._kernels is None:
-            self._kernels = ring_kernels(kv_cache.device, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+            self._kernels = ring_kernels(
+                kv_cache.device,
+                kv_cache.dtype,
+                kv_cache.shape[2],
+                self.head_size,
+                self.num_heads // self.num_kv_heads,
+                self.max_num_seqs * self.num_kv_heads,
+            )
             if self._kernels.name not in _logged_kernels:
                 _logged_kernels.add(self._kernels.name)
                 logger.info(

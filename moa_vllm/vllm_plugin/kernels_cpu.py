@@ -22,8 +22,8 @@ from moa_vllm.vllm_plugin.ring_kernels import RingKernels
 class CpuRingKernels(RingKernels):
     name = "CPU_ATTN (vLLM cpu_attention_with_kv_cache)"
 
-    def __init__(self, dtype: torch.dtype, page: int, head_dim: int) -> None:
-        super().__init__(dtype, page, head_dim)
+    def __init__(self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024) -> None:
+        super().__init__(dtype, page, head_dim, max_rows)
         self.isa = _get_attn_isa(dtype, page, head_dim)
         self.format = probe_page_format(dtype, page, head_dim, self.isa)
         self._split_kv = bool(envs.VLLM_CPU_ATTN_SPLIT_KV)  # read once: vLLM's envs re-parse on every access

@@ -13,17 +13,36 @@ import torch
 
 from moa_kernels import ring_prefill
 from moa_vllm.ops.page_format import PageFormat, write_token_major
-from moa_vllm.ops.ring_prefill import survivors
+from moa_vllm.ops.ring_layout import ring_slot_of
 from moa_vllm.vllm_plugin.ring_kernels import RingKernels
+
+# vLLM's own Triton backend: below this many sequences the decode runs the split-KV ("3D") kernel over
+# NUM_SEGMENTS softmax segments (vllm/v1/attention/backends/triton_attn.py, MIN_LAUNCH_GRID_SIZE_2D // KV heads;
+# a virtual sequence has one KV head).
+SPLIT_KV_MAX_SEQS = 128
+NUM_SEGMENTS = 16
 
 
 class CudaRingKernels(RingKernels):
     name = "vLLM Triton unified_attention"
     prefill_name = "moa_kernels Triton ring prefill"
 
-    def __init__(self, dtype: torch.dtype, page: int, head_dim: int) -> None:
-        super().__init__(dtype, page, head_dim)
+    def __init__(self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024) -> None:
+        super().__init__(dtype, page, head_dim, max_rows)
         self.format = PageFormat.token_major(page, head_dim)
+        self._segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def allocate(self, device: torch.device, group: int) -> None:
+        """Every buffer a captured decode graph reads, once: query_start_loc and the split-KV softmax scratch."""
+        self._query_start_loc(0, device)
+        rows = min(SPLIT_KV_MAX_SEQS, self.max_rows)
+        width = 1 << (self.head_dim - 1).bit_length()
+        f32 = dict(dtype=torch.float32, device=device)
+        self._segments = (
+            torch.empty(rows, group, NUM_SEGMENTS, width, **f32),
+            torch.empty(rows, group, NUM_SEGMENTS, **f32),
+            torch.empty(rows, group, NUM_SEGMENTS, **f32),
+        )
 
     def write(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         write_token_major(cell_view, slots.long(), key, value)
@@ -45,6 +64,16 @@ class CudaRingKernels(RingKernels):
 
         k = cell_view[:, : self.page].unsqueeze(2)  # [pages, page, 1, D]
         v = cell_view[:, self.page :].unsqueeze(2)
+        split = {}
+        if self._segments is not None:
+            output, maxes, sums = self._segments
+            split = dict(
+                seq_threshold_3D=output.shape[0],
+                num_par_softmax_segments=NUM_SEGMENTS,
+                softmax_segm_output=output,
+                softmax_segm_max=maxes,
+                softmax_segm_expsum=sums,
+            )
         unified_attention(
             q=query,
             k=k,
@@ -62,23 +91,32 @@ class CudaRingKernels(RingKernels):
             q_descale=None,
             k_descale=None,
             v_descale=None,
+            **split,
         )
 
     def prefill(self, q, k, v, out, cell_view, step, layer: int, sinks: int, scale: float) -> None:
-        """Every prefill / chunk row of the step: attend over (ring before the step) + (fresh chunk), then store
-        each row's survivors (attending first: a chunk must not overwrite keys its own queries still see)."""
+        """Every prefill / chunk row of the step in one launch over (ring before the step) + (fresh chunk), then the
+        survivors stored (attend first: a chunk must not overwrite keys its own queries still see). No host sync:
+        the launch tensors are built once per step, and every chunk token is written, the ones that do not
+        survive into the null block's first slot (page 0), so no data-dependent index list is needed."""
         qsl = step.query_start_loc
         rows = [r for r in range(step.num_decodes, len(step.computed)) if qsl[r + 1] > qsl[r]]
         if not rows:
             return
         tables, spans = step.tables[layer], step.spans[layer]
         ring_prefill(q, k, v, cell_view, tables, spans, step.computed, qsl, rows, sinks, scale, out)
-        flat, keys, values = [], [], []
-        for r in rows:
-            token, head, slot = survivors(step.computed[r], qsl[r + 1] - qsl[r], spans[r], sinks)
-            flat.append(
-                tables[r, head, torch.div(slot, self.page, rounding_mode="floor")].long() * self.page + slot % self.page
-            )
-            keys.append(k[qsl[r] + token, head])
-            values.append(v[qsl[r] + token, head])
-        self.write(cell_view, torch.cat(flat), torch.cat(keys), torch.cat(values))
+        flat = torch.cat(
+            [self._survivor_slots(tables[r], spans[r], step.computed[r], qsl[r], qsl[r + 1], sinks) for r in rows]
+        )
+        tokens = torch.cat([torch.arange(qsl[r], qsl[r + 1], device=q.device) for r in rows])
+        self.write(cell_view, flat.reshape(-1), k[tokens].reshape(-1, k.shape[2]), v[tokens].reshape(-1, v.shape[2]))
+
+    def _survivor_slots(self, table, spans, computed: int, start: int, end: int, sinks: int) -> torch.Tensor:
+        """Flat one-head slots [n, H] of a row's chunk tokens: their ring slot where they survive, else 0."""
+        pos = torch.arange(computed, end - start + computed, device=spans.device)[:, None]
+        window = spans[None, :] - sinks
+        keep = (pos < sinks) | ((window > 0) & (pos >= end - start + computed - window))
+        slot = ring_slot_of(pos, spans[None, :], sinks)
+        heads = torch.arange(spans.shape[0], device=spans.device)[None, :]
+        page_id = table[heads, torch.div(slot, self.page, rounding_mode="floor")].long()
+        return torch.where(keep, page_id * self.page + slot % self.page, 0)

@@ -127,6 +127,11 @@ def refuse_unsupported_features(vllm_config) -> None:
             "KV connectors (--kv-transfer-config) are not supported with --attention-backend moa: external KV "
             "blocks cannot be placed in per-request rings"
         )
+    if getattr(vllm_config.parallel_config, "use_ubatching", False):
+        raise PlanError(
+            "micro-batching (--enable-dbo / --ubatch-size) is not supported with --attention-backend moa: both "
+            "micro-batches of a step would share one ring step; drop the flag"
+        )
     if getattr(vllm_config.model_config, "runner_type", "generate") == "pooling":
         raise PlanError(
             "pooling models (--runner pooling / embedding, reward, classification) are not supported with "

@@ -21,8 +21,9 @@ class RingKernels:
     format: PageFormat
     prefill = None  # or a method (q, k, v, out, cell_view, step, layer, sinks, scale) -> None
 
-    def __init__(self, dtype: torch.dtype, page: int, head_dim: int) -> None:
+    def __init__(self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024) -> None:
         self.dtype, self.page, self.head_dim = dtype, page, head_dim
+        self.max_rows = max_rows  # virtual sequences a decode step can have: max_num_seqs x KV heads
         self._qsl: torch.Tensor | None = None
 
     def write(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -46,19 +47,25 @@ class RingKernels:
         self.attend(query, cell_view, tables, seq_lens, self._query_start_loc(query.shape[0], query.device), scale, out)
 
     def _query_start_loc(self, rows: int, device: torch.device) -> torch.Tensor:
-        """0..rows as int32, from a buffer kept across steps (grown by doubling)."""
-        if self._qsl is None or self._qsl.numel() < rows + 1 or self._qsl.device != device:
-            size = rows + 1 if self._qsl is None else max(rows + 1, 2 * self._qsl.numel())
-            self._qsl = torch.arange(size, dtype=torch.int32, device=device)
+        """0..rows as int32, a view of one buffer allocated once (a captured CUDA graph keeps its address)."""
+        if self._qsl is None:
+            self._qsl = torch.arange(self.max_rows + 1, dtype=torch.int32, device=device)
+        if rows > self.max_rows:
+            raise RuntimeError(f"moa-vllm: {rows} decode virtual sequences, more than max_num_seqs x KV heads")
         return self._qsl[: rows + 1]
 
 
-def ring_kernels(device: torch.device, dtype: torch.dtype, page: int, head_dim: int) -> RingKernels:
-    """The kernels for the cache's device: CUDA -> Triton unified attention; anything else -> CPU_ATTN."""
+def ring_kernels(
+    device: torch.device, dtype: torch.dtype, page: int, head_dim: int, group: int, max_rows: int
+) -> RingKernels:
+    """The one switch: CUDA -> Triton decode + Triton ring prefill; anything else -> CPU_ATTN + torch prefill.
+    Buffers a captured CUDA graph reads are allocated here, outside any capture."""
     if device.type == "cuda":
         from moa_vllm.vllm_plugin.kernels_cuda import CudaRingKernels
 
-        return CudaRingKernels(dtype, page, head_dim)
+        kernels = CudaRingKernels(dtype, page, head_dim, max_rows)
+        kernels.allocate(device, group)
+        return kernels
     from moa_vllm.vllm_plugin.kernels_cpu import CpuRingKernels
 
-    return CpuRingKernels(dtype, page, head_dim)
+    return CpuRingKernels(dtype, page, head_dim, max_rows)

@@ -119,7 +119,11 @@ class RingState:
         """The step's RingStep, made by the first builder call after the runner published the batch."""
         batch = published()
         if self.step is not None and self.step.serial == batch.serial:
-            return self.step
+            if self.step.visible is None and len(self.step.computed) == common.num_reqs:
+                return self.step  # a later layer's builder in the same step
+            # A build the runner published nothing for (model runner V2 builds CUDA-graph capture batches without
+            # its patched prepare_attn) after a forward already used the step: a dummy batch, rows of no request.
+            batch = PublishedBatch(batch.serial, (), np.zeros(0, dtype=np.int64))
         rows = common.num_reqs
         if rows > self.max_rows:
             raise RuntimeError(

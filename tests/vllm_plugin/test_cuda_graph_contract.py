@@ -134,3 +134,22 @@ def test_a_padding_row_writes_only_the_null_block(contract):  # noqa: F811
         allowed = set(real.tolist()) | set(range(sim.h))  # the real rows' slots + block 0's cells
         assert set(pages) <= allowed, (layer, sorted(set(pages) - allowed))
         assert set(real.tolist()) <= set(pages)
+
+
+def test_a_build_after_the_forward_without_a_publish_is_a_dummy_batch(contract):  # noqa: F811
+    """Model runner V2 builds CUDA-graph capture batches without the patched prepare_attn: a second build with the
+    same serial after a forward must not hand out the consumed step (its decode tensors would be baked into the
+    graph from outside it), but a fresh step whose rows hold no request."""
+    sim = _sim()
+    used = _build(sim, [0, 1], {0: 1, 1: 1})
+    used.finalize(sim.sinks, sim.page)
+    common = SimpleNamespace(
+        num_reqs=4,
+        query_start_loc_cpu=torch.arange(5),
+        seq_lens=torch.ones(4, dtype=torch.int32),
+        seq_lens_cpu_upper_bound=torch.ones(4, dtype=torch.int32),
+    )
+    dummy = sim.state.step_for(common)
+    assert dummy is not used and dummy.visible is None and dummy.req_ids == (None,) * 4
+    assert int(dummy.tables.abs().sum()) == 0 and int(dummy.spans.abs().sum()) == 0
+    assert sim.state.step_for(common) is dummy  # later layers' builders share it

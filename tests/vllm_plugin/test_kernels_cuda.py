@@ -37,6 +37,7 @@ def unified_attention_contract(
     q_descale,
     k_descale,
     v_descale,
+    **split_kv,  # the split-KV scratch: a performance choice, same result
 ):
     """vLLM's paged varlen attention: sequence i's queries are its last tokens; k/v [pages, page, kv_heads, D]."""
     assert causal and tuple(window_size) == (-1, -1) and softcap == 0

@@ -34,6 +34,7 @@ def main() -> int:
     alphas = torch.tensor([[20.0, 40.0, 70.0]]).double()
     betas = torch.tensor([[0.0, 0.1, 0.0]]).double()
     sim = make_sim(CudaRingKernels, dtype, alphas, betas, [130, 110], seed=8, min_span=16)
+    sim.kernels.allocate(torch.device("cpu"), group=3)  # decode through the split-KV kernel, as on a GPU
     sim.reference_window_delta = delta
     print(f"max_err {drive(sim, chunk=50):.3e}")
     return 0
