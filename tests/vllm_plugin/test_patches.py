@@ -265,3 +265,22 @@ def test_unsupported_features_are_refused(model_dir, kwargs, message):
     plan = {"moa": {"plan": str(PLANS / "uniform-d0.25.json")}}
     with pytest.raises(CONFIG_ERRORS, match=message):
         _engine_config(model_dir, attention_backend="moa", additional_config=plan, **kwargs)
+
+
+def test_micro_batching_is_refused():
+    """DBO / ubatching (a GPU feature; the CPU wheel turns it off before our check, so the config is built here)."""
+    from types import SimpleNamespace
+
+    from moa_vllm.plan import PlanError
+    from moa_vllm.vllm_plugin.patches import refuse_unsupported_features
+
+    config = SimpleNamespace(
+        speculative_config=None,
+        kv_transfer_config=None,
+        parallel_config=SimpleNamespace(use_ubatching=True),
+        model_config=SimpleNamespace(runner_type="generate"),
+    )
+    with pytest.raises(PlanError, match="micro-batching .* is not supported with --attention-backend moa"):
+        refuse_unsupported_features(config)
+    config.parallel_config.use_ubatching = False
+    refuse_unsupported_features(config)
