@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded model folder and the shipped plans."""
+"""Shared fixtures: the embedded model folder, its tokenizer and the shipped plans."""
 
 from __future__ import annotations
 
@@ -19,3 +19,10 @@ def model_dir() -> Path:
     from moa_vllm.model import prepare_embedded_model
 
     return prepare_embedded_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

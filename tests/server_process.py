@@ -1,8 +1,10 @@
-"""`moa-vllm serve` as a subprocess for tests: a free loopback port, start, wait for /health, stop."""
+"""`moa-vllm serve` as a subprocess for tests: a free loopback port, start, wait for /health, stop; vLLM's KV usage
+gauge and the server's resident memory (the benchmarks' serving harness uses these too)."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,3 +47,54 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+_USAGE = re.compile(r"^vllm:kv_cache_usage_perc\{[^}]*\} ([\d.eE+-]+)$", re.M)
+
+
+def kv_usage(port: int) -> float | None:
+    """vLLM's KV cache usage gauge (fraction of the block pool in use) from /metrics; None if unreadable."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    values = [float(v) for v in _USAGE.findall(text)]
+    return max(values) if values else None
+
+
+def wait_kv_idle(port: int, timeout_s: float = 60) -> float | None:
+    """KV usage once the server has drained: it must come back to 0 (every block back in the pool)."""
+    deadline = time.monotonic() + timeout_s
+    value = kv_usage(port)
+    while value != 0.0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        value = kv_usage(port)
+    return value
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in os.listdir(f"/proc/{p}/task") if os.path.isdir(f"/proc/{p}/task") else []:
+            try:
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a server and its engine / worker processes."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return total

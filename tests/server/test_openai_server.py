@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PLANS
-from tests.server_process import SERVER_ENV, free_port, moa_vllm, stop, wait_ready
+from tests.server_process import SERVER_ENV, free_port, kv_usage, moa_vllm, stop, wait_ready
 
 pytestmark = pytest.mark.server
 
@@ -84,14 +84,9 @@ def test_streaming(client):
 
 
 def _kv_usage(port: int) -> float:
-    """vLLM's own KV cache usage gauge (fraction of the block pool in use), from /metrics."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        lines = r.read().decode().splitlines()
-    values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:kv_cache_usage_perc")]
-    assert values, "no vllm:kv_cache_usage_perc gauge in /metrics"
-    return max(values)
+    usage = kv_usage(port)
+    assert usage is not None, "no vllm:kv_cache_usage_perc gauge in /metrics"
+    return usage
 
 
 def _wait_usage(port: int, want_zero: bool, timeout_s: float = 60) -> float:

@@ -6,8 +6,6 @@ import gc
 import os
 from pathlib import Path
 
-import pytest
-
 # Before vLLM is imported: in-process engine core, a small KV budget, both cores for the worker.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -36,10 +34,3 @@ def close_llm(llm) -> None:
 def engine_core(llm):
     """The in-process EngineCore (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     return llm.llm_engine.engine_core.engine_core
-
-
-@pytest.fixture(scope="session")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)

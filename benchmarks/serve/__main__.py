@@ -1,0 +1,3 @@
+from benchmarks.serve.harness import main
+
+raise SystemExit(main())
