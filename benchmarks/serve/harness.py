@@ -2,7 +2,7 @@
 concurrency sweep up to that configuration's own maximum at that length; `bench serve` for each point.
 
     python -m benchmarks.serve --plans plans/SmolLM2-135M-Instruct/uniform-d0.25.json \\
-        plans/SmolLM2-135M-Instruct/moa-d0.25.json --input-lens 1024 4096 8192 --output-lens 64 --kv-gib 1
+        plans/SmolLM2-135M-Instruct/moa-d0.25.json --input-lens 1024 4096 8000 --output-lens 64 --kv-gib 1
 
 Results (resumable: a point whose JSON exists is not run again):
   <out>/runs/<config>/in<I>-out<O>-c<C>.json   vLLM's full bench result + the harness's fields
@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     ap.add_argument("--plans", nargs="*", default=[str(PLANS / "uniform-d0.25.json"), str(PLANS / "moa-d0.25.json")])
     ap.add_argument("--no-stock", action="store_true", help="skip the stock vLLM dense baseline")
-    ap.add_argument("--input-lens", nargs="+", type=int, default=[1024, 4096, 8192])
+    ap.add_argument("--input-lens", nargs="+", type=int, default=[1024, 4096, 8000])
     ap.add_argument("--output-lens", nargs="+", type=int, default=[64])
     ap.add_argument("--concurrency", nargs="*", type=int, default=None, help="levels (default: 1, 2, 4, ..., max)")
     ap.add_argument("--max-concurrency", type=int, default=64, help="cap on any sweep")
     ap.add_argument("--prompts-per-slot", type=int, default=2, help="prompts per concurrency level = this x level")
     ap.add_argument("--min-prompts", type=int, default=2)
     ap.add_argument("--kv-gib", type=float, default=1.0, help="the pinned KV budget of every server")
-    ap.add_argument("--max-model-len", type=int, default=8448)
+    ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--block", type=int, default=32, help="KV block size (tokens) of the budget arithmetic")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
     ap.add_argument("--seed", type=int, default=0)

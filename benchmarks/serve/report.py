@@ -10,7 +10,7 @@ COLUMNS = (
     ("input_len", "in"),
     ("output_len", "out"),
     ("concurrency", "conc"),
-    ("max_concurrent_requests", "held"),
+    ("max_concurrent_requests", "peak in flight"),
     ("output_throughput", "out tok/s"),
     ("total_token_throughput", "total tok/s"),
     ("request_throughput", "req/s"),
