@@ -3,7 +3,7 @@ error, every completed greedy output equal to the same request run alone, vLLM's
 back in the pool) after each round, resident memory not growing across rounds.
 
 CI runs the short version (8 clients, prompts up to 1.5k tokens, 2 rounds); `pytest -m slow tests/server` runs the
-full one (32 clients for a bounded time, prompts up to 8k, 10% disconnecting, 3 rounds)."""
+full one (32 clients, prompts up to 8k, 10% disconnecting, 2 rounds)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class Load:
 
 
 SHORT = Load(clients=8, max_prompt=1500, max_model_len=2048, rounds=2, disconnect_every=4, max_tokens=24, kv_gib=1)
-FULL = Load(clients=32, max_prompt=8000, max_model_len=8192, rounds=3, disconnect_every=10, max_tokens=32, kv_gib=2)
+FULL = Load(clients=32, max_prompt=8000, max_model_len=8192, rounds=2, disconnect_every=10, max_tokens=32, kv_gib=2)
 
 
 def start_server(model_dir, load: Load, log):
