@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -85,6 +86,15 @@ def _result_path(runs_dir: Path, config: Config, point: dict) -> Path:
     return runs_dir / config.name / name
 
 
+def _device() -> str:
+    """What the servers ran on (they use this machine's accelerator if it has one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU ({torch.cuda.get_device_name()})"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task("bench serve", total=total)
         for config in chosen:
             rows += run_config(args, config, args.model, runs_dir, logs, progress, task)
-    device = f"CPU ({platform.machine()})" if args.dtype == "float32" else "see runs"
+    device = _device()
     meta = {"command": "python -m benchmarks.serve " + " ".join(argv), "device": device, "dtype": args.dtype,
             "kv_gib": args.kv_gib, "max_model_len": args.max_model_len, "server_logs": str(logs)}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
