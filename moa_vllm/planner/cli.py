@@ -86,6 +86,13 @@ def common_options() -> argparse.ArgumentParser:
         default=None,
         help="a diagnose.json: rescale each layer's rule losses by its measured true / predicted ratio",
     )
+    p.add_argument(
+        "--retrieval-weights",
+        type=_floats,
+        default=(1.0,),
+        help="extra candidate sets with loss = influence + w x retrieval loss, e.g. '0.25 1' ('' for none; "
+        "the influence-only set is always a candidate)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -109,6 +116,13 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--probe-spans", type=_floats, default=(0.125, 0.5), help="probe spans as fractions of N")
             sp.add_argument("--diagnose-samples", type=int, default=None, help="profiled samples per level used")
             sp.add_argument("--plans", type=Path, nargs="*", default=[], help="plan files whose held-out loss to add")
+            sp.add_argument(
+                "--ablation-heads",
+                type=int,
+                default=0,
+                help="also cut groups of this many heads at once (most retrieval mass / most influence / least "
+                "retrieval mass) to the first probe span and measure the held-out loss change",
+            )
     return top
 
 
@@ -147,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         context_weight=args.context_weight,
         ship_gate=not args.no_ship_gate,
         layer_correction=args.layer_correction,
+        retrieval_weights=args.retrieval_weights,
         seed=args.seed,
         device=args.device,
         sinks=args.sinks,
@@ -173,16 +188,24 @@ def run_step(pipe, args: argparse.Namespace, gate_error: type[Exception]) -> int
         from moa_vllm.planner.diagnosis_step import run_diagnosis
 
         out = run_diagnosis(
-            pipe, args.probe_layers, args.probe_spans, args.diagnose_samples, args.density, tuple(args.plans)
+            pipe,
+            args.probe_layers,
+            args.probe_spans,
+            args.diagnose_samples,
+            args.density,
+            tuple(args.plans),
+            args.ablation_heads,
         )
         print(f"diagnosis: {out}")
     elif args.step == "calibrate":
         pipe.calibrate()
     elif args.step == "profile":
         pipe.profile()
+        if pipe.config.retrieval_weights:
+            pipe.retrieval()
     elif args.step == "optimize":
         for d in args.density:
-            pipe.optimize(d)
+            pipe.optimize_all(d)
     else:  # validate and run: validate pulls every earlier step it needs
         refused = 0
         for d in args.density:

@@ -165,3 +165,19 @@ def split_half_reliability(rule_loss_each: np.ndarray) -> dict[str, float]:
     per_rule = [x for x in per_rule if np.isfinite(x)]
     r = float(np.mean(per_rule)) if per_rule else float("nan")
     return {"samples": samples, "half_spearman": r, "spearman_brown": 2 * r / (1 + r)}
+
+
+def head_group_windows(
+    heads: Sequence[tuple[int, int]], num_layers: int, num_kv_heads: int, n: int, window: int
+) -> dict[int, list[int]]:
+    """Windows of a plan that is dense except `heads` (layer, KV head), which get `window` tokens at length n."""
+    windows = {layer: [n] * num_kv_heads for layer in range(num_layers)}
+    for layer, h in heads:
+        windows[layer][h] = window
+    return windows
+
+
+def group_heads(score: np.ndarray, count: int, highest: bool) -> list[tuple[int, int]]:
+    """The `count` (layer, KV head) pairs of [layers, kv_heads] scores, highest or lowest first."""
+    order = np.argsort(-score.ravel() if highest else score.ravel(), kind="stable")[:count]
+    return [(int(i) // score.shape[1], int(i) % score.shape[1]) for i in order]

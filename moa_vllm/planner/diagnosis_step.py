@@ -12,10 +12,11 @@ import torch
 from tqdm import tqdm
 
 from moa_vllm.plan.io import load_plan
+from moa_vllm.plan.span import window_tokens
 from moa_vllm.planner import artefacts as art
 from moa_vllm.planner import diagnose as dg
 from moa_vllm.planner.influence import outside_window_loss
-from moa_vllm.planner.masked import mean_loss, plan_loss
+from moa_vllm.planner.masked import mean_loss, plan_loss, plan_loss_windows
 from moa_vllm.planner.pipeline import density_tag
 from moa_vllm.planner.report import plot_diagnosis
 
@@ -29,6 +30,7 @@ def run_diagnosis(
     samples_per_level: int | None = None,
     densities: tuple[float, ...] = (),
     extra_plans: tuple[Path, ...] = (),
+    ablation_heads: int = 0,
 ) -> Path:
     """Predicted vs true loss change of probe heads on the profiled samples, split-half reliability, and the
     held-out true loss of the Pareto / uniform / given plans; diagnose.json + diagnose.png in the work dir."""
@@ -51,7 +53,7 @@ def run_diagnosis(
     if not doc or doc.get("key") != key:
         doc = {"key": key, "true": {}}
     levels = {}
-    for level in c.lengths:
+    for level in c.lengths if probes else ():  # --probe-layers 0: plan losses / group ablation only
         data = art.load_npz(pipe.path(f"profile-L{level}.npz"))
         each = data["offsets_each"][:samples_per_level]
         samples = pipe.samples(level)[: len(each)]
@@ -66,12 +68,54 @@ def run_diagnosis(
             "true": dg.weighted(np.array(done).reshape(len(done), len(probes), 2), c.context_weight),
             "reliability": dg.split_half_reliability(rule_each),
         }
-    summary = summarize(probes, levels, fp.num_layers)
+    summary = summarize(probes, levels, fp.num_layers) if probes else {"levels": {}}
     summary["plans"] = plan_truths(pipe, densities, extra_plans)
+    if ablation_heads:
+        summary["group_ablation"] = group_ablation(pipe, ablation_heads, span_fractions[0])
     doc.update(summary)
     art.write_json_atomic(path, doc)
-    plot_diagnosis(pipe.path("diagnose.png"), probes, levels, summary)
+    if probes:
+        plot_diagnosis(pipe.path("diagnose.png"), probes, levels, summary)
     return path
+
+
+def group_ablation(pipe, count: int, fraction: float) -> dict[str, Any]:
+    """Cut a GROUP of heads at once to `fraction` x N and measure the held-out true loss change, for three groups of
+    `count` heads: most retrieval mass, most predicted influence loss (what the influence-only MILP protects), least
+    retrieval mass. The first-order estimate adds single-head changes; this shows whether groups add up."""
+    c, fp = pipe.config, pipe.fingerprint
+    level = max(c.lengths)  # per-head scores from the longest profiled length
+    pipe.retrieval()
+    mass = pipe.retrieval_mass(level)
+    window = window_tokens(max(round(fraction * level), c.min_span), c.sinks)
+    predicted = outside_window_loss(
+        torch.from_numpy(art.load_npz(pipe.path(f"profile-L{level}.npz"))["offsets"]), torch.tensor([window])
+    ).numpy()[..., 0]
+    groups = {
+        "most_retrieval": dg.group_heads(mass, count, highest=True),
+        "most_influence": dg.group_heads(predicted, count, highest=True),
+        "least_retrieval": dg.group_heads(mass, count, highest=False),
+    }
+    samples = pipe.samples(c.validation_length)
+    dense = mean_loss(plan_loss(pipe.model, None, samples, c.context_weight))
+    out: dict[str, Any] = {"count": count, "span_fraction": fraction, "scores_from_length": level, "groups": {}}
+    out["dense"] = asdict(dense)
+    with pipe.timings.step("diagnose-group-ablation", groups=len(groups), samples=len(samples)):
+        for name, heads in groups.items():
+            losses = []
+            for sample in samples:
+                n = sample.level
+                w = window_tokens(max(round(fraction * n), c.min_span), c.sinks)
+                windows = dg.head_group_windows(heads, fp.num_layers, fp.num_kv_heads, n, w)
+                losses += plan_loss_windows(pipe.model, windows, c.sinks, [sample], c.context_weight)
+            true = mean_loss(losses)
+            out["groups"][name] = {
+                "heads": [list(h) for h in heads],
+                "retrieval_mass": float(sum(mass[h] for h in heads)),
+                "predicted_change": float(sum(predicted[h] for h in heads)),
+                "true_change": {k: v - getattr(dense, k) for k, v in asdict(true).items()},
+            }
+    return out
 
 
 def plan_truths(pipe, densities: tuple[float, ...], extra_plans: tuple[Path, ...]) -> dict[str, Any]:

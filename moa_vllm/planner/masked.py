@@ -109,6 +109,18 @@ def mean_loss(losses: Sequence[TrueLoss]) -> TrueLoss:
     )
 
 
+def plan_loss_windows(
+    model, windows: Windows, sinks: int, samples: Sequence[Sample], context_weight: float
+) -> list[TrueLoss]:
+    """Per-sample true loss under explicit windows {layer: [window per KV head]} (the same for every sample)."""
+    use_masked_attention(model)
+    out = []
+    for sample in samples:
+        with masks(windows, sinks):
+            out.append(sample_loss(model, sample, context_weight))
+    return out
+
+
 def plan_loss(model, plan: Plan | None, samples: Sequence[Sample], context_weight: float) -> list[TrueLoss]:
     """Per-sample true loss of a plan (None = dense), each sample's spans taken at its level N."""
     use_masked_attention(model)

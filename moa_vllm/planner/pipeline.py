@@ -3,8 +3,11 @@
 Work dir layout:
     calibration.json            samples (prompt and dense greedy answer ids), checkpointed per sample
     profile-L{length}.npz       mean block sums and per-offset sums of |E| per (layer, KV head), checkpointed per sample
-    optimize-d{density}.json    the Pareto set of one density target
-    validate-d{density}.json    the chosen Pareto plan; plan-d{density}.json and report-d{density}/ beside it
+    retrieval-L{length}.npz     per-offset retrieval mass per (layer, KV head) on the same samples (retrieval.py)
+    optimize-d{density}.json    the Pareto set of one density target (influence loss only)
+    optimize-d{density}-r{w}.json   the same with w x the retrieval loss added (one per --retrieval-weights entry)
+    truth-d{density}[-r{w}].json    held-out true loss of those Pareto plans (dense and uniform in the first)
+    validate-d{density}.json    the chosen plan over all of them; plan-d{density}.json and report-d{density}/ beside it
     timings.json                wall time of every step that ran
 The profile does not depend on the density, so several densities share one calibration and profile.
 """
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_VERSION = 3  # bump when sample construction changes, so old calibrations are not reused
 PROFILE_VERSION = 2
+RETRIEVAL_VERSION = 3  # 2: rule loss from each head's mass at a uniform depth; 3: + extension lengths
 TRUTH_VERSION = 1
 
 
@@ -76,6 +80,9 @@ class PlannerConfig:
     min_head_density: float = 0.0  # drop rules below this density at any constraint length (a per-head floor)
     ship_gate: bool = True  # refuse a plan whose held-out true loss is above the uniform plan's
     layer_correction: Path | None = None  # a diagnose.json: rescale rule losses per layer by its measured ratios
+    # Extra candidate sets: loss = influence + w x retrieval loss (scaled to the influence's total), one Pareto set
+    # per w, beside the influence-only set (w = 0, always a candidate). The held-out true loss picks among all.
+    retrieval_weights: tuple[float, ...] = (1.0,)
     max_rules_per_layer: int = 2
     time_limit_s: float = 60.0
     epsilon_points: int = 5
@@ -86,6 +93,12 @@ class PlannerConfig:
             raise ValueError(f"validation length {self.validation_length} must not be a profiled length")
         if len(set(self.lengths)) != len(self.lengths) or not self.lengths:
             raise ValueError(f"profiled lengths must be distinct and non-empty, got {self.lengths}")
+        if any(w <= 0 for w in self.retrieval_weights) or len(set(self.retrieval_weights)) != len(
+            self.retrieval_weights
+        ):
+            raise ValueError(
+                f"retrieval weights must be distinct and > 0 (0 is always a candidate), got {self.retrieval_weights}"
+            )
 
     @property
     def levels(self) -> list[int]:
@@ -310,6 +323,76 @@ class Pipeline:
             complete=np.array(complete),
         )
 
+    # ---- retrieval ---------------------------------------------------------------------------------------------
+    def retrieval_key(self, calibration_digest: str, level: int) -> dict[str, Any]:
+        return {
+            "version": RETRIEVAL_VERSION,
+            "calibration": calibration_digest,
+            "level": level,
+            "sinks": self.config.sinks,
+            "samples": self.profiled_count(level),
+        }
+
+    def retrieval(self) -> dict[int, Path]:
+        """Retrieval mass by distance of every profiled sample with a matchable target, per profiled length.
+        A forward pass per sample (no backward): a few seconds at 2k tokens."""
+        from moa_vllm.planner import profile as prof
+        from moa_vllm.planner.retrieval import sample_retrieval, target_positions
+
+        cal = self.calibrate()
+        out: dict[int, Path] = {}
+        for level in self.config.lengths:
+            path = out[level] = self.path(f"retrieval-L{level}.npz")
+            key = art.normalised(self.retrieval_key(cal["digest"], level))
+            old = art.load_npz(path)
+            if old and old["key"] == key:
+                log.info("retrieval: %s is up to date, skipped", path)
+                continue
+            samples = self.samples(level)[: self.profiled_count(level)]
+            fp = self.fingerprint
+            total, each, used = np.zeros((fp.num_layers, fp.num_kv_heads, level)), [], []
+            prof.use_capture_attention(self.model)
+            with self.timings.step(f"retrieval-L{level}", samples=len(samples)):
+                for sample in tqdm(samples, desc=f"retrieval {level}", disable=not self.config.progress):
+                    target = target_positions(sample, self.tokenizer)
+                    if target is None:
+                        continue
+                    ids = sample.prompt_ids + sample.answer_ids
+                    r = sample_retrieval(self.model, ids, target, self.config.sinks)
+                    total[..., : r.shape[-1]] += r
+                    each.append(r.sum(axis=-1))
+                    used.append(sample.index)
+            art.save_npz_atomic(
+                path,
+                key,
+                offsets=total / max(len(used), 1),
+                head_mass_each=np.array(each).reshape(len(used), fp.num_layers, fp.num_kv_heads),
+                sample_index=np.array(used, dtype=np.int64),
+                complete=np.array(True),
+            )
+        return out
+
+    def retrieval_mass(self, level: int) -> np.ndarray:
+        """[layers, kv_heads]: mean retrieval mass per head at `level` (beyond the sinks)."""
+        from moa_vllm.planner.retrieval import head_scores
+
+        data = art.load_npz(self.path(f"retrieval-L{level}.npz"))
+        if data is None:
+            raise FileNotFoundError(f"no retrieval profile for length {level}; run `moa-plan profile` first")
+        return head_scores(data["offsets"])
+
+    def retrieval_loss(self, level: int) -> np.ndarray:
+        """loss[layer, kv_head, rule] at `level`: the retrieval mass each rule's window would miss for a target at a
+        uniformly random depth (see retrieval.py for why not the calibration's own depths), averaged over `level`
+        and every extension length above it. The mass does not depend on N under that model, so the longer lengths
+        cost nothing to score, and without them a constant rule (2048 + 0 N) looks as good as a full one."""
+        from moa_vllm.planner.retrieval import uniform_depth_loss
+
+        mass = self.retrieval_mass(level)
+        lengths = [level, *(n for n in self.config.extension_lengths if n > level)]
+        losses = [uniform_depth_loss(mass, self.rule_windows(n).numpy(), n, self.config.sinks) for n in lengths]
+        return np.mean(losses, axis=0)
+
     # ---- rule losses -------------------------------------------------------------------------------------------
     def rule_windows(self, length: int) -> torch.Tensor:
         """Recent-window tokens of every grid rule at `length` (span math from moa_vllm.plan.span)."""
@@ -341,9 +424,24 @@ class Pipeline:
         ratios = {int(k): float(v) for k, v in doc["levels"][str(level)]["layer_ratio"].items()}
         return interpolate_ratios(ratios, layers)
 
-    def problem(self, density: float) -> PlanningProblem:
+    def level_loss(self, level: int, retrieval_weight: float) -> np.ndarray:
+        """Rule losses [layer, kv_head, rule] at one profiled length: influence (optionally corrected per layer)
+        plus retrieval_weight x the retrieval loss scaled so that both have the same total over all heads at
+        window 0 (all context beyond the sinks cut)."""
+        influence = self.rule_loss(level) * self.layer_scale(level)[:, None, None]
+        if retrieval_weight == 0:
+            return influence
+        retrieval = self.retrieval_loss(level)
+        mass = float(self.retrieval_mass(level).sum())
+        if mass <= 0:
+            log.warning("retrieval: no retrieval mass at length %d (no sample with a matched target)", level)
+            return influence
+        scale = float(art.load_npz(self.path(f"profile-L{level}.npz"))["offsets"].sum()) / mass
+        return influence + retrieval_weight * scale * retrieval
+
+    def problem(self, density: float, retrieval_weight: float = 0.0) -> PlanningProblem:
         c = self.config
-        loss = np.stack([self.rule_loss(n) * self.layer_scale(n)[:, None, None] for n in c.lengths])
+        loss = np.stack([self.level_loss(n, retrieval_weight) for n in c.lengths])
         return PlanningProblem(
             loss=loss,
             lengths=c.lengths,
@@ -357,11 +455,20 @@ class Pipeline:
         c = self.config
         return SolverOptions(time_limit_s=c.time_limit_s, seed=c.seed, epsilon_points=c.epsilon_points)
 
-    def _profile_digests(self, levels: list[int]) -> dict[str, str]:
-        return {str(n): art.digest(art.load_npz(self.path(f"profile-L{n}.npz"))["key"]) for n in levels}
+    def _profile_digests(self, levels: list[int], prefix: str = "profile") -> dict[str, str]:
+        return {str(n): art.digest(art.load_npz(self.path(f"{prefix}-L{n}.npz"))["key"]) for n in levels}
 
     # ---- optimize ----------------------------------------------------------------------------------------------
-    def optimize_key(self, density: float) -> dict[str, Any]:
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """Retrieval weights of the candidate sets: 0 (influence only) first."""
+        return (0.0, *self.config.retrieval_weights)
+
+    @staticmethod
+    def weight_suffix(weight: float) -> str:
+        return "" if weight == 0 else f"-r{weight:g}"
+
+    def optimize_key(self, density: float, retrieval_weight: float = 0.0) -> dict[str, Any]:
         c = self.config
         key = {
             "profiles": self._profile_digests(list(c.lengths)),
@@ -375,25 +482,35 @@ class Pipeline:
         }
         if c.layer_correction is not None:  # only then: uncorrected runs keep their artefacts
             key["layer_scale"] = {str(n): self.layer_scale(n).round(12).tolist() for n in c.lengths}
+        if retrieval_weight:  # only then: influence-only sets keep their artefacts
+            key["retrieval"] = self._profile_digests(list(c.lengths), "retrieval")
+            key["retrieval_weight"] = retrieval_weight
         return key
 
-    def optimize(self, density: float) -> list[ParetoSolution]:
+    def optimize(self, density: float, retrieval_weight: float = 0.0) -> list[ParetoSolution]:
         self.profile()
-        path, key = self.path(f"optimize-{density_tag(density)}.json"), self.optimize_key(density)
+        if retrieval_weight:
+            self.retrieval()
+        name = f"optimize-{density_tag(density)}{self.weight_suffix(retrieval_weight)}"
+        path, key = self.path(f"{name}.json"), self.optimize_key(density, retrieval_weight)
         if art.json_matches(path, key):
             log.info("optimize: %s is up to date, skipped", path)
             return [solution_from_json(s) for s in art.read_json(path)["solutions"]]
-        with self.timings.step(f"optimize-{density_tag(density)}"):
-            solutions = pareto_front(self.problem(density), self.solver_options())
+        with self.timings.step(name):
+            solutions = pareto_front(self.problem(density, retrieval_weight), self.solver_options())
         art.write_json_atomic(path, {"key": key, "solutions": [solution_to_json(s) for s in solutions]})
         return solutions
 
+    def optimize_all(self, density: float) -> dict[float, list[ParetoSolution]]:
+        return {w: self.optimize(density, w) for w in self.weights}
+
     # ---- validate ----------------------------------------------------------------------------------------------
-    def truth_key(self, density: float) -> dict[str, Any]:
+    def truth_key(self, density: float, retrieval_weight: float = 0.0) -> dict[str, Any]:
         c = self.config
+        name = f"optimize-{density_tag(density)}{self.weight_suffix(retrieval_weight)}.json"
         return {
             "version": TRUTH_VERSION,
-            "optimize": art.digest(art.read_json(self.path(f"optimize-{density_tag(density)}.json"))),
+            "optimize": art.digest(art.read_json(self.path(name))),
             "calibration": art.read_json(self.path("calibration.json"))["digest"],
             "validation_length": c.validation_length,
             "context_weight": c.context_weight,
@@ -401,24 +518,29 @@ class Pipeline:
             "min_span": c.min_span,
         }
 
-    def candidate_plans(self, density: float) -> dict[str, Plan]:
-        """Every Pareto plan of the density (pareto-0, pareto-1, ...), then the uniform plan of the same density."""
-        problem = self.problem(density)
-        solutions = self.optimize(density)
-        plans = {
-            f"pareto-{i}": solution_to_plan(s, problem, self.fingerprint, self.config.sinks, self.notes())
-            for i, s in enumerate(solutions)
-        }
-        plans["uniform"] = uniform_plan(self.fingerprint, density, self.config.sinks, self.config.min_span)
+    def candidate_plans(self, density: float, retrieval_weight: float = 0.0) -> dict[str, Plan]:
+        """The Pareto plans of one candidate set (pareto-0, pareto-1, ...); the influence-only set (weight 0) adds
+        the uniform plan of the same density."""
+        solutions = self.optimize(density, retrieval_weight)  # first: it runs the steps the problem reads
+        problem = self.problem(density, retrieval_weight)
+        plans = {f"pareto-{i}": self._plan(s, problem, retrieval_weight) for i, s in enumerate(solutions)}
+        if retrieval_weight == 0:
+            plans["uniform"] = uniform_plan(self.fingerprint, density, self.config.sinks, self.config.min_span)
         return plans
 
-    def true_losses(self, density: float) -> dict[str, Any]:
-        """Held-out true loss (masked forward at the validation length) of dense, every candidate plan and uniform;
-        checkpointed per plan."""
+    def _plan(self, solution: ParetoSolution, problem: PlanningProblem, retrieval_weight: float) -> Plan:
+        plan = solution_to_plan(solution, problem, self.fingerprint, self.config.sinks, self.notes())
+        plan.metadata.extra["retrieval_weight"] = retrieval_weight
+        return plan
+
+    def true_losses(self, density: float, retrieval_weight: float = 0.0) -> dict[str, Any]:
+        """Held-out true loss (masked forward at the validation length) of one candidate set's plans (plus dense
+        and uniform for the influence-only set); checkpointed per plan."""
         from moa_vllm.planner.masked import mean_loss, plan_loss
 
-        plans = self.candidate_plans(density)
-        path, key = self.path(f"truth-{density_tag(density)}.json"), self.truth_key(density)
+        plans = self.candidate_plans(density, retrieval_weight)
+        name = f"truth-{density_tag(density)}{self.weight_suffix(retrieval_weight)}"
+        path, key = self.path(f"{name}.json"), self.truth_key(density, retrieval_weight)
         doc = art.read_json(path)
         if not doc or doc.get("key") != art.normalised(key):
             doc = {"key": art.normalised(key), "complete": False, "plans": {}}
@@ -427,77 +549,113 @@ class Pipeline:
         samples = self.samples(self.config.validation_length)
         if not samples:
             raise ValueError(f"no held-out samples at the validation length {self.config.validation_length}")
-        todo = [name for name in ["dense", *plans] if name not in doc["plans"]]
+        names = ["dense", *plans] if retrieval_weight == 0 else list(plans)
+        todo = [n for n in names if n not in doc["plans"]]
         with (
-            self.timings.step(f"truth-{density_tag(density)}", plans=len(todo), samples=len(samples)),
-            self._bar(len(todo) * len(samples), f"true loss d{density}") as bar,
+            self.timings.step(name, plans=len(todo), samples=len(samples)),
+            self._bar(len(todo) * len(samples), f"true loss d{density} w{retrieval_weight:g}") as bar,
         ):
-            for name in todo:
+            for n in todo:
                 losses = []
                 for sample in samples:
-                    losses += plan_loss(self.model, plans.get(name), [sample], self.config.context_weight)
+                    losses += plan_loss(self.model, plans.get(n), [sample], self.config.context_weight)
                     bar.update(1)
-                doc["plans"][name] = {"mean": asdict(mean_loss(losses)), "samples": [asdict(x) for x in losses]}
+                doc["plans"][n] = {"mean": asdict(mean_loss(losses)), "samples": [asdict(x) for x in losses]}
                 art.write_json_atomic(path, doc)
         doc["complete"] = True
         art.write_json_atomic(path, doc)
         return doc
 
+    def candidate_losses(self, density: float) -> list[dict[str, Any]]:
+        """Every candidate plan's held-out true loss: name, retrieval weight, index in its Pareto set, loss."""
+        rows = []
+        for w in self.weights:
+            truth = self.true_losses(density, w)
+            prefix = "" if w == 0 else f"r{w:g}-"
+            for i in range(len(self.optimize(density, w))):
+                loss = truth["plans"][f"pareto-{i}"]["mean"]["total"]
+                rows.append({"name": f"{prefix}pareto-{i}", "retrieval_weight": w, "index": i, "loss": loss})
+        return rows
+
     def validate_key(self, density: float) -> dict[str, Any]:
-        return {
-            "truth": art.digest(art.read_json(self.path(f"truth-{density_tag(density)}.json"))),
-            "fingerprint": self.fingerprint.model_dump(),
+        tag = density_tag(density)
+        truth = {
+            f"{w:g}": art.digest(art.read_json(self.path(f"truth-{tag}{self.weight_suffix(w)}.json")))
+            for w in self.weights
         }
+        key: dict[str, Any] = {"truth": truth["0"] if len(truth) == 1 else truth}
+        key["fingerprint"] = self.fingerprint.model_dump()
+        return key
 
     def validate(self, density: float) -> Path:
-        """Pick the Pareto plan with the lowest held-out true loss; refuse it when the uniform plan of the same
-        density does better (the ship gate); write the plan and its report."""
-        solutions = self.optimize(density)
-        truth = self.true_losses(density)
+        """Pick the candidate plan (every Pareto plan of every retrieval weight) with the lowest held-out true
+        loss; refuse it when the uniform plan of the same density does at least as well (the ship gate); write the
+        plan and its report."""
+        candidates = self.candidate_losses(density)
+        base = self.true_losses(density)
         tag = density_tag(density)
         path, key = self.path(f"validate-{tag}.json"), self.validate_key(density)
         plan_path, report_dir = self.path(f"plan-{tag}.json"), self.path(f"report-{tag}")
-        losses = [truth["plans"][f"pareto-{i}"]["mean"]["total"] for i in range(len(solutions))]
-        uniform = truth["plans"]["uniform"]["mean"]["total"]
-        chosen = int(np.argmin(losses))
-        verdict = gate(losses[chosen], uniform, density, self.config.validation_length)
+        uniform = base["plans"]["uniform"]["mean"]["total"]
+        best = min(candidates, key=lambda c: c["loss"])
+        verdict = gate(best["loss"], uniform, density, self.config.validation_length)
         if verdict is not None and not self.config.ship_gate:
             log.warning("%s (ship gate off: written anyway)", verdict.replace("; no plan written", ""))
             verdict = None
         if art.json_matches(path, key) and plan_path.exists() and verdict is None:
             log.info("validate: %s is up to date, skipped", path)
             return plan_path
+        weight = best["retrieval_weight"]
+        group = [c["loss"] for c in candidates if c["retrieval_weight"] == weight]
         record = {
             "key": key,
-            "chosen": chosen,
+            "chosen": best["name"],
+            "retrieval_weight": weight,
             "validation_length": self.config.validation_length,
-            "true_loss": {"pareto": losses, "uniform": uniform, "dense": truth["plans"]["dense"]["mean"]["total"]},
+            "true_loss": {
+                "candidates": {c["name"]: c["loss"] for c in candidates},
+                "pareto": group,
+                "uniform": uniform,
+                "dense": base["plans"]["dense"]["mean"]["total"],
+            },
             "shipped": verdict is None,
-            "beats_uniform": losses[chosen] < uniform,
+            "beats_uniform": best["loss"] < uniform,
         }
         art.write_json_atomic(path, record)
         if verdict is not None:
             plan_path.unlink(missing_ok=True)
             raise ShipGateError(verdict)
         with self.timings.step(f"validate-{tag}"):
-            problem = self.problem(density)
-            plan = solution_to_plan(solutions[chosen], problem, self.fingerprint, self.config.sinks, self.notes())
+            problem, solutions = self.problem(density, weight), self.optimize(density, weight)
+            plan = self._plan(solutions[best["index"]], problem, weight)
             plan.metadata.extra["true_loss"] = {
                 "length": self.config.validation_length,
-                "samples": len(truth["plans"]["dense"]["samples"]),
-                "plan": losses[chosen],
+                "samples": len(base["plans"]["dense"]["samples"]),
+                "plan": best["loss"],
                 "uniform": uniform,
                 "dense": record["true_loss"]["dense"],
-                "beats_uniform": losses[chosen] < uniform,
+                "beats_uniform": best["loss"] < uniform,
+                "candidates": record["true_loss"]["candidates"],
             }
             save_plan(plan, plan_path)
-            self._report(report_dir, solutions, chosen, problem, plan, losses, uniform)
+            self._report(report_dir, solutions, best["index"], problem, plan, group, uniform)
+            self._retrieval_report(report_dir, plan)
         return plan_path
 
     def _report(self, out: Path, solutions, chosen: int, problem, plan: Plan, losses, uniform: float) -> None:
         from moa_vllm.planner.report import write_report
 
         write_report(out, solutions, chosen, problem, plan, losses, self.config.validation_length, uniform_loss=uniform)
+
+    def _retrieval_report(self, out: Path, plan: Plan) -> None:
+        """Retrieval mass vs span per head, when the retrieval step ran (it does whenever a weight is set)."""
+        from moa_vllm.planner.report import write_retrieval_report
+        from moa_vllm.planner.retrieval import head_scores
+
+        data = {n: art.load_npz(self.path(f"retrieval-L{n}.npz")) for n in self.config.lengths}
+        if all(d is not None for d in data.values()):
+            mass = {n: head_scores(d["offsets"]) for n, d in data.items()}
+            write_retrieval_report(out, mass, plan, self.config.validation_length)
 
     def notes(self) -> str:
         c = self.config
@@ -506,7 +664,8 @@ class Pipeline:
             f"moa-plan: calibration at {c.levels} tokens (seed {c.seed}), samples profiled per length {profiled}, "
             f"objectives at {list(c.lengths)}, chosen by the true held-out loss at {c.validation_length} "
             f"({c.validation_samples} samples); loss = answer CE + {c.context_weight} x context CE; rule loss is "
-            "token-exact (per-offset influence sums)"
+            "token-exact (per-offset influence sums); candidate sets: influence only and influence + w x retrieval "
+            f"mass for w in {list(c.retrieval_weights)}"
         )
 
     def export(self, density: float, out_dir: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,3 +185,38 @@ def plot_diagnosis(path: Path, probes, levels: dict, summary: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+RETRIEVAL_JSON = "retrieval.json"
+RETRIEVAL_PNG = "retrieval.png"
+
+
+def write_retrieval_report(out_dir: Path, mass: dict[int, np.ndarray], plan: Plan, length: int) -> Path:
+    """Per (layer, KV head): retrieval mass at each profiled length and the plan's span fraction at `length`, as
+    JSON and a scatter plot (a good plan gives its high-mass heads long spans)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spans = np.array(plan.spans(length), dtype=np.float64) / length
+    heads = [
+        {
+            "layer": layer,
+            "kv_head": h,
+            "span_fraction": float(spans[layer, h]),
+            "mass": {str(n): float(m[layer, h]) for n, m in mass.items()},
+        }
+        for layer in range(spans.shape[0])
+        for h in range(spans.shape[1])
+    ]
+    heads.sort(key=lambda e: -sum(e["mass"].values()))
+    (out_dir / RETRIEVAL_JSON).write_text(json.dumps({"length": length, "heads": heads}, indent=1) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for n, m in mass.items():
+        ax.scatter(m.ravel(), spans.ravel(), label=f"mass at N={n}", alpha=0.7)
+    ax.set_xlabel("retrieval mass (answer's target queries on the target's tokens, group sum)")
+    ax.set_ylabel(f"span / N at N={length}")
+    ax.set_title("retrieval mass vs span per KV head", fontsize=9)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / RETRIEVAL_PNG, dpi=100)
+    plt.close(fig)
+    return out_dir / RETRIEVAL_JSON

@@ -84,10 +84,10 @@ def test_run_refuses_a_plan_that_loses_to_uniform(tiny_dir: Path, tmp_path: Path
 
     real = Pipeline.true_losses
 
-    def uniform_wins(self, density):
-        doc = real(self, density)
-        best = min(v["mean"]["total"] for k, v in doc["plans"].items() if k.startswith("pareto"))
-        doc["plans"]["uniform"]["mean"]["total"] = best / 2
+    def uniform_wins(self, density, retrieval_weight=0.0):
+        doc = real(self, density, retrieval_weight)
+        if "uniform" in doc["plans"]:
+            doc["plans"]["uniform"]["mean"]["total"] = 1e-9  # below every candidate of every retrieval weight
         return doc
 
     monkeypatch.setattr(Pipeline, "true_losses", uniform_wins)
@@ -96,3 +96,17 @@ def test_run_refuses_a_plan_that_loses_to_uniform(tiny_dir: Path, tmp_path: Path
     assert main([*argv, *TINY_ARGS]) == 3
     assert "does not beat the uniform plan" in capsys.readouterr().err
     assert not (out / "moa-d0.50.json").exists() and not (work / "plan-d0.50.json").exists()
+
+
+def test_diagnose_group_ablation_alone_measures_each_group(tiny_dir: Path, tmp_path: Path):
+    work = tmp_path / "work"
+    argv = ["diagnose", "--model", str(tiny_dir), "--work-dir", str(work), "--probe-layers", "0"]
+    assert main([*argv, "--ablation-heads", "1", *TINY_ARGS]) == 0
+    doc = json.loads((work / "diagnose.json").read_text())
+    assert doc["levels"] == {} and not (work / "diagnose.png").exists()  # no probes asked for
+    ablation = doc["group_ablation"]
+    assert set(ablation["groups"]) == {"most_retrieval", "most_influence", "least_retrieval"}
+    for group in ablation["groups"].values():
+        assert len(group["heads"]) == 1 and group["predicted_change"] >= 0
+    # cutting a head of a random model moves its loss: the measurement is real
+    assert any(g["true_change"]["total"] != 0.0 for g in ablation["groups"].values())
