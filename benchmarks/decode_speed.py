@@ -124,10 +124,10 @@ def _moa_step(requests: int, ctx: int, span: int, layers: int):
 
     import torch
 
-    from moa_vllm.vllm_plugin import ring_state
-    from moa_vllm.vllm_plugin.backend import ring_forward
-    from moa_vllm.vllm_plugin.kernels_cpu import CpuRingKernels
-    from moa_vllm.vllm_plugin.ring_state import RingState
+    from moa_vllm.vllm_plugin.moa import ring_state
+    from moa_vllm.vllm_plugin.moa.backend import ring_forward
+    from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels
+    from moa_vllm.vllm_plugin.moa.ring_state import RingState
 
     kernels = CpuRingKernels(torch.float32, PAGE, D)
     q, k, v = torch.randn(requests, H * G, D), torch.randn(requests, H, D), torch.randn(requests, H, D)

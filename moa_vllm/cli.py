@@ -93,14 +93,18 @@ def cmd_bst_train(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> None:
     from moa_vllm.serve import serve
-    from moa_vllm.vllm_plugin.bst_serve import is_bst_folder, serve_bst
+    from moa_vllm.vllm_plugin.bst.serve import is_bst_folder, serve_bst
 
     if is_bst_folder(args.model):
         serve_bst(args.model, extra)  # a BST checkpoint brings its own windowed attention: no plan
         return
-    if args.plan is None:
-        raise PlanError("--plan is required (only BST checkpoints are served without one)")
     serve(args.model, args.plan, extra)
+
+
+def cmd_plan_attach(args: argparse.Namespace) -> None:
+    from moa_vllm.plan.attach import attach_plan
+
+    print(attach_plan(args.plan, args.model_dir, force=args.force))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--model", default="embedded")
     imp.add_argument("-o", "--output", required=True)
     imp.set_defaults(func=cmd_plan_import)
+    att = plan.add_parser("attach", help="write a plan into a model folder (moa_plan.json beside config.json)")
+    att.add_argument("plan")
+    att.add_argument("model_dir")
+    att.add_argument("--force", action="store_true", help="replace a different plan already attached")
+    att.set_defaults(func=cmd_plan_attach)
     show = plan.add_parser("show", help="summarise a plan")
     show.add_argument("plan")
     show.add_argument("--length", type=int, nargs="*", default=[2048, 4096, 8192])
@@ -155,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     # MODEL is taken from the leftovers (see main): an optional positional would swallow the value of an unknown
     # flag such as `--port 8000`.
     srv.add_argument("--model", default=None, help="HF model folder (default: the embedded model)")
-    srv.add_argument("--plan", help="plan v1 JSON file (required unless MODEL is a BST checkpoint)")
+    srv.add_argument(
+        "--plan",
+        help="plan v1 JSON file (default: the plan the model folder carries; for the embedded model its best "
+        "shipped plan; a BST checkpoint derives its own)",
+    )
     srv.set_defaults(func=cmd_serve, forwards=True)
     return p
 

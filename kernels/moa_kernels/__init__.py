@@ -4,7 +4,7 @@
   `ring_prefill_reference` (ring_prefill_ref.py), block sizes from `pick_blocks` (blocks.py).
 
 Decode needs no kernel of its own: after the step's token is written a ring holds exactly the visible keys, so
-stock paged kernels serve it as one-KV-head virtual sequences (moa_vllm/vllm_plugin/kernels_cuda.py).
+stock paged kernels serve it as one-KV-head virtual sequences (moa_vllm/vllm_plugin/moa/kernels_cuda.py).
 Imports no vLLM.
 """
 

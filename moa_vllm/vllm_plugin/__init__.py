@@ -17,8 +17,8 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from moa_vllm.vllm_plugin.bst_plugin import register_bst
-    from moa_vllm.vllm_plugin.kv_spec import MoARingManager, MoARingSpec
+    from moa_vllm.vllm_plugin.bst.plugin import register_bst
+    from moa_vllm.vllm_plugin.moa.kv_spec import MoARingManager, MoARingSpec
     from moa_vllm.vllm_plugin.patches import BACKEND_PATH, apply_all
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)

@@ -18,6 +18,9 @@
 - engine_death_exit: vllm.entrypoints.launchers.api_server.entry.serve_http; when the engine process died, vLLM
   answers 500s, stops uvicorn and exits 0; with the moa backend the API server says so and exits 1 instead, so a
   supervisor sees the failure.
+- engine_inspect: vllm.v1.engine.core.EngineCore gains the utility method moa_inspect (per request: N, ring blocks
+  and bytes from the scheduler's KV cache manager), which the `moa_inspect` endpoint plugin calls through the engine
+  client's utility call for /moa/requests and the moa_vllm:* gauges.
 
 Each patch is idempotent and is tested in tests/vllm_plugin/test_patches.py.
 """
@@ -32,7 +35,7 @@ from vllm.logger import init_logger
 
 logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
 
-BACKEND_PATH = "moa_vllm.vllm_plugin.backend.MoABackend"
+BACKEND_PATH = "moa_vllm.vllm_plugin.moa.backend.MoABackend"
 ALIAS = "MOA"
 _MARK = "_moa_vllm_patched"
 
@@ -97,22 +100,25 @@ def _cpu_backend_selection() -> None:
 
 
 # ---- config_check --------------------------------------------------------------------------------------------------
-def select_moa_for_bst(vllm_config) -> None:
-    """A BST's windowed attention runs on the moa backend (plan derived from its config): select it unless the user
-    chose a backend, and refuse any other one, whose layers would get no window at all."""
+def select_moa_for_derived(vllm_config) -> None:
+    """A model family with a derived plan (the BST: its trained window) runs its attention on the moa backend:
+    select it unless the user chose a backend, and refuse any other one, whose layers would get no window at all."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     from moa_vllm.plan import PlanError
-    from moa_vllm.vllm_plugin.bst_config import is_bst_config
+    from moa_vllm.vllm_plugin.settings import derived_family
 
-    if vllm_config.model_config is None or not is_bst_config(vllm_config.model_config.hf_config):
+    if vllm_config.model_config is None:
+        return
+    family = derived_family(vllm_config.model_config.hf_config)
+    if family is None:
         return
     if vllm_config.attention_config.backend is None:
         vllm_config.attention_config.backend = AttentionBackendEnum.CUSTOM
     if not moa_selected(vllm_config):
         raise PlanError(
-            f"a BST model runs its attention on the moa backend, not {vllm_config.attention_config.backend.name}: "
-            "drop --attention-backend"
+            f"a {family.name.upper()} model runs its attention on the moa backend, not "
+            f"{vllm_config.attention_config.backend.name}: drop --attention-backend"
         )
 
 
@@ -144,9 +150,9 @@ def refuse_unsupported_features(vllm_config) -> None:
 
 def _check_moa_config(vllm_config) -> None:
     from moa_vllm.plan import PlanError
-    from moa_vllm.vllm_plugin.settings import plan_from_vllm_config, plan_path
+    from moa_vllm.vllm_plugin.settings import plan_from_vllm_config
 
-    select_moa_for_bst(vllm_config)
+    select_moa_for_derived(vllm_config)
     if not moa_selected(vllm_config):
         if isinstance(vllm_config.additional_config, dict) and "moa" in vllm_config.additional_config:
             raise PlanError(
@@ -158,11 +164,10 @@ def _check_moa_config(vllm_config) -> None:
     refuse_unsupported_features(vllm_config)
     global _moa_serving
     _moa_serving = True
-    plan = plan_from_vllm_config(vllm_config)
+    plan = plan_from_vllm_config(vllm_config)  # resolves (one log line names the source) and checks the plan
     max_len = vllm_config.model_config.max_model_len
     logger.info(
-        "moa-vllm: plan %s (%s, %d sinks), density at max_model_len=%d: %.3f",
-        plan_path(vllm_config.additional_config) or "derived",
+        "moa-vllm: %s plan, %d sinks, density at max_model_len=%d: %.3f",
         plan.metadata.method,
         plan.sink_tokens,
         max_len,
@@ -189,8 +194,8 @@ def _config_check() -> None:
 # ---- layer_kv_spec -------------------------------------------------------------------------------------------------
 def moa_layer_spec(layer, vllm_config):
     """The MoARingSpec of one MoA attention layer: its plan rules for every KV head, and the TP layout."""
-    from moa_vllm.vllm_plugin.backend import layer_index
-    from moa_vllm.vllm_plugin.kv_spec import MoARingSpec
+    from moa_vllm.vllm_plugin.moa.backend import layer_index
+    from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec
 
     plan = layer.impl.plan
     index = layer_index(layer.layer_name)
@@ -215,7 +220,7 @@ def _layer_kv_spec() -> None:
 
     def make(original):
         def get_kv_cache_spec(self, vllm_config):
-            from moa_vllm.vllm_plugin.backend import MoAImpl
+            from moa_vllm.vllm_plugin.moa.backend import MoAImpl
 
             if isinstance(getattr(self, "impl", None), MoAImpl):
                 return moa_layer_spec(self, vllm_config)
@@ -229,7 +234,7 @@ def _layer_kv_spec() -> None:
 # ---- admission_lengths -------------------------------------------------------------------------------------------
 def held_blocks(kv_cache_manager, request_id: str) -> int:
     """Blocks a request holds across all MoA layers (one block = one layer's page of every KV head)."""
-    from moa_vllm.vllm_plugin.kv_spec import MoARingManager
+    from moa_vllm.vllm_plugin.moa.kv_spec import MoARingManager
 
     return sum(
         len(m.req_to_blocks.get(request_id, ()))
@@ -242,7 +247,7 @@ def _admission_lengths() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
     from moa_vllm.plan.span import request_length
-    from moa_vllm.vllm_plugin import request_lengths
+    from moa_vllm.vllm_plugin.moa import request_lengths
 
     def make_allocate(original):
         @functools.wraps(original)
@@ -275,7 +280,7 @@ def _admission_lengths() -> None:
 # ---- request_lengths ----------------------------------------------------------------------------------------------
 def publish_request_lengths(runner, num_reqs: int) -> None:
     """Model runner V1: each row's request id and N, from the runner's request states."""
-    from moa_vllm.vllm_plugin import ring_state
+    from moa_vllm.vllm_plugin.moa import ring_state
 
     req_ids, prompts, max_tokens = [], [], []
     for req_id in runner.input_batch.req_ids[:num_reqs]:
@@ -289,7 +294,7 @@ def publish_request_lengths(runner, num_reqs: int) -> None:
 
 def publish_dummy_rows(num_reqs: int, max_model_len: int) -> None:
     """Warm-up / profiling batches: rows that are no request (their rings point at the null block)."""
-    from moa_vllm.vllm_plugin import ring_state
+    from moa_vllm.vllm_plugin.moa import ring_state
 
     ring_state.publish([None] * num_reqs, [max_model_len] * num_reqs, [None] * num_reqs, max_model_len)
 
@@ -318,7 +323,7 @@ def publish_request_lengths_v2(runner, input_batch) -> None:
     """Model runner V2: N = min(prompt + max_tokens, max_model_len) from its request states (max_seq_len)."""
     import numpy as np
 
-    from moa_vllm.vllm_plugin import ring_state
+    from moa_vllm.vllm_plugin.moa import ring_state
 
     idx = np.asarray(input_batch.idx_mapping_np)[: input_batch.num_reqs]
     lengths = np.minimum(runner.req_states.max_seq_len[idx], runner.max_model_len)
@@ -412,6 +417,24 @@ def _engine_death_exit() -> None:
     _wrap_once(entry, "serve_http", make)
 
 
+# ---- engine_inspect ----------------------------------------------------------------------------------------------
+def _engine_inspect() -> None:
+    """EngineCore.moa_inspect: a utility method (vLLM dispatches utility calls by name with getattr) returning what
+    each request's rings hold; the API server's /moa/requests and gauges call it (vllm_plugin/inspect/)."""
+    from vllm.v1.engine.core import EngineCore
+
+    from moa_vllm.vllm_plugin.inspect.report import UTILITY, engine_report
+
+    if getattr(EngineCore.__dict__.get(UTILITY), _MARK, False):
+        return
+
+    def moa_inspect(self):
+        return engine_report(self)
+
+    setattr(moa_inspect, _MARK, True)
+    setattr(EngineCore, UTILITY, moa_inspect)
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch("backend_alias", "AttentionBackendEnum._member_map_", "0.32", _backend_alias),
     Patch("cpu_backend_selection", "CpuPlatform.get_attn_backend_cls", "0.32", _cpu_backend_selection),
@@ -427,6 +450,7 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch("beam_search", "BeamSearchOnlineMixin/BeamSearchOfflineMixin.beam_search", "0.32", _beam_search),
     Patch("engine_death_exit", "launchers.api_server.entry.serve_http", "0.32", _engine_death_exit),
+    Patch("engine_inspect", "EngineCore.moa_inspect (new utility method)", "0.32", _engine_inspect),
 )
 
 

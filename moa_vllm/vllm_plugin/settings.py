@@ -1,63 +1,116 @@
-"""Where the plugin's plan comes from, loaded once per process and checked against the model."""
+"""Where the plugin's plan comes from: resolved in ONE place, loaded once per process, checked against the model.
+
+Resolution order (the first source that has a plan wins, and one log line names it):
+1. explicit: --additional-config '{"moa": {"plan": PATH}}', then $MOA_VLLM_PLAN;
+2. the model folder: `moa_plan.json` beside config.json (`moa-vllm plan attach`), else a
+   `sparse_attention_config` section of config.json whose algorithm is "moa" (moa_vllm/plan/attach.py);
+3. a plan the model derives itself: a model family registered with `register_derived_plan` (the BST's window).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from vllm.logger import init_logger
+
 from moa_vllm.plan import ModelFingerprint, Plan, PlanError, check_plan_fits, fingerprint_from_hf_config, load_plan
-from moa_vllm.vllm_plugin.bst_config import bst_fingerprint, bst_window_plan, is_bst_config
+from moa_vllm.plan.attach import PLAN_FILE, folder_plan
 
 PLAN_ENV = "MOA_VLLM_PLAN"
 CONFIG_KEY = "moa"
 
-_plans: dict[str, Plan] = {}
+logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
+
+
+@dataclass(frozen=True)
+class DerivedPlanFamily:
+    """A model family that brings its own plan and fingerprint (registered by that family's plugin part)."""
+
+    name: str
+    matches: Callable[[Any], bool]  # hf_config -> is this family
+    fingerprint: Callable[[Any], ModelFingerprint]
+    plan: Callable[[Any], Plan]
+
+
+@dataclass(frozen=True)
+class ResolvedPlan:
+    plan: Plan
+    source: str  # "additional_config", "env", "model folder", "model config", "derived"
+    where: str  # the file, or what derived it
+
+
+_families: dict[str, DerivedPlanFamily] = {}
+_plans: dict[tuple[str, str], ResolvedPlan] = {}
+_logged: set[tuple[str, str]] = set()
+
+
+def register_derived_plan(family: DerivedPlanFamily) -> None:
+    _families[family.name] = family
+
+
+def derived_family(hf_config: Any) -> DerivedPlanFamily | None:
+    return next((f for f in _families.values() if f.matches(hf_config)), None)
 
 
 def plan_path(additional_config: Any) -> str | None:
-    """--additional-config '{"moa": {"plan": PATH}}' wins over $MOA_VLLM_PLAN."""
+    """The explicit plan file: --additional-config '{"moa": {"plan": PATH}}' wins over $MOA_VLLM_PLAN."""
+    return _explicit(additional_config)[1]
+
+
+def _explicit(additional_config: Any) -> tuple[str, str | None]:
     if isinstance(additional_config, dict):
         section = additional_config.get(CONFIG_KEY)
         if section is not None:
             if not isinstance(section, dict) or not isinstance(section.get("plan"), str):
                 raise PlanError('additional_config.moa: expected {"moa": {"plan": "PATH"}}, got ' + repr(section))
-            return section["plan"]
-    return os.environ.get(PLAN_ENV) or None
+            return "additional_config", section["plan"]
+    return "env", os.environ.get(PLAN_ENV) or None
 
 
-def missing_plan_error() -> PlanError:
+def missing_plan_error(model: str) -> PlanError:
     return PlanError(
-        "--attention-backend moa needs a plan file: pass --additional-config "
-        '\'{"moa": {"plan": "PATH"}}\' or set ' + PLAN_ENV
+        f"--attention-backend moa needs a plan file and none was found for {model}: pass --additional-config "
+        f'\'{{"moa": {{"plan": "PATH"}}}}\', set {PLAN_ENV}, or attach one to the model folder '
+        f"(`moa-vllm plan attach PLAN MODEL_DIR` writes {PLAN_FILE} beside config.json)"
     )
 
 
 def model_fingerprint(hf_config: Any) -> ModelFingerprint:
-    """What a plan must fit. A BST's attention call runs more heads than ``num_attention_heads`` says (self +
-    context heads), so its fingerprint counts those; every other model is read the usual way."""
-    if is_bst_config(hf_config):
-        return bst_fingerprint(hf_config)
+    """What a plan must fit: a derived-plan family says (a BST runs more heads than num_attention_heads counts);
+    every other model is read the usual way."""
+    family = derived_family(hf_config)
+    if family is not None:
+        return family.fingerprint(hf_config)
     config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
     return fingerprint_from_hf_config(config)
 
 
-def load_checked_plan(path: str, hf_config: Any) -> Plan:
-    """The plan at `path`, verified to fit the model whose HF config is given (cached per path)."""
-    if path not in _plans:
-        plan = load_plan(path)
-        check_plan_fits(plan, model_fingerprint(hf_config), plan_source=path)
-        _plans[path] = plan
-    return _plans[path]
+def resolve_plan(additional_config: Any, model: str, hf_config: Any) -> ResolvedPlan:
+    """The plan for this model from the first source that has one (see the module docstring), checked to fit."""
+    source, path = _explicit(additional_config)
+    key = (model, path or "")
+    if key in _plans:
+        return _plans[key]
+    if path is not None:
+        found = ResolvedPlan(load_plan(path), source, path)
+    elif (attached := folder_plan(model)) is not None:
+        kind = "model folder" if attached.where.endswith(PLAN_FILE) else "model config"
+        found = ResolvedPlan(attached.plan, kind, attached.where)
+    elif (family := derived_family(hf_config)) is not None:
+        found = ResolvedPlan(family.plan(hf_config), "derived", f"{family.name} config")
+    else:
+        raise missing_plan_error(model)
+    check_plan_fits(found.plan, model_fingerprint(hf_config), plan_source=found.where)
+    _plans[key] = found
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("moa-vllm: plan from %s: %s (%s)", found.source, found.where, found.plan.metadata.method)
+    return found
 
 
 def plan_from_vllm_config(vllm_config: Any) -> Plan:
-    """The plan file's rules; a BST without one gets its trained window as a plan (no file needed)."""
-    hf_config = vllm_config.model_config.hf_config
-    path = plan_path(vllm_config.additional_config)
-    if path is None:
-        if is_bst_config(hf_config):
-            plan = bst_window_plan(hf_config)
-            check_plan_fits(plan, model_fingerprint(hf_config), plan_source="BST window plan")
-            return plan
-        raise missing_plan_error()
-    return load_checked_plan(path, hf_config)
+    model_config = vllm_config.model_config
+    return resolve_plan(vllm_config.additional_config, str(model_config.model), model_config.hf_config).plan

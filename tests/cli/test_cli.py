@@ -103,3 +103,47 @@ def test_serve_caps_parallel_samples_at_max_num_seqs(monkeypatch):
     assert server_env(["--max-num-seqs=12"])["VLLM_MAX_N_SEQUENCES"] == "12"
     monkeypatch.setenv("VLLM_MAX_N_SEQUENCES", "3")
     assert server_env(["--max-num-seqs", "8"])["VLLM_MAX_N_SEQUENCES"] == "3"  # the user's choice wins
+
+
+def test_serve_without_arguments_serves_the_embedded_model_with_its_best_shipped_plan(captured, monkeypatch):
+    monkeypatch.setattr(serve, "resolve_model", lambda model: str(serve.shipped_plans_dir("x").parents[1]))
+    monkeypatch.setattr(serve, "validate", lambda model, plan: plan)
+    cli.main(["serve"])
+    argv = captured["argv"]
+    plan = json.loads(argv[argv.index("--additional-config") + 1])["moa"]["plan"]
+    assert plan.endswith("plans/SmolLM2-135M-Instruct/moa-d0.50.json")
+    assert argv[argv.index("--served-model-name") + 1] == "SmolLM2-135M-Instruct"
+    load_plan(plan)  # the default is a real shipped plan
+
+
+def test_serve_a_folder_with_an_attached_plan_needs_no_plan_flag(model, tmp_path, captured, capsys):
+    plan = tmp_path / "p.json"
+    cli.main(["plan", "uniform", "--model", str(model), "--density", "0.25", "-o", str(plan)])
+    cli.main(["plan", "attach", str(plan), str(model)])
+    assert load_plan(model / "moa_plan.json") == load_plan(plan)
+    cli.main(["serve", str(model)])
+    argv = captured["argv"]
+    assert "--additional-config" not in argv  # the plugin finds moa_plan.json itself
+    assert argv[argv.index("--attention-backend") + 1] == "moa"
+    assert f"moa-vllm: plan {model / 'moa_plan.json'}" in capsys.readouterr().err
+
+
+def test_serve_a_folder_without_a_plan_says_how_to_attach_one(model, captured, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", str(model)])
+    assert e.value.code == 2
+    assert f"moa-vllm plan attach PLAN {model}" in capsys.readouterr().err
+    assert not captured
+
+
+def test_plan_attach_refuses_a_plan_for_another_model(model, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**CONFIG, "num_hidden_layers": 3}))
+    plan = tmp_path / "p.json"
+    cli.main(["plan", "dense", "--model", str(other), "-o", str(plan)])
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "attach", str(plan), str(model)])
+    assert e.value.code == 2
+    assert "model.num_layers is 3 but the model has 2" in capsys.readouterr().err
+    assert not (model / "moa_plan.json").exists()

@@ -11,9 +11,9 @@ import torch
 
 from moa_vllm.ops.reference import reference_attention
 from moa_vllm.ops.ring_layout import blocks_needed, ring_spans
-from moa_vllm.vllm_plugin import ring_state
-from moa_vllm.vllm_plugin.backend import ring_forward
-from moa_vllm.vllm_plugin.ring_state import RingState
+from moa_vllm.vllm_plugin.moa import ring_state
+from moa_vllm.vllm_plugin.moa.backend import ring_forward
+from moa_vllm.vllm_plugin.moa.ring_state import RingState
 
 
 class RingSim:

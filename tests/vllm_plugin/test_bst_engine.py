@@ -111,7 +111,7 @@ def test_attention_layers_run_the_moa_backend(llm) -> None:
 def test_request_holding_is_constant_in_sequence_length(llm) -> None:
     from vllm import SamplingParams
 
-    from moa_vllm.vllm_plugin.bst_memory import request_holdings
+    from moa_vllm.vllm_plugin.bst.memory import request_holdings
 
     engine, core = llm.llm_engine, engine_core(llm)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, detokenize=False)

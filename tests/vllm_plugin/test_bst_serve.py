@@ -8,7 +8,7 @@ import pytest
 
 from moa_vllm import cli, serve
 from moa_vllm.bst import BSTConfig, BSTForCausalLM
-from moa_vllm.vllm_plugin.bst_serve import bst_server_argv, is_bst_folder
+from moa_vllm.vllm_plugin.bst.serve import bst_server_argv, is_bst_folder
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moa_vllm.ops.page_format import cells
-from moa_vllm.vllm_plugin import ring_state
-from moa_vllm.vllm_plugin.backend import MoAMetadataBuilder, ring_forward
-from moa_vllm.vllm_plugin.kernels_cuda import CudaRingKernels
+from moa_vllm.vllm_plugin.moa import ring_state
+from moa_vllm.vllm_plugin.moa.backend import MoAMetadataBuilder, ring_forward
+from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels
 from tests.vllm_plugin.ring_sim import make_sim, rules
 from tests.vllm_plugin.test_kernels_cuda import contract  # noqa: F401  (fixture)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moa_vllm.vllm_plugin.kernels_cuda import CudaRingKernels
+from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels
 from tests.vllm_plugin.ring_sim import drive, make_sim, rules
 
 
@@ -67,7 +67,7 @@ def contract(monkeypatch):
     from moa_kernels import ring_prefill_reference
 
     monkeypatch.setattr(module, "unified_attention", unified_attention_contract)
-    monkeypatch.setattr("moa_vllm.vllm_plugin.kernels_cuda.ring_prefill", ring_prefill_reference)
+    monkeypatch.setattr("moa_vllm.vllm_plugin.moa.kernels_cuda.ring_prefill", ring_prefill_reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -19,7 +19,7 @@ def manager():
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 
-    from moa_vllm.vllm_plugin.kv_spec import MoARingSpec
+    from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec
 
     groups = [
         KVCacheGroupSpec(
@@ -86,7 +86,7 @@ def test_different_n_gets_different_sizes_and_a_full_pool_refuses(manager):
 
 
 def test_unknown_request_length_is_a_clear_error():
-    from moa_vllm.vllm_plugin import request_lengths
+    from moa_vllm.vllm_plugin.moa import request_lengths
 
     with pytest.raises(RuntimeError, match="no request length recorded for request 'nope'"):
         request_lengths.admitted("nope")

@@ -30,6 +30,7 @@ def test_every_patch_names_its_vllm_version():
         "request_lengths_v2",
         "beam_search",
         "engine_death_exit",
+        "engine_inspect",
     }
     assert all(p.vllm_version == "0.32" for p in PATCHES)
 
@@ -40,6 +41,7 @@ def test_patches_are_idempotent():
     from vllm.entrypoints.launchers.api_server import entry
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     def targets():
@@ -51,6 +53,7 @@ def test_patches_are_idempotent():
             BeamSearchOnlineMixin.beam_search,
             BeamSearchOfflineMixin.beam_search,
             entry.serve_http,
+            EngineCore.moa_inspect,
         )
 
     before = targets()
@@ -164,7 +167,7 @@ def test_layer_kv_spec_builds_a_ring_spec_per_layer(model_dir):
 
     from moa_vllm.plan import load_plan
     from moa_vllm.plan.ring import layer_blocks
-    from moa_vllm.vllm_plugin.kv_spec import MoARingSpec
+    from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec
 
     cfg = _engine_config(
         model_dir,
@@ -194,7 +197,7 @@ def test_layer_kv_spec_builds_a_ring_spec_per_layer(model_dir):
 def test_request_lengths_publishes_rows_in_batch_order():
     from types import SimpleNamespace
 
-    from moa_vllm.vllm_plugin import ring_state
+    from moa_vllm.vllm_plugin.moa import ring_state
     from moa_vllm.vllm_plugin.patches import publish_request_lengths
 
     def req(prompt, max_tokens):
@@ -220,7 +223,7 @@ def test_request_lengths_v2_reads_the_v2_request_states():
 
     import numpy as np
 
-    from moa_vllm.vllm_plugin import ring_state
+    from moa_vllm.vllm_plugin.moa import ring_state
     from moa_vllm.vllm_plugin.patches import publish_request_lengths_v2
 
     runner = SimpleNamespace(max_model_len=1000, req_states=SimpleNamespace(max_seq_len=np.array([150, 0, 1400, 30])))
@@ -326,3 +329,35 @@ def test_engine_death_makes_the_api_server_exit_nonzero(monkeypatch, errored):
     else:
         asyncio.run(serve())
     assert ran == [True]
+
+
+def test_engine_inspect_reports_each_requests_ring_blocks_and_bytes(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm.v1.engine.core import EngineCore
+
+    from moa_vllm.vllm_plugin.moa import request_lengths
+    from moa_vllm.vllm_plugin.moa.kv_spec import MoARingManager
+
+    def ring_manager(blocks: dict[str, list[int]], page_bytes: int):
+        m = object.__new__(MoARingManager)  # only the two attributes the report reads
+        m.req_to_blocks = blocks
+        m.kv_cache_spec = SimpleNamespace(page_size_bytes=page_bytes, block_size=32)
+        return m
+
+    layers = [ring_manager({"a": [1, 2], "b": [3]}, 1000), ring_manager({"a": [4], "b": [5, 6, 7]}, 1000)]
+    other = SimpleNamespace(req_to_blocks={"a": [9] * 50})  # a non-moa group is not counted
+    pool = SimpleNamespace(num_gpu_blocks=100, get_num_free_blocks=lambda: 93)
+    manager = SimpleNamespace(coordinator=SimpleNamespace(single_type_managers=[*layers, other]), block_pool=pool)
+    running = SimpleNamespace(status=SimpleNamespace(name="RUNNING"))
+    scheduler = SimpleNamespace(kv_cache_manager=manager, requests={"a": running, "b": running, "c": running})
+    monkeypatch.setattr(request_lengths, "_admitted", {"a": 700, "b": 1500})
+    report = EngineCore.moa_inspect(SimpleNamespace(scheduler=scheduler))
+    assert report["requests"] == [
+        {"id": "a", "state": "running", "n": 700, "blocks": 3, "kv_bytes": 3000},
+        {"id": "b", "state": "running", "n": 1500, "blocks": 4, "kv_bytes": 4000},
+    ]  # "c" holds nothing yet: not listed
+    assert report["totals"] == {
+        "requests": 2, "blocks": 7, "kv_bytes": 7000, "moa_layers": 2, "block_size": 32, "pool_blocks": 100,
+        "pool_free_blocks": 93,
+    }  # fmt: skip

@@ -12,7 +12,7 @@ from moa_vllm.data import natural_prompt
 from moa_vllm.plan import Plan, PlanMetadata, Rule, fingerprint_from_hf_config, load_hf_config, save_plan
 from moa_vllm.plan.ring import layer_blocks
 from moa_vllm.plan.span import request_length
-from moa_vllm.vllm_plugin.kv_spec import MoARingManager
+from moa_vllm.vllm_plugin.moa.kv_spec import MoARingManager
 from tests.vllm_plugin.conftest import close_llm, engine_core, make_llm
 from tests.vllm_plugin.hf_reference import ReferenceLM
 from tests.vllm_plugin.matching import assert_greedy_close

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moa_vllm.vllm_plugin import ring_state
-from moa_vllm.vllm_plugin.kernels_cpu import CpuRingKernels, probe_page_format
-from moa_vllm.vllm_plugin.ring_state import RingState
+from moa_vllm.vllm_plugin.moa import ring_state
+from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels, probe_page_format
+from moa_vllm.vllm_plugin.moa.ring_state import RingState
 from tests.vllm_plugin.ring_sim import PAGE, D, drive, make_sim, rules
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 6e-3}

@@ -26,7 +26,7 @@ def main() -> int:
     if not vllm.triton_utils.HAS_TRITON:
         print("skip: vLLM did not enable Triton")
         return 0
-    from moa_vllm.vllm_plugin.kernels_cuda import CudaRingKernels
+    from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels
     from tests.vllm_plugin.ring_sim import drive, make_sim
 
     dtype = {"float32": torch.float32, "float16": torch.float16}[sys.argv[1]]

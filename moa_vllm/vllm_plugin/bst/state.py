@@ -26,7 +26,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from moa_vllm.bst.config import BSTConfig
 from moa_vllm.bst.ssm import S4D
 
-STATE_BACKEND_PATH = "moa_vllm.vllm_plugin.bst_state.BSTStateBackend"
+STATE_BACKEND_PATH = "moa_vllm.vllm_plugin.bst.state.BSTStateBackend"
 
 
 @dataclass

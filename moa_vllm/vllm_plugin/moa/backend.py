@@ -29,9 +29,9 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 from moa_vllm.ops.page_format import cells
 from moa_vllm.ops.ring_layout import slot_positions
 from moa_vllm.ops.ring_prefill import prefill_attention, survivors
-from moa_vllm.vllm_plugin.kv_spec import MoARingSpec, rank_heads
-from moa_vllm.vllm_plugin.ring_kernels import ring_kernels
-from moa_vllm.vllm_plugin.ring_state import RingState, RingStep
+from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec, rank_heads
+from moa_vllm.vllm_plugin.moa.ring_kernels import ring_kernels
+from moa_vllm.vllm_plugin.moa.ring_state import RingState, RingStep
 from moa_vllm.vllm_plugin.settings import plan_from_vllm_config
 
 logger = init_logger("vllm.moa_vllm")

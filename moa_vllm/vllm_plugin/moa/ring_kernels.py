@@ -61,11 +61,11 @@ def ring_kernels(
     """The one switch: CUDA -> Triton decode + Triton ring prefill; anything else -> CPU_ATTN + torch prefill.
     Buffers a captured CUDA graph reads are allocated here, outside any capture."""
     if device.type == "cuda":
-        from moa_vllm.vllm_plugin.kernels_cuda import CudaRingKernels
+        from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels
 
         kernels = CudaRingKernels(dtype, page, head_dim, max_rows)
         kernels.allocate(device, group)
         return kernels
-    from moa_vllm.vllm_plugin.kernels_cpu import CpuRingKernels
+    from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels
 
     return CpuRingKernels(dtype, page, head_dim, max_rows)

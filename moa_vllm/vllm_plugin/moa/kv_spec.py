@@ -16,7 +16,7 @@ from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 
 from moa_vllm.plan.ring import layer_blocks
-from moa_vllm.vllm_plugin import request_lengths
+from moa_vllm.vllm_plugin.moa import request_lengths
 
 logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
 

@@ -16,7 +16,7 @@ from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from moa_vllm.ops.page_format import PageFormat
-from moa_vllm.vllm_plugin.ring_kernels import RingKernels
+from moa_vllm.vllm_plugin.moa.ring_kernels import RingKernels
 
 
 class CpuRingKernels(RingKernels):

@@ -26,9 +26,9 @@ from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from moa_vllm.bst.attention import rotary
 from moa_vllm.bst.config import BSTConfig
 from moa_vllm.bst.layer import PerHeadContextKV, SharedContextKV
-from moa_vllm.vllm_plugin.backend import MoABackend
-from moa_vllm.vllm_plugin.bst_config import bst_config
-from moa_vllm.vllm_plugin.bst_state import S4DStateLayer, state_shape
+from moa_vllm.vllm_plugin.bst.config import bst_config
+from moa_vllm.vllm_plugin.bst.state import S4DStateLayer, state_shape
+from moa_vllm.vllm_plugin.moa.backend import MoABackend
 
 
 class BSTDecoderLayer(nn.Module):

@@ -2,7 +2,7 @@
 
 The admission patch records each request's N (prompt + max_tokens, capped by max_model_len) before vLLM asks the
 managers for blocks and forgets it when the request's blocks are freed. Scheduler process only, one engine per
-process. The worker side (N per batch row for the metadata builder) is moa_vllm/vllm_plugin/ring_state.py.
+process. The worker side (N per batch row for the metadata builder) is moa_vllm/vllm_plugin/moa/ring_state.py.
 """
 
 from __future__ import annotations

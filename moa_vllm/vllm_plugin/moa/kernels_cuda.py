@@ -14,7 +14,7 @@ import torch
 from moa_kernels import ring_prefill
 from moa_vllm.ops.page_format import PageFormat, write_token_major
 from moa_vllm.ops.ring_layout import ring_slot_of
-from moa_vllm.vllm_plugin.ring_kernels import RingKernels
+from moa_vllm.vllm_plugin.moa.ring_kernels import RingKernels
 
 # vLLM's own Triton backend: below this many sequences the decode runs the split-KV ("3D") kernel over
 # NUM_SEGMENTS softmax segments (vllm/v1/attention/backends/triton_attn.py, MIN_LAUNCH_GRID_SIZE_2D // KV heads;

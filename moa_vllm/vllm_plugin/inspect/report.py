@@ -1,0 +1,57 @@
+"""Engine side: per request, its N and the ring blocks and bytes it holds, read from the scheduler's KV cache
+manager. Installed on vLLM's EngineCore as the utility method `moa_inspect` (patch `engine_inspect`), which the API
+server reaches through the engine client's utility call, as vLLM's own utilities (reset_prefix_cache, ...) are."""
+
+from __future__ import annotations
+
+from typing import Any
+
+UTILITY = "moa_inspect"
+
+
+def ring_managers(kv_cache_manager) -> list:
+    from moa_vllm.vllm_plugin.moa.kv_spec import MoARingManager
+
+    return [m for m in kv_cache_manager.coordinator.single_type_managers if isinstance(m, MoARingManager)]
+
+
+def request_report(kv_cache_manager, request_ids: list[str], states: dict[str, str]) -> dict[str, Any]:
+    """{"requests": [{id, state, n, blocks, kv_bytes}], "totals": {...}} over the MoA layers' ring managers."""
+    from moa_vllm.vllm_plugin.moa import request_lengths
+
+    managers = ring_managers(kv_cache_manager)
+    rows = []
+    for rid in request_ids:
+        held = [(len(m.req_to_blocks.get(rid, ())), m.kv_cache_spec.page_size_bytes) for m in managers]
+        blocks = sum(b for b, _ in held)
+        if blocks == 0:
+            continue  # waiting, or finished and freed: holds nothing
+        rows.append(
+            {
+                "id": rid,
+                "state": states.get(rid, "unknown"),
+                "n": request_lengths.admitted(rid) if request_lengths.is_admitted(rid) else None,
+                "blocks": blocks,
+                "kv_bytes": sum(b * size for b, size in held),
+            }
+        )
+    pool = kv_cache_manager.block_pool
+    return {
+        "requests": rows,
+        "totals": {
+            "requests": len(rows),
+            "blocks": sum(r["blocks"] for r in rows),
+            "kv_bytes": sum(r["kv_bytes"] for r in rows),
+            "moa_layers": len(managers),  # one ring manager (KV cache group) per MoA layer
+            "block_size": managers[0].kv_cache_spec.block_size if managers else None,
+            "pool_blocks": pool.num_gpu_blocks,
+            "pool_free_blocks": pool.get_num_free_blocks(),
+        },
+    }
+
+
+def engine_report(engine_core) -> dict[str, Any]:
+    """The report of one EngineCore: every request its scheduler knows, running or waiting."""
+    scheduler = engine_core.scheduler
+    states = {rid: str(getattr(req.status, "name", req.status)).lower() for rid, req in scheduler.requests.items()}
+    return request_report(scheduler.kv_cache_manager, list(scheduler.requests), states)
