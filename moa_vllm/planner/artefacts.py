@@ -97,3 +97,8 @@ class Timings:
         start, cpu = time.perf_counter(), time.process_time()
         yield
         self.record(step, time.perf_counter() - start, time.process_time() - cpu, **extra)
+
+
+def density_tag(density: float) -> str:
+    """d0.50, d0.25, d0.125: two decimals unless the density needs more."""
+    return f"d{density:.2f}" if round(density, 2) == density else f"d{density:.3f}"

@@ -15,9 +15,9 @@ from moa_vllm.plan.io import load_plan
 from moa_vllm.plan.span import window_tokens
 from moa_vllm.planner import artefacts as art
 from moa_vllm.planner import diagnose as dg
+from moa_vllm.planner.artefacts import density_tag
 from moa_vllm.planner.influence import outside_window_loss
 from moa_vllm.planner.masked import mean_loss, plan_loss, plan_loss_windows
-from moa_vllm.planner.pipeline import density_tag
 from moa_vllm.planner.report import plot_diagnosis
 
 DIAGNOSE_VERSION = 1
