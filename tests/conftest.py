@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model folder, its tokenizer and the shipped plans."""
+"""Shared fixtures: the embedded model folder, its tokenizer and the shipped plans; a small llama config (no
+weights) for tests of plan files and folders."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PLANS = REPO / "plans" / "SmolLM2-135M-Instruct"
+
+# config.json of a 2-layer llama (4 query heads, 2 KV heads, head dim 16): enough for plan and folder checks
+SMALL_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 64,
+}
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,9 @@ import pytest
 
 from moa_vllm import cli, serve
 from moa_vllm.plan import load_plan
+from tests.conftest import SMALL_LLAMA
 
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "hidden_size": 64,
-}
+CONFIG = SMALL_LLAMA
 
 
 @pytest.fixture

@@ -14,16 +14,11 @@ from pathlib import Path
 import pytest
 
 from moa_vllm.plan import ModelFingerprint, dense_plan, save_plan
+from tests.conftest import SMALL_LLAMA
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "hidden_size": 64,
-}
+CONFIG = SMALL_LLAMA
 
 
 def _run(env: dict[str, str], *args: str, dry: bool = True) -> subprocess.CompletedProcess:

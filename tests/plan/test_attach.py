@@ -6,17 +6,19 @@ import json
 
 import pytest
 
-from moa_vllm.plan import ModelFingerprint, PlanError, dense_plan, load_plan, save_plan, uniform_plan
+from moa_vllm.plan import (
+    PlanError,
+    dense_plan,
+    fingerprint_from_hf_config,
+    load_plan,
+    save_plan,
+    uniform_plan,
+)
 from moa_vllm.plan.attach import PLAN_FILE, attach_plan, folder_plan
+from tests.conftest import SMALL_LLAMA
 
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "hidden_size": 64,
-}
-FP = ModelFingerprint(architecture="LlamaForCausalLM", num_layers=2, num_query_heads=4, num_kv_heads=2, head_dim=16)
+CONFIG = SMALL_LLAMA
+FP = fingerprint_from_hf_config(SMALL_LLAMA)
 
 
 @pytest.fixture

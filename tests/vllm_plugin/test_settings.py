@@ -7,19 +7,21 @@ import logging
 
 import pytest
 
-from moa_vllm.plan import ModelFingerprint, PlanError, dense_plan, save_plan, uniform_plan, window_plan
+from moa_vllm.plan import (
+    ModelFingerprint,
+    PlanError,
+    dense_plan,
+    fingerprint_from_hf_config,
+    save_plan,
+    uniform_plan,
+    window_plan,
+)
 from moa_vllm.plan.attach import attach_plan
 from moa_vllm.vllm_plugin import settings
+from tests.conftest import SMALL_LLAMA
 
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "hidden_size": 64,
-}
-FP = ModelFingerprint(architecture="LlamaForCausalLM", num_layers=2, num_query_heads=4, num_kv_heads=2, head_dim=16)
+CONFIG = SMALL_LLAMA
+FP = fingerprint_from_hf_config(SMALL_LLAMA)
 
 
 @pytest.fixture(autouse=True)
