@@ -55,12 +55,8 @@ def derived_family(hf_config: Any) -> DerivedPlanFamily | None:
     return next((f for f in _families.values() if f.matches(hf_config)), None)
 
 
-def plan_path(additional_config: Any) -> str | None:
-    """The explicit plan file: --additional-config '{"moa": {"plan": PATH}}' wins over $MOA_VLLM_PLAN."""
-    return _explicit(additional_config)[1]
-
-
 def _explicit(additional_config: Any) -> tuple[str, str | None]:
+    """(source, path) of an explicit plan: --additional-config '{"moa": {"plan": PATH}}' wins over $MOA_VLLM_PLAN."""
     if isinstance(additional_config, dict):
         section = additional_config.get(CONFIG_KEY)
         if section is not None:
