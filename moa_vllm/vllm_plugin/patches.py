@@ -234,13 +234,9 @@ def _layer_kv_spec() -> None:
 # ---- admission_lengths -------------------------------------------------------------------------------------------
 def held_blocks(kv_cache_manager, request_id: str) -> int:
     """Blocks a request holds across all MoA layers (one block = one layer's page of every KV head)."""
-    from moa_vllm.vllm_plugin.moa.kv_spec import MoARingManager
+    from moa_vllm.vllm_plugin.moa.kv_spec import ring_managers
 
-    return sum(
-        len(m.req_to_blocks.get(request_id, ()))
-        for m in kv_cache_manager.coordinator.single_type_managers
-        if isinstance(m, MoARingManager)
-    )
+    return sum(len(m.req_to_blocks.get(request_id, ())) for m in ring_managers(kv_cache_manager))
 
 
 def _admission_lengths() -> None:

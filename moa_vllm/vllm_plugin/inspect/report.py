@@ -9,15 +9,10 @@ from typing import Any
 UTILITY = "moa_inspect"
 
 
-def ring_managers(kv_cache_manager) -> list:
-    from moa_vllm.vllm_plugin.moa.kv_spec import MoARingManager
-
-    return [m for m in kv_cache_manager.coordinator.single_type_managers if isinstance(m, MoARingManager)]
-
-
 def request_report(kv_cache_manager, request_ids: list[str], states: dict[str, str]) -> dict[str, Any]:
     """{"requests": [{id, state, n, blocks, kv_bytes}], "totals": {...}} over the MoA layers' ring managers."""
     from moa_vllm.vllm_plugin.moa import request_lengths
+    from moa_vllm.vllm_plugin.moa.kv_spec import ring_managers
 
     managers = ring_managers(kv_cache_manager)
     rows = []

@@ -106,3 +106,8 @@ class MoARingManager(SingleTypeKVCacheManager):
             logger.info("moa-vllm: prefix caching is off for MoA layers")
             cls._logged_no_prefix_cache = True
         return tuple([] for _ in kv_cache_group_ids), 0
+
+
+def ring_managers(kv_cache_manager) -> list[MoARingManager]:
+    """The MoA layers' ring managers among a KV cache manager's per-group managers (one per MoA layer)."""
+    return [m for m in kv_cache_manager.coordinator.single_type_managers if isinstance(m, MoARingManager)]
