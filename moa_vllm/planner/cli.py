@@ -93,6 +93,21 @@ def common_options() -> argparse.ArgumentParser:
         help="extra candidate sets with loss = influence + w x retrieval loss, e.g. '0.25 1' ('' for none; "
         "the influence-only set is always a candidate)",
     )
+    p.add_argument(
+        "--hybrid-heads",
+        type=_ints,
+        default=(2, 4, 8, 12),
+        help="hybrid candidates: the K heads of most retrieval mass at full span, the rest at one window, for each K "
+        "('' for none)",
+    )
+    p.add_argument(
+        "--fidelity-texts",
+        type=int,
+        default=2,
+        help="held-out natural texts on which every candidate's top-1 agreement and KL to dense are measured and "
+        "must beat uniform's (0: task loss only)",
+    )
+    p.add_argument("--fidelity-length", type=int, default=2048, help="tokens per held-out fidelity text")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -162,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         ship_gate=not args.no_ship_gate,
         layer_correction=args.layer_correction,
         retrieval_weights=args.retrieval_weights,
+        hybrid_heads=args.hybrid_heads,
+        fidelity_texts=args.fidelity_texts,
+        fidelity_length=args.fidelity_length,
         seed=args.seed,
         device=args.device,
         sinks=args.sinks,

@@ -7,6 +7,8 @@ Work dir layout:
     optimize-d{density}.json    the Pareto set of one density target (influence loss only)
     optimize-d{density}-r{w}.json   the same with w x the retrieval loss added (one per --retrieval-weights entry)
     truth-d{density}[-r{w}].json    held-out true loss of those Pareto plans (dense and uniform in the first)
+    truth-d{density}-hybrid.json    held-out true loss of the hybrid candidates (hybrid.py)
+    fidelity-d{density}.json    held-out top-1 / KL to dense of every candidate and uniform (fidelity.py)
     validate-d{density}.json    the chosen plan over all of them; plan-d{density}.json and report-d{density}/ beside it
     timings.json                wall time of every step that ran
 The profile does not depend on the density, so several densities share one calibration and profile.
@@ -30,6 +32,7 @@ from moa_vllm.plan.span import span_tokens, window_tokens
 from moa_vllm.planner import artefacts as art
 from moa_vllm.planner.artefacts import density_tag
 from moa_vllm.planner.calibrate import Sample, SlotResult, calibrate
+from moa_vllm.planner.fidelity_step import FidelityStep
 from moa_vllm.planner.gate import ShipGateError  # noqa: F401  (re-exported for the CLI)
 from moa_vllm.planner.influence import outside_window_loss
 from moa_vllm.planner.optimize import (
@@ -80,6 +83,11 @@ class PlannerConfig:
     # Extra candidate sets: loss = influence + w x retrieval loss (scaled to the influence's total), one Pareto set
     # per w, beside the influence-only set (w = 0, always a candidate). The held-out true loss picks among all.
     retrieval_weights: tuple[float, ...] = (1.0,)
+    # Hybrid candidates (hybrid.py): the K heads of most retrieval mass at full span, the rest at one window.
+    hybrid_heads: tuple[int, ...] = (2, 4, 8, 12)
+    # Held-out fidelity (fidelity.py) of every candidate and uniform: texts x length tokens; 0 texts = not measured
+    fidelity_texts: int = 2
+    fidelity_length: int = 2048
     max_rules_per_layer: int = 2
     time_limit_s: float = 60.0
     epsilon_points: int = 5
@@ -96,6 +104,11 @@ class PlannerConfig:
             raise ValueError(
                 f"retrieval weights must be distinct and > 0 (0 is always a candidate), got {self.retrieval_weights}"
             )
+        if any(k < 1 for k in self.hybrid_heads) or len(set(self.hybrid_heads)) != len(self.hybrid_heads):
+            raise ValueError(f"hybrid head counts must be distinct and >= 1, got {self.hybrid_heads}")
+        if self.fidelity_texts < 0 or self.fidelity_length < 2:
+            got = f"{self.fidelity_texts}, {self.fidelity_length}"
+            raise ValueError(f"need fidelity_texts >= 0 and fidelity_length >= 2, got {got}")
 
     @property
     def levels(self) -> list[int]:
@@ -117,7 +130,7 @@ class PlannerConfig:
 
 
 @dataclass
-class Pipeline(RetrievalStep, ValidateStep):
+class Pipeline(RetrievalStep, FidelityStep, ValidateStep):
     config: PlannerConfig
     timings: art.Timings = field(init=False)
 

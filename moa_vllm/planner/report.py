@@ -32,7 +32,7 @@ class ReportFiles:
 def write_report(
     out_dir: str | Path,
     solutions: Sequence[ParetoSolution],
-    chosen_index: int,
+    chosen_index: int | None,
     problem: PlanningProblem,
     plan: Plan,
     validation: Sequence[float] | None = None,
@@ -44,11 +44,12 @@ def write_report(
 
     validation (one true held-out loss per solution, measured at validation_length) adds a column and colours the
     front; uniform_loss (the uniform plan's, same samples) goes into the CSV and the plot title.
-    span_length defaults to the largest constraint length.
+    span_length defaults to the largest constraint length. chosen_index None: the plan is not one of these
+    solutions (a hybrid candidate won); the front is drawn without a chosen point.
     """
     if not solutions:
         raise ValueError("no solutions to report")
-    if not 0 <= chosen_index < len(solutions):
+    if chosen_index is not None and not 0 <= chosen_index < len(solutions):
         raise ValueError(f"chosen_index {chosen_index} outside 0..{len(solutions) - 1}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,7 @@ def write_report(
 def write_pareto_csv(
     path: Path,
     solutions: Sequence[ParetoSolution],
-    chosen_index: int,
+    chosen_index: int | None,
     problem: PlanningProblem,
     validation: Sequence[float] | None,
     uniform_loss: float | None = None,
@@ -119,7 +120,7 @@ def plot_span_heatmap(path: Path, plan: Plan, length: int) -> None:
 def plot_pareto_front(
     path: Path,
     solutions: Sequence[ParetoSolution],
-    chosen_index: int,
+    chosen_index: int | None,
     problem: PlanningProblem,
     validation: Sequence[float] | None,
     validation_length: int | None,
@@ -139,14 +140,16 @@ def plot_pareto_front(
         points = ax.scatter(xs, ys, c=np.asarray(validation, dtype=np.float64), cmap="plasma", zorder=2)
         at = f" at {validation_length}" if validation_length else ""
         fig.colorbar(points, ax=ax, label=f"held-out true loss{at}")
-    ax.scatter(
-        [xs[chosen_index]], [ys[chosen_index]], s=220, facecolors="none", edgecolors="red", zorder=3, label="chosen"
-    )
+    if chosen_index is not None:
+        ax.scatter(
+            [xs[chosen_index]], [ys[chosen_index]], s=220, facecolors="none", edgecolors="red", zorder=3, label="chosen"
+        )
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     uniform = "" if uniform_loss is None else f"; uniform plan's held-out loss {uniform_loss:.4f}"
     ax.set_title(f"Pareto front ({len(solutions)} plans){uniform}", fontsize=9)
-    ax.legend(loc="best")
+    if chosen_index is not None:
+        ax.legend(loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

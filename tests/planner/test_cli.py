@@ -18,6 +18,7 @@ TINY_ARGS = [
     "--samples-per-length", "2", "--max-new-tokens", "6", "--sinks", "8", "--min-span", "16",
     "--alphas", "-32 0 64", "--num-betas", "5", "--time-limit", "20", "--epsilon-points", "3", "--no-progress",
     "--validation-samples", "2", "--keep-wrong-answers",  # a random model never answers right
+    "--fidelity-texts", "1", "--fidelity-length", "224",
 ]  # fmt: skip
 
 
@@ -94,7 +95,9 @@ def test_run_refuses_a_plan_that_loses_to_uniform(tiny_dir: Path, tmp_path: Path
     work, out = tmp_path / "work", tmp_path / "plans"
     argv = ["run", "--model", str(tiny_dir), "--work-dir", str(work), "--density", "0.5", "--out-dir", str(out)]
     assert main([*argv, *TINY_ARGS]) == 3
-    assert "does not beat the uniform plan" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no MoA plan at density 0.5 beats the uniform plan on every held-out measure" in err
+    assert "true loss" in err and "vs 0.00000" in err  # names the measure and by how much
     assert not (out / "moa-d0.50.json").exists() and not (work / "plan-d0.50.json").exists()
 
 

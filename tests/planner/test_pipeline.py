@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moa_vllm.plan.io import load_plan
 from moa_vllm.planner import artefacts as art
 from moa_vllm.planner import profile as prof
 from moa_vllm.planner.pipeline import Pipeline, PlannerConfig
@@ -37,6 +38,9 @@ def _config(model: Path, work: Path, **changes) -> PlannerConfig:
         num_betas=5,
         time_limit_s=20.0,
         epsilon_points=3,
+        hybrid_heads=(1,),
+        fidelity_texts=1,
+        fidelity_length=192,
         progress=False,
     )
     return PlannerConfig(**{**base, **changes})
@@ -150,3 +154,42 @@ def test_layer_correction_rescales_each_layers_rule_losses(tiny_dir: Path, tmp_p
     np.testing.assert_allclose(b[1, 0], 3.0 * a[1, 0])
     np.testing.assert_allclose(b[1, 1], 1e-3 * a[1, 1])  # a negative ratio is clipped: losses stay >= 0
     assert "layer_scale" in corrected.optimize_key(0.5) and "layer_scale" not in plain.optimize_key(0.5)
+
+
+def test_validate_measures_fidelity_of_every_candidate_and_chooses_by_the_gate(tiny_dir: Path, tmp_path: Path):
+    from moa_vllm.planner.gate import Scores
+
+    pipe = Pipeline(_config(tiny_dir, tmp_path, retrieval_weights=(1.0,)))
+    pipe.validate(0.5)
+    record = art.read_json(tmp_path / "validate-d0.50.json")
+    losses = record["true_loss"]["candidates"]
+    assert "hybrid-1" in losses and "r1-pareto-0" in losses and "pareto-0" in losses
+    fidelity = record["fidelity"]["plans"]
+    assert set(fidelity) == {*losses, "uniform"}
+    assert all(0.0 <= f["top1"] <= 1.0 and f["kl"] >= 0.0 for f in fidelity.values())
+    uniform = Scores(record["true_loss"]["uniform"], fidelity["uniform"]["kl"], fidelity["uniform"]["top1"])
+    scores = {n: Scores(loss, fidelity[n]["kl"], fidelity[n]["top1"]) for n, loss in losses.items()}
+    passing = [n for n in losses if not scores[n].shortfalls(uniform)]
+    expected = min(passing or losses, key=lambda n: (losses[n], n))  # ship gate off in these tests
+    assert record["chosen"] == expected and record["beats_uniform"] == bool(passing)
+    again = art.read_json(tmp_path / "fidelity-d0.50.json")
+    Pipeline(_config(tiny_dir, tmp_path, retrieval_weights=(1.0,))).validate(0.5)
+    assert art.read_json(tmp_path / "fidelity-d0.50.json") == again  # measured once per plan
+
+
+def test_a_winning_hybrid_is_written_with_its_full_heads(tiny_dir: Path, tmp_path: Path, monkeypatch):
+    real = Pipeline.hybrid_true_losses
+
+    def hybrid_wins(self, density):
+        doc = real(self, density)
+        doc["plans"]["hybrid-1"]["mean"]["total"] = 1e-9
+        return doc
+
+    monkeypatch.setattr(Pipeline, "hybrid_true_losses", hybrid_wins)
+    pipe = Pipeline(_config(tiny_dir, tmp_path, fidelity_texts=0))
+    plan = load_plan(pipe.validate(0.5))
+    assert art.read_json(tmp_path / "validate-d0.50.json")["chosen"] == "hybrid-1"
+    assert plan.metadata.extra["candidate"] == "hybrid-1" and "fidelity" not in plan.metadata.extra
+    spans = plan.spans(224)
+    assert sum(s == 224 for layer in spans for s in layer) == 1  # the one head of most retrieval mass
+    assert (tmp_path / "report-d0.50" / "pareto_front.png").stat().st_size > 0
