@@ -223,3 +223,42 @@ def write_retrieval_report(out_dir: Path, mass: dict[int, np.ndarray], plan: Pla
     fig.savefig(out_dir / RETRIEVAL_PNG, dpi=100)
     plt.close(fig)
     return out_dir / RETRIEVAL_JSON
+
+
+CANDIDATES_JSON = "candidates.json"
+CANDIDATES_PNG = "candidates.png"
+
+
+def write_candidates_report(
+    out_dir: Path,
+    losses: dict[str, float],
+    fidelity: dict[str, dict[str, float]],
+    chosen: str,
+    density: float,
+) -> Path:
+    """Every candidate's held-out true loss against its held-out top-1 agreement (colour: KL), uniform's as lines:
+    a candidate the gate accepts sits left of the vertical line and above the horizontal one (and is bluer than
+    uniform). The trade-off between retrieval (loss) and local fidelity (top-1) at a density reads off this plot."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(losses, key=losses.get)
+    rows = [{"name": n, "true_loss": losses[n], **fidelity[n]} for n in names]
+    doc = {"density": density, "chosen": chosen, "uniform": fidelity["uniform"], "candidates": rows}
+    (out_dir / CANDIDATES_JSON).write_text(json.dumps(doc, indent=1) + "\n")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    kl = np.array([fidelity[n]["kl"] for n in names])
+    points = ax.scatter([losses[n] for n in names], [fidelity[n]["top1"] for n in names], c=kl, cmap="viridis_r")
+    fig.colorbar(points, ax=ax, label="KL(dense || plan), held-out text")
+    ax.scatter([losses[chosen]], [fidelity[chosen]["top1"]], s=220, facecolors="none", edgecolors="red", label="chosen")
+    if "uniform" in losses:
+        ax.axvline(losses["uniform"], color="grey", linestyle="--", label="uniform")
+    ax.axhline(fidelity["uniform"]["top1"], color="grey", linestyle="--")
+    ax.set_xlabel("held-out true loss")
+    ax.set_ylabel("held-out top-1 agreement with dense")
+    ax.set_title(f"candidates at density {density}: uniform KL {fidelity['uniform']['kl']:.4f}", fontsize=9)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / CANDIDATES_PNG
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

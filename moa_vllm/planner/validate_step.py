@@ -245,6 +245,12 @@ class ValidateStep:
                 uniform.loss,
             )
             self._retrieval_report(report_dir, plan)
+            if fidelity:
+                from moa_vllm.planner.report import write_candidates_report
+
+                losses = {**record["true_loss"]["candidates"], "uniform": uniform.loss}
+                plans = record["fidelity"]["plans"]
+                write_candidates_report(report_dir, losses, plans, best.name, density)
         return plan_path
 
     def _fidelity_record(self, fidelity: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

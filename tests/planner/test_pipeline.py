@@ -172,6 +172,9 @@ def test_validate_measures_fidelity_of_every_candidate_and_chooses_by_the_gate(t
     passing = [n for n in losses if not scores[n].shortfalls(uniform)]
     expected = min(passing or losses, key=lambda n: (losses[n], n))  # ship gate off in these tests
     assert record["chosen"] == expected and record["beats_uniform"] == bool(passing)
+    report = art.read_json(tmp_path / "report-d0.50" / "candidates.json")
+    assert {r["name"] for r in report["candidates"]} == {*losses, "uniform"} and report["chosen"] == expected
+    assert (tmp_path / "report-d0.50" / "candidates.png").stat().st_size > 0
     again = art.read_json(tmp_path / "fidelity-d0.50.json")
     Pipeline(_config(tiny_dir, tmp_path, retrieval_weights=(1.0,))).validate(0.5)
     assert art.read_json(tmp_path / "fidelity-d0.50.json") == again  # measured once per plan
