@@ -31,6 +31,12 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(canonical(obj).encode()).hexdigest()[:16]
 
 
+def plan_digest(plan) -> str:
+    """What decides a plan's masks (a moa_vllm.plan Plan): sinks, min_span and the rules, not its metadata."""
+    rules = [[r.model_dump(mode="json") for r in layer] for layer in plan.rules]
+    return digest({"sinks": plan.sink_tokens, "min_span": plan.min_span, "rules": rules})
+
+
 def model_identity(model_dir: Path) -> dict[str, Any]:
     """What identifies a model folder's weights without hashing gigabytes: config digest, weight names and sizes."""
     config = json.loads((model_dir / "config.json").read_text())

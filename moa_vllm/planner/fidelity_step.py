@@ -17,12 +17,6 @@ from moa_vllm.planner.calibrate import Sample
 FIDELITY_VERSION = 1
 
 
-def plan_digest(plan: Plan) -> str:
-    """What decides a plan's masks: sinks, min_span and the rules (not its metadata)."""
-    rules = [[r.model_dump(mode="json") for r in layer] for layer in plan.rules]
-    return art.digest({"sinks": plan.sink_tokens, "min_span": plan.min_span, "rules": rules})
-
-
 class FidelityStep:
     def fidelity_key(self) -> dict[str, Any]:
         c = self.config
@@ -60,7 +54,7 @@ class FidelityStep:
         doc = art.read_json(path)
         if not doc or doc.get("key") != key:
             doc = {"key": key, "plans": {}}
-        digests = {n: plan_digest(p) for n, p in plans.items()}
+        digests = {n: art.plan_digest(p) for n, p in plans.items()}
         todo = [n for n in plans if doc["plans"].get(n, {}).get("plan") != digests[n]]
         if todo:
             with (

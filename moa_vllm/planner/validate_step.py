@@ -85,8 +85,6 @@ class ValidateStep:
         return self._measure_truth(name, self.truth_key(density, retrieval_weight), plans)
 
     def hybrid_true_losses(self, density: float) -> dict[str, Any]:
-        from moa_vllm.planner.fidelity_step import plan_digest
-
         c = self.config
         plans = self.hybrid_candidates(density)
         key = {
@@ -94,7 +92,7 @@ class ValidateStep:
             "calibration": art.read_json(self.path("calibration.json"))["digest"],
             "validation_length": c.validation_length,
             "context_weight": c.context_weight,
-            "plans": {n: plan_digest(p) for n, p in plans.items()},
+            "plans": {n: art.plan_digest(p) for n, p in plans.items()},
         }
         return self._measure_truth(f"truth-{density_tag(density)}-hybrid", key, dict(plans))
 
@@ -142,13 +140,6 @@ class ValidateStep:
                 rows.append(Candidate(n, plan, truth["plans"][n]["mean"]["total"]))
         return rows
 
-    def candidate_losses(self, density: float) -> list[dict[str, Any]]:
-        """Every candidate plan's held-out true loss: name, retrieval weight, index in its Pareto set, loss."""
-        return [
-            {"name": c.name, "retrieval_weight": c.retrieval_weight, "index": c.index, "loss": c.loss}
-            for c in self.candidates(density)
-        ]
-
     def validate_key(self, density: float) -> dict[str, Any]:
         tag = density_tag(density)
         truth = {
@@ -193,6 +184,7 @@ class ValidateStep:
             log.info("validate: %s is up to date, skipped", path)
             return plan_path
         best = next(x for x in candidates if x.name == choice.name)
+        shortfalls = scores(best.name, best.loss).shortfalls(uniform)
         dense = base["plans"]["dense"]["mean"]["total"]
         weight = best.retrieval_weight if best.retrieval_weight is not None else 0.0
         group = [x for x in candidates if x.index is not None and x.retrieval_weight == weight]
@@ -209,8 +201,8 @@ class ValidateStep:
             },
             "fidelity": self._fidelity_record(fidelity),
             "shipped": verdict is None,
-            "beats_uniform": not scores(best.name, best.loss).shortfalls(uniform),
-            "shortfalls": scores(best.name, best.loss).shortfalls(uniform),
+            "beats_uniform": not shortfalls,
+            "shortfalls": shortfalls,
         }
         art.write_json_atomic(path, record)
         if verdict is not None:
