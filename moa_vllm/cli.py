@@ -72,22 +72,56 @@ def cmd_bst_train(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     # Flags left out keep TrainSettings' defaults; the recorded command spells every value out.
-    given = {k: getattr(args, k) for k in ("steps", "seed", "batch_size", "eval_samples", "lr", "ssm_lr")}
+    given = {k: getattr(args, k) for k in ("steps", "seed", "batch_size", "eval_samples", "lr", "ssm_lr", "gate_l1")}
     settings = TrainSettings(**{k: v for k, v in given.items() if v is not None})
     flags = ["--task", args.task, "--out", str(args.out)]
     for name in given:
         flags += [f"--{name.replace('_', '-')}", str(getattr(settings, name))]
     flags += ["--no-ssm"] if args.no_ssm else []
+    task_params = {k: getattr(args, k) for k in ("min_seq_len", "noise_mix") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("ssm_init", "ssm_dt_min", "ssm_dt_max") if getattr(args, k) is not None}
+    for name, value in {**task_params, **overrides}.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    if args.ssm_input_gate:
+        overrides["ssm_input_gate"] = True
+        flags.append("--ssm-input-gate")
     command = shlex.join(["moa-vllm", "bst", "train", *flags])
     metrics = run(
         args.task,
         args.out,
         use_ssm=not args.no_ssm,
         settings=settings,
+        config_overrides=overrides,
+        task_params=task_params,
         command=command,
         log=lambda step, loss: print(f"step {step} loss {loss:.4f}", flush=True),
     )
     print(json.dumps({k: metrics[k] for k in ("train_wall_s", "eval_accuracy", "eval_exact_match", "chance")}))
+    print(args.out)
+
+
+def cmd_bst_train_lm(args: argparse.Namespace) -> None:
+    import shlex
+
+    import torch
+
+    from moa_vllm.bst.lm import train_checkpoint
+    from moa_vllm.bst.lm_train import LMTrainSettings
+
+    torch.set_num_threads(args.threads)
+    settings = LMTrainSettings(**({"steps": args.steps} if args.steps is not None else {}))
+    flags = ["--out", str(args.out), "--work", str(args.work), "--steps", str(settings.steps)]
+    flags += ["--no-ssm"] if args.no_ssm else []
+    command = shlex.join(["moa-vllm", "bst", "train-lm", *flags, "--threads", str(args.threads)])
+    metrics = train_checkpoint(
+        args.out,
+        args.work,
+        use_ssm=not args.no_ssm,
+        settings=settings,
+        command=command,
+        log=lambda r: print(json.dumps(r), flush=True),
+    )
+    print(json.dumps({k: metrics[k] for k in ("parameters", "steps", "tokens_seen", "train_wall_s")}))
     print(args.out)
 
 
@@ -153,8 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-samples", type=int, help="held-out samples for the accuracy (default 512)")
     tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     tr.add_argument("--ssm-lr", type=float, help="peak learning rate of the SSM parameters (default 3e-3)")
+    tr.add_argument("--min-seq-len", type=int, help="recall: batch lengths drawn from [this, 128] (default: all 128)")
+    tr.add_argument("--noise-mix", choices=["uniform", "subset"], help="recall: noise per sample (default uniform)")
+    tr.add_argument("--ssm-init", choices=["lin", "inv", "real"], help="S4D init of A (default lin)")
+    tr.add_argument("--ssm-dt-min", type=float, help="smallest initial SSM step (default 1e-3)")
+    tr.add_argument("--ssm-dt-max", type=float, help="largest initial SSM step (default 1e-1)")
+    tr.add_argument("--ssm-input-gate", action="store_true", help="ReLU gate on the SSM input (see layer.py)")
+    tr.add_argument("--gate-l1", type=float, help="L1 penalty on what the input gates let through (default 0)")
     tr.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     tr.set_defaults(func=cmd_bst_train)
+    lm = bst.add_parser(
+        "train-lm", help="train the BST language model (or its windowed baseline) on the stdlib; writes a model folder"
+    )
+    lm.add_argument("--out", required=True, help="output folder (model, tokenizer, metrics.json)")
+    lm.add_argument("--work", required=True, help="work folder: tokenizer, token streams, resumable training state")
+    lm.add_argument("--no-ssm", action="store_true", help="the baseline: windowed attention only, same window")
+    lm.add_argument("--steps", type=int, help="optimizer steps of 8192 tokens (default 600)")
+    lm.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    lm.set_defaults(func=cmd_bst_train_lm)
 
     srv = sub.add_parser(
         "serve",

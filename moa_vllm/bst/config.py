@@ -40,9 +40,12 @@ class BSTConfig:
     use_ssm: bool = True
     context_mode: ContextMode = "sh"
     ssm_state_size: int = 16
-    ssm_init: Literal["lin", "inv"] = "lin"
+    ssm_init: Literal["lin", "inv", "real"] = "lin"
     ssm_dt_min: float = 1e-3
     ssm_dt_max: float = 1e-1
+    # A token-wise input gate u = h * relu(W h + b) before the SSM: tokens whose gate training shut write exactly
+    # nothing into the state, so a long run of irrelevant tokens leaves it as it was (recall past the trained length).
+    ssm_input_gate: bool = False
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
@@ -59,8 +62,8 @@ class BSTConfig:
             raise ValueError("head_dim must be even (rotary embeddings rotate pairs)")
         if self.context_mode not in ("sh", "mh"):
             raise ValueError(f"context_mode must be 'sh' or 'mh', got {self.context_mode!r}")
-        if self.ssm_init not in ("lin", "inv"):
-            raise ValueError(f"ssm_init must be 'lin' or 'inv', got {self.ssm_init!r}")
+        if self.ssm_init not in ("lin", "inv", "real"):
+            raise ValueError(f"ssm_init must be 'lin', 'inv' or 'real', got {self.ssm_init!r}")
 
     @property
     def head_dim(self) -> int:

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-SSMInit = Literal["lin", "inv"]
+SSMInit = Literal["lin", "inv", "real"]
 
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
@@ -66,6 +66,8 @@ def init_A(channels: int, state_size: int, init: SSMInit) -> tuple[Tensor, Tenso
     S4D-Lin: A_n = -1/2 + i pi n.
     S4D-Inv: A_n = -1/2 + i (N'/pi) (N'/(2n+1) - 1) with N' = 2 * state_size, the real state dimension the S4D
     paper's formula is written for (so the imaginary parts stay non-negative for n < state_size).
+    Real: A_n = -1/2, no oscillation. With small dt every mode is a slow leaky integrator whose kernel is flat over
+    thousands of steps, so what a token wrote reads back the same at any distance (length-robust recall).
     """
     n = torch.arange(state_size, dtype=torch.float64)
     if init == "lin":
@@ -73,8 +75,10 @@ def init_A(channels: int, state_size: int, init: SSMInit) -> tuple[Tensor, Tenso
     elif init == "inv":
         n_real = 2 * state_size
         imag = n_real / math.pi * (n_real / (2 * n + 1) - 1)
+    elif init == "real":
+        imag = torch.zeros_like(n)
     else:
-        raise ValueError(f"unknown S4D init {init!r}; expected 'lin' or 'inv'")
+        raise ValueError(f"unknown S4D init {init!r}; expected 'lin', 'inv' or 'real'")
     real = torch.full((state_size,), -0.5, dtype=torch.float64)
     return real.repeat(channels, 1).float(), imag.repeat(channels, 1).float()
 

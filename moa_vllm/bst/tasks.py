@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -43,6 +43,10 @@ class Task(Protocol):
 
     def to_dict(self) -> dict[str, Any]: ...
 
+    def plain(self) -> Task:
+        """The evaluation form of the task: the training-only variations switched off."""
+        ...
+
 
 @dataclass(frozen=True)
 class RecallTask:
@@ -51,12 +55,23 @@ class RecallTask:
     Vocabulary: signals ``[0, num_signals)``, noise ``[num_signals, num_signals + num_noise)``, then the query token.
     The signal is at a uniform position in ``[0, signal_region)`` (default: the first quarter); the query is the
     last prompt token, so the signal is at least ``seq_len - signal_region`` tokens back.
+
+    Two training-only variations, both off by default (the evaluation task is the plain one):
+
+    * ``min_seq_len``: each batch has a length drawn uniformly from ``[min_seq_len, seq_len]`` (the signal region
+      scales with it), so the model cannot tie what it reads from the SSM to one sequence length.
+    * ``noise_mix="subset"``: each sample draws its noise from a random non-empty subset of the noise tokens. With
+      uniform noise the SSM only has to cancel the *mean* noise input, and the leftover fluctuation grows like
+      sqrt(length), which is what breaks recall past the trained length; skewed noise (down to one noise token
+      repeated) makes the model null every noise token's input on its own, which holds at any length.
     """
 
     seq_len: int = 128
     num_signals: int = 16
     num_noise: int = 16
     signal_region: int | None = None
+    min_seq_len: int | None = None
+    noise_mix: Literal["uniform", "subset"] = "uniform"
     name: str = "recall"
 
     def __post_init__(self) -> None:
@@ -66,6 +81,10 @@ class RecallTask:
             raise ValueError("need 0 < signal_region < seq_len")
         if self.num_signals < 2 or self.num_noise < 1:
             raise ValueError("need at least 2 signal tokens and 1 noise token")
+        if self.min_seq_len is not None and not 2 <= self.min_seq_len <= self.seq_len:
+            raise ValueError(f"need 2 <= min_seq_len <= seq_len={self.seq_len}, got {self.min_seq_len}")
+        if self.noise_mix not in ("uniform", "subset"):
+            raise ValueError(f"noise_mix must be 'uniform' or 'subset', got {self.noise_mix!r}")
 
     @property
     def query_token(self) -> int:
@@ -83,18 +102,38 @@ class RecallTask:
     def chance(self) -> float:
         return 1 / self.num_signals
 
+    def plain(self, seq_len: int | None = None) -> RecallTask:
+        """Fixed length (``seq_len``, default this task's), uniform noise, signal in the first quarter unless this
+        task set its own region at its own length."""
+        length = seq_len or self.seq_len
+        region = self.signal_region if length == self.seq_len else None
+        return dataclasses.replace(self, seq_len=length, signal_region=region, min_seq_len=None, noise_mix="uniform")
+
     @property
     def min_distance(self) -> int:
         """Smallest distance from the query back to the signal."""
         return self.seq_len - self.signal_region
 
     def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        ids = torch.randint(self.num_signals, self.query_token, (batch, self.seq_len), generator=generator)
+        length, region = self.seq_len, self.signal_region
+        if self.min_seq_len is not None:
+            length = int(torch.randint(self.min_seq_len, self.seq_len + 1, (1,), generator=generator))
+            region = max(1, min(length - 1, round(length * self.signal_region / self.seq_len)))
+        ids = self._noise(batch, length, generator)
         signal = torch.randint(0, self.num_signals, (batch,), generator=generator)
-        where = torch.randint(0, self.signal_region, (batch,), generator=generator)
+        where = torch.randint(0, region, (batch,), generator=generator)
         ids[torch.arange(batch), where] = signal
         ids[:, -1] = self.query_token
         return ids, signal[:, None]
+
+    def _noise(self, batch: int, length: int, generator: torch.Generator) -> Tensor:
+        """Noise token ids ``(batch, length)``, in ``[num_signals, query_token)``."""
+        if self.noise_mix == "uniform":
+            return torch.randint(self.num_signals, self.query_token, (batch, length), generator=generator)
+        sizes = torch.randint(1, self.num_noise + 1, (batch, 1), generator=generator)
+        subsets = torch.rand(batch, self.num_noise, generator=generator).argsort(-1)  # first `size` are the subset
+        pick = (torch.rand(batch, length, generator=generator) * sizes).long()
+        return self.num_signals + subsets.gather(1, pick)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +157,9 @@ class SelectiveCopyTask:
             raise ValueError("need 0 < num_data < seq_len - 1")
         if self.num_data_values < 2:
             raise ValueError("need at least 2 data values")
+
+    def plain(self) -> SelectiveCopyTask:
+        return self
 
     @property
     def blank_token(self) -> int:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from moa_vllm.bst.checkpoint import save_checkpoint
 from moa_vllm.bst.config import BSTConfig
+from moa_vllm.bst.layer import SSMInputGate
 from moa_vllm.bst.model import BSTForCausalLM
 from moa_vllm.bst.tasks import Task, make_task, teacher_forced
 
@@ -40,6 +41,10 @@ class TrainSettings:
     seed: int = 0
     eval_samples: int = 512
     eval_batch_size: int = 128
+    # L1 penalty on what the SSM input gates let through (mean |u| per layer): gates of tokens the task does not need
+    # shut exactly, so what they would have written cannot pile up over lengths never trained on. Its weight grows
+    # as (step / steps)^2 up to gate_l1: the task is learnt while it is small, then the gates are pruned. 0: off.
+    gate_l1: float = 0.0
 
 
 def default_config(task: Task, use_ssm: bool = True) -> BSTConfig:
@@ -58,8 +63,11 @@ def default_config(task: Task, use_ssm: bool = True) -> BSTConfig:
 
 
 def make_optimizer(model: BSTForCausalLM, settings: TrainSettings) -> torch.optim.Optimizer:
-    ssm = [p for n, p in model.named_parameters() if ".ssm." in n]
-    other = [p for n, p in model.named_parameters() if ".ssm." not in n]
+    # The SSM and its input gate: no weight decay (as in S4/S4D for the SSM; the gate's bias and weights decide
+    # which tokens write into the state at all, and decay would drag shut gates back towards the boundary).
+    in_ssm = [".ssm." in n or ".ssm_gate." in n for n, _ in model.named_parameters()]
+    ssm = [p for (_, p), s in zip(model.named_parameters(), in_ssm) if s]
+    other = [p for (_, p), s in zip(model.named_parameters(), in_ssm) if not s]
     groups = [{"params": other, "weight_decay": settings.weight_decay}]
     if ssm:
         groups.append({"params": ssm, "lr": settings.ssm_lr, "weight_decay": 0.0})
@@ -92,19 +100,34 @@ def train(
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     losses = []
     model.train()
+    written: list[torch.Tensor] = []
+    hooks = []
+    if settings.gate_l1 > 0:
+        hooks = [m.register_forward_hook(lambda _m, _i, out: written.append(out.abs().mean()))
+                 for m in model.modules() if isinstance(m, SSMInputGate)]  # fmt: skip
+        if not hooks:
+            raise ValueError("gate_l1 > 0 needs a model with SSM input gates (ssm_input_gate=True)")
     for step in range(settings.steps):
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_factor(step, settings)
         prompts, answers = task.sample(settings.batch_size, generator)
+        written.clear()
         logits = answer_logits(model, prompts, answers)
         loss = F.cross_entropy(logits.flatten(0, 1), answers.flatten())
+        if written:
+            weight = settings.gate_l1 * (step / max(1, settings.steps - 1)) ** 2
+            objective = loss + weight * torch.stack(written).sum()
+        else:
+            objective = loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
         optimizer.step()
         losses.append(loss.item())
         if log is not None and (step % 100 == 0 or step == settings.steps - 1):
             log(step, losses[-1])
+    for hook in hooks:
+        hook.remove()
     model.eval()
     return losses
 
@@ -148,7 +171,7 @@ def run(
     start = time.perf_counter()
     losses = train(model, task, settings, log)
     wall = time.perf_counter() - start
-    prompts, answers = held_out(task, settings.eval_samples, settings.seed)
+    prompts, answers = held_out(task.plain(), settings.eval_samples, settings.seed)
     scores = evaluate(model, prompts, answers, settings.eval_batch_size)
     metrics = {
         "task": task.to_dict(),

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from moa_vllm.bst.layer import BSTLayer
-from tests.bst.helpers import VARIANTS, tiny_config
+from tests.bst.helpers import VARIANTS, open_gates, tiny_config
 
 L = 40
 
 
 def make_layer(variant: str, seed: int = 0) -> BSTLayer:
     torch.manual_seed(seed)
-    return BSTLayer(tiny_config(**VARIANTS[variant])).double().eval()
+    return open_gates(BSTLayer(tiny_config(**VARIANTS[variant]))).double().eval()
 
 
 def hidden(batch: int = 2, length: int = L, seed: int = 1) -> torch.Tensor:
@@ -84,3 +84,17 @@ def test_multi_head_context_reads_only_its_channel_group() -> None:
         assert torch.equal(k[:, :, head], torch.zeros_like(k[:, :, head]))
         assert torch.equal(v[:, :, head], torch.zeros_like(v[:, :, head]))
     assert k[:, :, 1].abs().max() > 0
+
+
+def test_input_gate_scales_what_the_ssm_reads_and_closes_exactly() -> None:
+    torch.manual_seed(0)
+    layer = BSTLayer(tiny_config(ssm_input_gate=True)).double().eval()
+    h = hidden()
+    gate = torch.relu(layer.ssm_gate.proj(h))
+    assert torch.allclose(layer.ssm_input(h), h * gate)
+    assert 0.2 < (gate == 0).double().mean() < 0.8  # at init about half the (token, channel) gates are shut, exactly
+    with torch.no_grad():
+        layer.ssm_gate.proj.bias.fill_(-1e3)  # every gate shut: the SSM reads zeros, whatever the input
+    assert torch.equal(layer.ssm_input(h), torch.zeros_like(h))
+    plain = BSTLayer(tiny_config()).double()
+    assert plain.ssm_gate is None and torch.equal(plain.ssm_input(h), h)

@@ -76,3 +76,48 @@ def test_teacher_forced_targets_are_the_answer_after_the_prompt() -> None:
     assert torch.equal(ids, torch.tensor([[1, 2, 3, 9, 7, 8], [4, 5, 6, 9, 1, 1]]))
     assert (targets[:, :3] == IGNORE_INDEX).all()
     assert torch.equal(targets[:, 3:], answers)
+
+
+def test_recall_mixed_lengths_stay_in_range_and_scale_the_signal_region() -> None:
+    task = RecallTask(seq_len=64, min_seq_len=16)
+    g = gen(3)
+    lengths = set()
+    for _ in range(40):
+        prompts, answers = task.sample(8, g)
+        length = prompts.shape[1]
+        lengths.add(length)
+        assert 16 <= length <= 64 and (prompts[:, -1] == task.query_token).all()
+        where = (prompts < task.num_signals).float().argmax(1)
+        assert (where < max(1, round(length / 4))).all()
+        assert torch.equal(prompts[torch.arange(8), where], answers[:, 0])
+    assert len(lengths) > 10  # the length really varies from batch to batch
+
+
+def test_recall_subset_noise_is_skewed_but_stays_noise() -> None:
+    uniform, subset = RecallTask(seq_len=200), RecallTask(seq_len=200, noise_mix="subset")
+    for task in (uniform, subset):
+        prompts, _ = task.sample(64, gen(4))
+        noise = prompts[:, :-1]
+        assert ((noise < task.num_signals).sum(1) == 1).all()  # still exactly one signal
+        assert (noise[noise >= task.num_signals] < task.query_token).all()
+    distinct = lambda t: torch.tensor([len(r[r >= t.num_signals].unique()) for r in t.sample(64, gen(4))[0][:, :-1]])  # noqa: E731
+    assert (distinct(uniform) == uniform.num_noise).all()
+    used = distinct(subset)
+    assert used.min() == 1 and used.max() == subset.num_noise and len(used.unique()) > 8
+
+
+def test_recall_rejects_bad_training_variations() -> None:
+    with pytest.raises(ValueError, match="min_seq_len"):
+        RecallTask(seq_len=64, min_seq_len=65)
+    with pytest.raises(ValueError, match="noise_mix"):
+        RecallTask(noise_mix="zipf")  # type: ignore[arg-type]
+
+
+def test_plain_recall_drops_the_training_variations() -> None:
+    task = RecallTask(seq_len=128, min_seq_len=32, noise_mix="subset")
+    plain = task.plain()
+    assert plain == RecallTask(seq_len=128) and plain.sample(4, gen())[0].shape == (4, 128)
+    longer = task.plain(1024)
+    assert longer.seq_len == 1024 and longer.signal_region == 256 and longer.noise_mix == "uniform"
+    copy = SelectiveCopyTask()
+    assert copy.plain() is copy

@@ -13,7 +13,7 @@ from moa_vllm import cli
 from moa_vllm.bst.checkpoint import load_checkpoint
 from moa_vllm.bst.model import BSTForCausalLM
 from moa_vllm.bst.tasks import RecallTask
-from moa_vllm.bst.train import TrainSettings, evaluate, held_out, lr_factor, run, train
+from moa_vllm.bst.train import TrainSettings, evaluate, held_out, lr_factor, make_optimizer, run, train
 from tests.bst.helpers import tiny_config
 
 TINY_TASK = {"seq_len": 24, "signal_region": 4}
@@ -95,3 +95,44 @@ def test_cli_train_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert metrics["command"].startswith("moa-vllm bst train --task copy") and "--no-ssm" in metrics["command"]
     assert str(out) in capsys.readouterr().out
     assert torch.get_num_threads() == 1
+
+
+def test_cli_recall_recipe_flags_reach_task_config_and_command(tmp_path: Path) -> None:
+    out = tmp_path / "ckpt"
+    cli.main(["bst", "train", "--task", "recall", "--out", str(out), "--steps", "2", "--batch-size", "2",
+              "--eval-samples", "8", "--min-seq-len", "32", "--noise-mix", "subset", "--ssm-init", "real",
+              "--ssm-dt-min", "1e-4", "--ssm-dt-max", "1e-3", "--ssm-input-gate"])  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["ssm_input_gate"] is True and config["ssm_init"] == "real"
+    assert (config["ssm_dt_min"], config["ssm_dt_max"]) == (1e-4, 1e-3)
+    task = json.loads((out / "task.json").read_text())
+    assert task["min_seq_len"] == 32 and task["noise_mix"] == "subset"
+    command = json.loads((out / "metrics.json").read_text())["command"]
+    for flag in ("--min-seq-len 32", "--noise-mix subset", "--ssm-init real", "--ssm-input-gate"):
+        assert flag in command
+
+
+def test_the_input_gate_trains_without_weight_decay() -> None:
+    """The gate trains like the SSM it feeds: no weight decay."""
+    model = BSTForCausalLM(tiny_config(ssm_input_gate=True))
+    groups = make_optimizer(model, TrainSettings())
+    no_decay = {id(p) for g in groups.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    gate = [p for n, p in model.named_parameters() if ".ssm_gate." in n]
+    assert gate and all(id(p) in no_decay for p in gate)
+
+
+def test_gate_l1_shuts_more_gates_than_training_without_it() -> None:
+    task = RecallTask(**TINY_TASK)
+
+    def written(l1: float) -> float:
+        torch.manual_seed(0)
+        model = BSTForCausalLM(tiny_config(vocab_size=task.vocab_size, initializer_range=0.02, ssm_input_gate=True))
+        train(model, task, TrainSettings(steps=30, batch_size=8, warmup_steps=2, gate_l1=l1))
+        ids = task.sample(8, torch.Generator().manual_seed(9))[0]
+        with torch.no_grad():
+            h = model.layers[0].attn_norm(model.embed_tokens(ids))
+            return model.layers[0].ssm_input(h).abs().mean().item()
+
+    assert written(1.0) < 0.5 * written(0.0)
+    with pytest.raises(ValueError, match="input gates"):
+        train(BSTForCausalLM(tiny_config()), task, TrainSettings(steps=1, gate_l1=0.1))

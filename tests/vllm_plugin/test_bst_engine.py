@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moa_vllm.bst import BSTConfig, BSTForCausalLM
+from tests.bst.helpers import open_gates
 from tests.vllm_plugin.conftest import close_llm, engine_core, make_llm
 
 pytestmark = pytest.mark.engine
@@ -28,11 +29,18 @@ LOGPROB_TOL = 1e-3
 
 
 def tiny_bst() -> BSTForCausalLM:
+    """With the SSM input gate (the recall checkpoint's layout; the LM's ungated layout is served by the LM server
+    test), mostly open so the SSM's share of the output is large enough for a path that skips the gate to show."""
     torch.manual_seed(0)
     config = BSTConfig(
-        vocab_size=40, hidden_size=64, num_attention_heads=2, sliding_window=WINDOW, initializer_range=0.2
+        vocab_size=40,
+        hidden_size=64,
+        num_attention_heads=2,
+        sliding_window=WINDOW,
+        initializer_range=0.2,
+        ssm_input_gate=True,
     )
-    return BSTForCausalLM(config).eval()
+    return open_gates(BSTForCausalLM(config)).eval()
 
 
 def prompt(length: int, seed: int) -> list[int]:

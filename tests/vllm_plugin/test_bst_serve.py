@@ -88,3 +88,49 @@ def test_served_checkpoint_answers_token_id_prompts_like_the_reference(tmp_path:
         assert choice["token_ids"] == expected
     finally:
         stop(proc)
+
+
+LM_CHECKPOINT = Path(__file__).resolve().parents[2] / "benchmarks" / "checkpoints" / "bst-lm"
+
+
+@pytest.mark.server
+def test_served_language_model_completes_text_like_the_reference(tmp_path: Path) -> None:
+    """The shipped BST LM behind `moa-vllm serve DIR` (its tokenizer in the folder): text prompts through the OpenAI
+    client; greedy completions equal the reference decode of the same token ids."""
+    import subprocess
+
+    import torch
+    from openai import OpenAI
+
+    from moa_vllm.bst.tokenizer import load_tokenizer
+    from tests.server_process import free_port, moa_vllm, stop, wait_ready
+
+    tok = load_tokenizer(LM_CHECKPOINT)
+    model = BSTForCausalLM.from_pretrained(LM_CHECKPOINT, dtype=torch.float32)
+    prompts = [
+        "import os\nimport sys\n\n\ndef main(argv):\n    ",
+        'class Stack:\n    """A LIFO stack."""\n\n    def __init__(self):\n        self.items = []\n\n'
+        "    def push(self, ",
+    ]
+    port = free_port()
+    args = ["serve", str(LM_CHECKPOINT), "--port", str(port), "--max-model-len", "1024", "--enforce-eager"]
+    with open(tmp_path / "server.log", "w") as log:
+        proc = moa_vllm(*args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_ready(proc, port)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError((tmp_path / "server.log").read_text()[-3000:]) from e
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        for prompt in prompts:
+            ids = torch.tensor(tok.encode(prompt).ids)
+            expected = model.generate_greedy(ids, 24)[ids.numel() :].tolist()
+            out = client.completions.create(
+                model=str(LM_CHECKPOINT), prompt=prompt, max_tokens=24, temperature=0,
+                extra_body={"ignore_eos": True, "return_token_ids": True},
+            )  # fmt: skip
+            choice = out.choices[0]
+            assert choice.token_ids == expected  # type: ignore[attr-defined]
+            assert choice.text == tok.decode(expected) and choice.text.strip()
+    finally:
+        stop(proc)

@@ -25,7 +25,7 @@ from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 
 from moa_vllm.bst.attention import rotary
 from moa_vllm.bst.config import BSTConfig
-from moa_vllm.bst.layer import PerHeadContextKV, SharedContextKV
+from moa_vllm.bst.layer import PerHeadContextKV, SharedContextKV, SSMInputGate
 from moa_vllm.vllm_plugin.bst.config import bst_config
 from moa_vllm.vllm_plugin.bst.state import S4DStateLayer, state_shape
 from moa_vllm.vllm_plugin.moa.backend import MoABackend
@@ -42,6 +42,7 @@ class BSTDecoderLayer(nn.Module):
         self.kv_proj = nn.Linear(d, 2 * d, bias=False)
         if config.use_ssm:
             self.ssm = S4DStateLayer(config, prefix=f"{prefix}.ssm")
+            self.ssm_gate = SSMInputGate(d) if config.ssm_input_gate else None
             self.context_kv = SharedContextKV(d, heads) if config.context_mode == "sh" else PerHeadContextKV(d, heads)
         # The window W is the moa backend's plan (bst_window_plan: span W, no sinks, i.e. q - k < W), so the layer
         # gets no vLLM-native window: vLLM copies the config's sliding_window into cache_config, which would be a
@@ -67,7 +68,8 @@ class BSTDecoderLayer(nn.Module):
         q = self.q_proj(h).unflatten(-1, (self.heads_total, self.head_dim))
         k, v = self.kv_proj(h).unflatten(-1, (2, self.heads, self.head_dim)).unbind(-3)
         if self.config.use_ssm:
-            ck, cv = self.context_kv(F.gelu(self.ssm.contextualize(h))[None])
+            u = h if self.ssm_gate is None else self.ssm_gate(h)
+            ck, cv = self.context_kv(F.gelu(self.ssm.contextualize(u))[None])
             k, v = torch.cat([k, ck[0]], dim=-2), torch.cat([v, cv[0]], dim=-2)
         q, k = (self._rotate(t, positions) for t in (q, k))
         attn = self.attn(q.flatten(-2), k.flatten(-2), v.flatten(-2))
