@@ -10,6 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 STARTUP_TIMEOUT_S = 300
@@ -47,6 +50,23 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextmanager
+def serving(args: list[str], log_path: Path) -> Iterator[int]:
+    """`moa-vllm ARGS --port P` on a free loopback port, output to ``log_path``; yields P once /health answers and
+    stops the server on exit. A server that dies or never gets ready fails the test with the log's tail."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = moa_vllm(*args, "--port", str(port), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_ready(proc, port)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(Path(log_path).read_text(errors="replace")[-3000:]) from e
+        yield port
+    finally:
+        stop(proc)
 
 
 _USAGE = re.compile(r"^vllm:kv_cache_usage_perc\{[^}]*\} ([\d.eE+-]+)$", re.M)

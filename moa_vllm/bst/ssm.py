@@ -133,8 +133,7 @@ class S4D(nn.Module):
     def kernel(self, length: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Convolution kernel ``(channels, length)``: K_l = 2 Re(sum_n C_n dB_n dA_n^l)."""
         disc = self.discretize(dtype)
-        powers = _powers(disc.dtA, torch.arange(length, device=disc.dtA.device, dtype=dtype))
-        return 2 * torch.einsum("hn,hnl->hl", disc.C * disc.dB, powers).real
+        return 2 * _vandermonde(disc.C * disc.dB, disc.dtA, length)
 
     def initial_state(
         self, batch: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
@@ -220,3 +219,21 @@ def _powers(dtA: Tensor, steps: Tensor) -> Tensor:
     The exponential form keeps the error flat in l, where repeated multiplication would accumulate it.
     """
     return torch.exp(dtA[..., None] * steps.to(dtA.dtype))
+
+
+def _vandermonde(weights: Tensor, dtA: Tensor, length: int) -> Tensor:
+    """Re(sum_n weights_n dA_n^l) for l < ``length``: ``(channels, length)``, real.
+
+    Blocked: with l = a * B + b, dA^l = dA^(aB) * dA^b, so the sum over modes is one real batched matmul of an
+    (A, 2N) by a (2N, B) table per channel, from A + B complex exponentials per mode instead of L. The direct form
+    (an exp and a product per mode, channel and position) was most of a training step at 8192 tokens.
+    """
+    block = math.isqrt(max(length - 1, 0)) + 1  # ceil(sqrt(length))
+    blocks = -(-length // block)
+    steps = torch.arange(max(block, blocks), device=dtA.device, dtype=dtA.real.dtype)
+    inner = _powers(dtA, steps[:block])  # dA^b, (channels, N, B)
+    outer = weights[..., None] * _powers(dtA, steps[:blocks] * block)  # w dA^(aB), (channels, N, A)
+    # Re(w p) = Re(w) Re(p) - Im(w) Im(p), stacked along the contraction axis.
+    left = torch.cat([outer.real, -outer.imag], dim=1).transpose(1, 2)  # (channels, A, 2N)
+    right = torch.cat([inner.real, inner.imag], dim=1)  # (channels, 2N, B)
+    return torch.bmm(left, right).flatten(1)[:, :length]

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,21 @@ from moa_vllm.bst.model import BSTForCausalLM
 from moa_vllm.bst.tasks import Task, make_task, teacher_forced
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out samples come from a generator seeded away from the training one
+
+
+class OptimizerSettings(Protocol):
+    """What the optimizer and the schedule read; both the task and the LM trainers' settings provide it."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def ssm_lr(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -62,7 +77,7 @@ def default_config(task: Task, use_ssm: bool = True) -> BSTConfig:
     )
 
 
-def make_optimizer(model: BSTForCausalLM, settings: TrainSettings) -> torch.optim.Optimizer:
+def make_optimizer(model: BSTForCausalLM, settings: OptimizerSettings) -> torch.optim.Optimizer:
     # The SSM and its input gate: no weight decay (as in S4/S4D for the SSM; the gate's bias and weights decide
     # which tokens write into the state at all, and decay would drag shut gates back towards the boundary).
     in_ssm = [".ssm." in n or ".ssm_gate." in n for n, _ in model.named_parameters()]
@@ -74,7 +89,7 @@ def make_optimizer(model: BSTForCausalLM, settings: TrainSettings) -> torch.opti
     return torch.optim.AdamW(groups, lr=settings.lr)
 
 
-def lr_factor(step: int, settings: TrainSettings) -> float:
+def lr_factor(step: int, settings: OptimizerSettings) -> float:
     """Linear warmup, then cosine decay to 10% of the peak."""
     if step < settings.warmup_steps:
         return (step + 1) / settings.warmup_steps

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moa_vllm.bst.lm_train import LMTrainSettings, lm_config, train_lm
+from moa_vllm.bst.lm_train import LMTrainSettings, close_context_path, lm_config, train_lm
+from moa_vllm.bst.model import BSTForCausalLM
 from tests.bst.helpers import tiny_config
 
 # A stream with structure a tiny model can pick up quickly: a repeated random phrase.
@@ -62,3 +63,23 @@ def test_settings_and_config_checks() -> None:
     bst, base = lm_config(4096), lm_config(4096, use_ssm=False)
     assert bst.sliding_window == base.sliding_window and bst.hidden_size == base.hidden_size
     assert bst.use_ssm and not base.use_ssm
+
+
+def test_bst_starts_as_its_windowed_baseline_and_learns_the_context_path(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    bst = BSTForCausalLM(tiny_config())
+    close_context_path(bst)
+    baseline = BSTForCausalLM(tiny_config(use_ssm=False))
+    # Copy the shared weights; the baseline's attention has only the self heads' queries and output columns.
+    shared = {k: v for k, v in bst.state_dict().items() if k in baseline.state_dict()}
+    heads = bst.config.num_attention_heads * bst.config.head_dim
+    for name, value in shared.items():
+        if name.endswith("q_proj.weight"):
+            shared[name] = value[:heads]
+        elif name.endswith("o_proj.weight"):
+            shared[name] = value[:, :heads]
+    baseline.load_state_dict(shared)
+    ids = STREAM[None, :48].long()
+    torch.testing.assert_close(bst(ids), baseline(ids))
+    trained, _ = train_lm(tiny_config(), STREAM, SETTINGS, tmp_path)
+    assert all(p.abs().sum() > 0 for layer in trained.layers for p in layer.context_kv.parameters())

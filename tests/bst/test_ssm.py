@@ -41,13 +41,13 @@ def test_fft_matches_recurrence_float64(init: str) -> None:
     torch.testing.assert_close(ssm(u), y_rec, rtol=0, atol=1e-12)
 
 
-def test_kernel_matches_formula() -> None:
+@pytest.mark.parametrize("L", [1, 2, 49, 50])  # the kernel is built in sqrt(L) blocks: squares, and one past
+def test_kernel_matches_formula(L: int) -> None:
     """K_l = 2 Re(sum_n C_n (exp(dt A_n) - 1)/A_n exp(dt A_n l)), written out independently."""
     ssm = make_ssm()
     dt = torch.exp(ssm.log_dt).detach()
     A = torch.complex(-torch.exp(ssm.log_neg_A_real), ssm.A_imag).detach()
     C = torch.view_as_complex(ssm.C.detach())
-    L = 50
     expected = torch.zeros(CHANNELS, L, dtype=torch.float64)
     for h in range(CHANNELS):
         for pos in range(L):

@@ -56,12 +56,11 @@ def test_other_models_still_need_a_plan(tmp_path: Path, captured, capsys) -> Non
 def test_served_checkpoint_answers_token_id_prompts_like_the_reference(tmp_path: Path) -> None:
     """The real server (`moa-vllm serve BST_FOLDER`): a token-id completion equals the reference greedy decode."""
     import json
-    import subprocess
     import urllib.request
 
     import torch
 
-    from tests.server_process import free_port, moa_vllm, stop, wait_ready
+    from tests.server_process import serving
 
     torch.manual_seed(0)
     config = BSTConfig(vocab_size=40, hidden_size=64, num_attention_heads=2, sliding_window=16, initializer_range=0.2)
@@ -69,15 +68,8 @@ def test_served_checkpoint_answers_token_id_prompts_like_the_reference(tmp_path:
     folder = model.save_pretrained(tmp_path / "bst")
     prompt = torch.randint(0, 40, (90,), generator=torch.Generator().manual_seed(3))
     expected = model.generate_greedy(prompt, 8)[90:].tolist()
-    port = free_port()
-    args = ["serve", str(folder), "--port", str(port), "--max-model-len", "512", "--enforce-eager"]
-    with open(tmp_path / "server.log", "w") as log:
-        proc = moa_vllm(*args, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        try:
-            wait_ready(proc, port)
-        except (RuntimeError, TimeoutError) as e:
-            raise AssertionError((tmp_path / "server.log").read_text()[-3000:]) from e
+    args = ["serve", str(folder), "--max-model-len", "512", "--enforce-eager"]
+    with serving(args, tmp_path / "server.log") as port:
         body = {"model": str(folder), "prompt": prompt.tolist(), "max_tokens": 8, "temperature": 0,
                 "return_token_ids": True}  # fmt: skip
         request = urllib.request.Request(
@@ -85,9 +77,7 @@ def test_served_checkpoint_answers_token_id_prompts_like_the_reference(tmp_path:
         )
         with urllib.request.urlopen(request, timeout=60) as r:
             choice = json.loads(r.read())["choices"][0]
-        assert choice["token_ids"] == expected
-    finally:
-        stop(proc)
+    assert choice["token_ids"] == expected
 
 
 LM_CHECKPOINT = Path(__file__).resolve().parents[2] / "benchmarks" / "checkpoints" / "bst-lm"
@@ -97,13 +87,11 @@ LM_CHECKPOINT = Path(__file__).resolve().parents[2] / "benchmarks" / "checkpoint
 def test_served_language_model_completes_text_like_the_reference(tmp_path: Path) -> None:
     """The shipped BST LM behind `moa-vllm serve DIR` (its tokenizer in the folder): text prompts through the OpenAI
     client; greedy completions equal the reference decode of the same token ids."""
-    import subprocess
-
     import torch
     from openai import OpenAI
 
     from moa_vllm.bst.tokenizer import load_tokenizer
-    from tests.server_process import free_port, moa_vllm, stop, wait_ready
+    from tests.server_process import serving
 
     tok = load_tokenizer(LM_CHECKPOINT)
     model = BSTForCausalLM.from_pretrained(LM_CHECKPOINT, dtype=torch.float32)
@@ -112,15 +100,8 @@ def test_served_language_model_completes_text_like_the_reference(tmp_path: Path)
         'class Stack:\n    """A LIFO stack."""\n\n    def __init__(self):\n        self.items = []\n\n'
         "    def push(self, ",
     ]
-    port = free_port()
-    args = ["serve", str(LM_CHECKPOINT), "--port", str(port), "--max-model-len", "1024", "--enforce-eager"]
-    with open(tmp_path / "server.log", "w") as log:
-        proc = moa_vllm(*args, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        try:
-            wait_ready(proc, port)
-        except (RuntimeError, TimeoutError) as e:
-            raise AssertionError((tmp_path / "server.log").read_text()[-3000:]) from e
+    args = ["serve", str(LM_CHECKPOINT), "--max-model-len", "1024", "--enforce-eager"]
+    with serving(args, tmp_path / "server.log") as port:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         for prompt in prompts:
             ids = torch.tensor(tok.encode(prompt).ids)
@@ -132,5 +113,3 @@ def test_served_language_model_completes_text_like_the_reference(tmp_path: Path)
             choice = out.choices[0]
             assert choice.token_ids == expected  # type: ignore[attr-defined]
             assert choice.text == tok.decode(expected) and choice.text.strip()
-    finally:
-        stop(proc)
