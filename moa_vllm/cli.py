@@ -109,8 +109,10 @@ def cmd_bst_train_lm(args: argparse.Namespace) -> None:
     from moa_vllm.bst.lm_train import LMTrainSettings
 
     torch.set_num_threads(args.threads)
-    settings = LMTrainSettings(**({"steps": args.steps} if args.steps is not None else {}))
+    given = {k: getattr(args, k) for k in ("steps", "seed")}
+    settings = LMTrainSettings(**{k: v for k, v in given.items() if v is not None})
     flags = ["--out", str(args.out), "--work", str(args.work), "--steps", str(settings.steps)]
+    flags += ["--seed", str(settings.seed)]
     flags += ["--no-ssm"] if args.no_ssm else []
     command = shlex.join(["moa-vllm", "bst", "train-lm", *flags, "--threads", str(args.threads)])
     metrics = train_checkpoint(
@@ -203,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--work", required=True, help="work folder: tokenizer, token streams, resumable training state")
     lm.add_argument("--no-ssm", action="store_true", help="the baseline: windowed attention only, same window")
     lm.add_argument("--steps", type=int, help="optimizer steps of 8192 tokens (default 600)")
+    lm.add_argument("--seed", type=int, help="seed of the initial weights and the training windows (default 0)")
     lm.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     lm.set_defaults(func=cmd_bst_train_lm)
 

@@ -62,9 +62,11 @@ def test_cli_train_lm_on_the_stdlib_records_its_command(tmp_path: Path) -> None:
     from moa_vllm import cli
 
     out = tmp_path / "lm"
-    cli.main(["bst", "train-lm", "--out", str(out), "--work", str(tmp_path / "work"), "--steps", "1", "--no-ssm"])
+    work = str(tmp_path / "work")
+    cli.main(["bst", "train-lm", "--out", str(out), "--work", work, "--steps", "1", "--seed", "3", "--no-ssm"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 1 and metrics["tokens_seen"] == 8192 and metrics["use_ssm"] is False
+    assert metrics["settings"]["seed"] == 3 and "--seed 3" in metrics["command"]
     assert metrics["corpus"]["heldout_files"] > 0 and metrics["corpus"]["vocab_size"] == 4096
     assert metrics["command"].startswith("moa-vllm bst train-lm --out") and "--no-ssm" in metrics["command"]
     assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())["vocab_size"] == 4096
