@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from moa_vllm.plan import (
     PlanError,
@@ -79,12 +80,10 @@ def cmd_bst_train(args: argparse.Namespace) -> None:
         flags += [f"--{name.replace('_', '-')}", str(getattr(settings, name))]
     flags += ["--no-ssm"] if args.no_ssm else []
     task_params = {k: getattr(args, k) for k in ("min_seq_len", "noise_mix") if getattr(args, k) is not None}
-    overrides = {k: getattr(args, k) for k in ("ssm_init", "ssm_dt_min", "ssm_dt_max") if getattr(args, k) is not None}
-    for name, value in {**task_params, **overrides}.items():
+    for name, value in task_params.items():
         flags += [f"--{name.replace('_', '-')}", str(value)]
-    if args.ssm_input_gate:
-        overrides["ssm_input_gate"] = True
-        flags.append("--ssm-input-gate")
+    overrides, override_flags = _config_overrides(args, ("ssm_init", "ssm_dt_min", "ssm_dt_max"))
+    flags += override_flags
     command = shlex.join(["moa-vllm", "bst", "train", *flags])
     metrics = run(
         args.task,
@@ -98,6 +97,17 @@ def cmd_bst_train(args: argparse.Namespace) -> None:
     )
     print(json.dumps({k: metrics[k] for k in ("train_wall_s", "eval_accuracy", "eval_exact_match", "chance")}))
     print(args.out)
+
+
+def _config_overrides(args: argparse.Namespace, names: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+    """BSTConfig fields given on the command line (plus ``--ssm-input-gate``), and the flags that spell them."""
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.ssm_input_gate:
+        overrides["ssm_input_gate"] = True
+    flags = []
+    for name, value in overrides.items():
+        flags += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return overrides, flags
 
 
 def cmd_bst_train_lm(args: argparse.Namespace) -> None:
@@ -114,12 +124,15 @@ def cmd_bst_train_lm(args: argparse.Namespace) -> None:
     flags = ["--out", str(args.out), "--work", str(args.work), "--steps", str(settings.steps)]
     flags += ["--seed", str(settings.seed)]
     flags += ["--no-ssm"] if args.no_ssm else []
+    overrides, override_flags = _config_overrides(args, ("ssm_state_size", "ssm_dt_min", "ssm_dt_max", "context_mode"))
+    flags += override_flags
     command = shlex.join(["moa-vllm", "bst", "train-lm", *flags, "--threads", str(args.threads)])
     metrics = train_checkpoint(
         args.out,
         args.work,
         use_ssm=not args.no_ssm,
         settings=settings,
+        config_overrides=overrides,
         command=command,
         log=lambda r: print(json.dumps(r), flush=True),
     )
@@ -206,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--no-ssm", action="store_true", help="the baseline: windowed attention only, same window")
     lm.add_argument("--steps", type=int, help="optimizer steps of 8192 tokens (default 600)")
     lm.add_argument("--seed", type=int, help="seed of the initial weights and the training windows (default 0)")
+    lm.add_argument("--ssm-state-size", type=int, help="S4D modes per channel (default 16)")
+    lm.add_argument("--ssm-dt-min", type=float, help="smallest initial SSM step (default 1e-4)")
+    lm.add_argument("--ssm-dt-max", type=float, help="largest initial SSM step (default 1e-1)")
+    lm.add_argument("--ssm-input-gate", action="store_true", help="ReLU gate on the SSM input (see layer.py)")
+    lm.add_argument("--context-mode", choices=["sh", "mh"], help="SSM outputs to context keys/values (default sh)")
     lm.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     lm.set_defaults(func=cmd_bst_train_lm)
 

@@ -87,13 +87,15 @@ def train_checkpoint(
     command: str | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     root: Path | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prepare (or reuse) the data in ``work``, train in ``work/ssm|no-ssm``, write the servable folder ``out``.
 
-    ``root`` is the corpus folder (default: the stdlib; tests pass a small one)."""
+    ``root`` is the corpus folder (default: the stdlib; tests pass a small one); ``config_overrides`` replaces
+    fields of the shipped LM config (a resumed run refuses a state trained under another config)."""
     work = Path(work)
     prepared = prepare(work, root)
-    config = lm_config(prepared.tokenizer.get_vocab_size(), use_ssm)
+    config = dataclasses.replace(lm_config(prepared.tokenizer.get_vocab_size(), use_ssm), **(config_overrides or {}))
     model, summary = train_lm(config, prepared.stream, settings, work / ("ssm" if use_ssm else "no-ssm"), log)
     folder = model.to(SAVED_DTYPE).save_pretrained(out)
     save_tokenizer(prepared.tokenizer, folder)

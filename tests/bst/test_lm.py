@@ -70,3 +70,16 @@ def test_cli_train_lm_on_the_stdlib_records_its_command(tmp_path: Path) -> None:
     assert metrics["corpus"]["heldout_files"] > 0 and metrics["corpus"]["vocab_size"] == 4096
     assert metrics["command"].startswith("moa-vllm bst train-lm --out") and "--no-ssm" in metrics["command"]
     assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())["vocab_size"] == 4096
+
+
+def test_cli_train_lm_config_flags_reach_the_saved_config(tmp_path: Path) -> None:
+    from moa_vllm import cli
+
+    out, work = tmp_path / "lm", str(tmp_path / "work")
+    flags = ["--ssm-state-size", "8", "--ssm-input-gate", "--context-mode", "mh", "--ssm-dt-max", "0.01"]
+    cli.main(["bst", "train-lm", "--out", str(out), "--work", work, "--steps", "1", *flags])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["ssm_state_size"], config["ssm_input_gate"], config["context_mode"]) == (8, True, "mh")
+    assert config["ssm_dt_max"] == 0.01 and config["ssm_dt_min"] == 1e-4  # the rest keeps the shipped LM config
+    command = json.loads((out / "metrics.json").read_text())["command"]
+    assert "--ssm-state-size 8" in command and "--ssm-input-gate" in command and "--context-mode mh" in command
