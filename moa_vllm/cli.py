@@ -125,6 +125,9 @@ def cmd_bst_train_lm(args: argparse.Namespace) -> None:
     flags += ["--seed", str(settings.seed)]
     flags += ["--no-ssm"] if args.no_ssm else []
     overrides, override_flags = _config_overrides(args, ("ssm_state_size", "ssm_dt_min", "ssm_dt_max", "context_mode"))
+    if args.no_ssm and overrides:
+        print(f"moa-vllm: error: {' '.join(override_flags)} configure the SSM; --no-ssm has none", file=sys.stderr)
+        sys.exit(2)
     flags += override_flags
     command = shlex.join(["moa-vllm", "bst", "train-lm", *flags, "--threads", str(args.threads)])
     metrics = train_checkpoint(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from moa_vllm.bst.lm import heldout_documents, prepare, train_checkpoint
@@ -83,3 +84,14 @@ def test_cli_train_lm_config_flags_reach_the_saved_config(tmp_path: Path) -> Non
     assert config["ssm_dt_max"] == 0.01 and config["ssm_dt_min"] == 1e-4  # the rest keeps the shipped LM config
     command = json.loads((out / "metrics.json").read_text())["command"]
     assert "--ssm-state-size 8" in command and "--ssm-input-gate" in command and "--context-mode mh" in command
+
+
+def test_cli_train_lm_refuses_ssm_flags_for_the_baseline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moa_vllm import cli
+
+    args = ["bst", "train-lm", "--out", str(tmp_path / "lm"), "--work", str(tmp_path), "--no-ssm", "--ssm-input-gate"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
+    assert "--ssm-input-gate configure the SSM; --no-ssm has none" in capsys.readouterr().err
+    assert not (tmp_path / "data.pt").exists()  # refused before any data preparation
