@@ -124,8 +124,8 @@ def _moa_step(requests: int, ctx: int, span: int, layers: int):
 
     import torch
 
-    from moa_vllm.vllm_plugin.moa import ring_state
     from moa_vllm.vllm_plugin.moa.backend import ring_forward
+    from moa_vllm.vllm_plugin.moa.engine_context import EngineContext
     from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels
     from moa_vllm.vllm_plugin.moa.ring_state import RingState
 
@@ -139,13 +139,13 @@ def _moa_step(requests: int, ctx: int, span: int, layers: int):
     blocks = -(-span // PAGE)  # H rings of `blocks` pages each = `blocks` blocks of H head pages
     cache = torch.randn(requests * blocks + 1, H, PAGE, 2 * D)
     table = torch.arange(1, requests * blocks + 1, dtype=torch.int32).view(requests, blocks)
-    ring_state.publish_lengths([f"r{i}" for i in range(requests)], [1 << 19] * requests)
+    batch = EngineContext().publish([f"r{i}" for i in range(requests)], [1 << 19] * requests)
     common = SimpleNamespace(
         num_reqs=requests,
         query_start_loc_cpu=torch.arange(requests + 1),
         seq_lens=torch.full((requests,), ctx + 1, dtype=torch.int32),
     )
-    state.step_for(common)
+    state.step_for(common, batch)
     for layer in range(layers):
         state.fill_layer(layer, table)
     calls = [0]

@@ -24,10 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def moa_vllm(*args: str, **kwargs) -> subprocess.Popen:
-    """`python -m moa_vllm.cli ARGS` with the test KV budget; kwargs go to Popen."""
+def moa_vllm(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    """`python -m moa_vllm.cli ARGS` with the test KV budget (plus `env`); kwargs go to Popen."""
     cmd = [sys.executable, "-m", "moa_vllm.cli", *args]
-    return subprocess.Popen(cmd, env={**os.environ, **SERVER_ENV}, **kwargs)
+    return subprocess.Popen(cmd, env={**os.environ, **SERVER_ENV, **(env or {})}, **kwargs)
 
 
 def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
@@ -53,12 +53,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def serving(args: list[str], log_path: Path) -> Iterator[int]:
-    """`moa-vllm ARGS --port P` on a free loopback port, output to ``log_path``; yields P once /health answers and
-    stops the server on exit. A server that dies or never gets ready fails the test with the log's tail."""
+def serving(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[int]:
+    """`moa-vllm ARGS --port P` on a free loopback port (extra environment `env`), output to ``log_path``; yields P
+    once /health answers and stops the server on exit. A server that dies or never gets ready fails the test with
+    the log's tail."""
     port = free_port()
     with open(log_path, "w") as log:
-        proc = moa_vllm(*args, "--port", str(port), stdout=log, stderr=subprocess.STDOUT)
+        proc = moa_vllm(*args, "--port", str(port), env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         try:
             wait_ready(proc, port)

@@ -53,3 +53,13 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(plan.model_dump_json(indent=1) + "\n")
     return path
+
+
+def plan_digest(plan: Plan) -> str:
+    """What decides a plan's masks: sinks, min_span and the rules, not its metadata (16 hex digits of sha256 over
+    canonical JSON). The planner keys its artefacts by it; a server reports it as the plan's fingerprint."""
+    import hashlib
+
+    rules = [[r.model_dump(mode="json") for r in layer] for layer in plan.rules]
+    body = {"sinks": plan.sink_tokens, "min_span": plan.min_span, "rules": rules}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]

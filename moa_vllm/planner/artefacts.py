@@ -32,9 +32,10 @@ def digest(obj: Any) -> str:
 
 
 def plan_digest(plan) -> str:
-    """What decides a plan's masks (a moa_vllm.plan Plan): sinks, min_span and the rules, not its metadata."""
-    rules = [[r.model_dump(mode="json") for r in layer] for layer in plan.rules]
-    return digest({"sinks": plan.sink_tokens, "min_span": plan.min_span, "rules": rules})
+    """What decides a plan's masks (moa_vllm.plan.io.plan_digest: one definition for planner and server)."""
+    from moa_vllm.plan.io import plan_digest as digest_of
+
+    return digest_of(plan)
 
 
 def model_identity(model_dir: Path) -> dict[str, Any]:

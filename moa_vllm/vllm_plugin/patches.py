@@ -9,10 +9,13 @@
   so each MoA layer's MoARingSpec (its own KV cache group, per-KV-head rings) is produced here.
 - admission_lengths: KVCacheManager.allocate_slots and .free; record each request's N for the ring managers (which
   see only request ids) before vLLM sizes its allocation, log the blocks it holds, forget N when it is freed.
-- request_lengths: GPUModelRunner._build_attention_metadata (model runner V1; CPUModelRunner inherits it); publish
-  each row's request id and N (prompt + max_tokens) for the metadata builder, which sees neither.
+- request_lengths: GPUModelRunner._build_attention_metadata and ._dummy_run (model runner V1; CPUModelRunner
+  inherits both); publish each row's request id and N (prompt + max_tokens) into the engine's context
+  (moa/engine_context.py) for the metadata builders, which see neither; rows built inside _dummy_run are published
+  as dummy rows, capture batches are left to the builders' build_for_cudagraph_capture.
 - request_lengths_v2: vllm.v1.worker.gpu.model_runner.GPUModelRunner.prepare_attn / prepare_dummy_attn (model
-  runner V2, the GPU wheel's default with Triton); the same, from V2's request states.
+  runner V2, the GPU wheel's default with Triton); the same, from V2's request states. check_runner_hooks refuses
+  to serve (config time and worker start) when the runner in use lacks its hook.
 - beam_search: BeamSearchOnlineMixin.beam_search and BeamSearchOfflineMixin.beam_search; refused with the moa
   backend (every beam step is a new request with another N, so no ring layout carries over).
 - engine_death_exit: vllm.entrypoints.launchers.api_server.entry.serve_http; when the engine process died, vLLM
@@ -33,9 +36,10 @@ from dataclasses import dataclass
 
 from vllm.logger import init_logger
 
-logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
+from moa_vllm.vllm_plugin.settings import BACKEND_PATH, moa_selected
 
-BACKEND_PATH = "moa_vllm.vllm_plugin.moa.backend.MoABackend"
+logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
+__all__ = ["BACKEND_PATH", "PATCHES", "apply_all", "check_runner_hooks", "moa_selected"]
 ALIAS = "MOA"
 _MARK = "_moa_vllm_patched"
 
@@ -57,17 +61,6 @@ def _wrap_once(owner: type, attr: str, make: Callable[[Callable], Callable], cla
     new = make(original)
     setattr(new, _MARK, True)
     setattr(owner, attr, classmethod(new) if classmethod_ else new)
-
-
-def moa_selected(vllm_config) -> bool:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    if vllm_config.attention_config.backend != AttentionBackendEnum.CUSTOM:
-        return False
-    try:
-        return AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
-    except ValueError:
-        return False
 
 
 # ---- backend_alias ---------------------------------------------------------------------------------------------
@@ -162,6 +155,7 @@ def _check_moa_config(vllm_config) -> None:
     if vllm_config.model_config is None:
         return
     refuse_unsupported_features(vllm_config)
+    check_runner_hooks(vllm_config)
     global _moa_serving
     _moa_serving = True
     plan = plan_from_vllm_config(vllm_config)  # resolves (one log line names the source) and checks the plan
@@ -274,69 +268,106 @@ def _admission_lengths() -> None:
 
 
 # ---- request_lengths ----------------------------------------------------------------------------------------------
-def publish_request_lengths(runner, num_reqs: int) -> None:
-    """Model runner V1: each row's request id and N, from the runner's request states."""
-    from moa_vllm.vllm_plugin.moa import ring_state
-
+def publish_request_lengths(context, runner, num_reqs: int, num_reqs_padded: int | None = None) -> None:
+    """Model runner V1: each row's request id and N, from the runner's request states; rows past num_reqs up to
+    num_reqs_padded (CUDA-graph padding) are rows of no request."""
     req_ids, prompts, max_tokens = [], [], []
     for req_id in runner.input_batch.req_ids[:num_reqs]:
         state = runner.requests.get(req_id)
+        if state is None:
+            raise RuntimeError(f"moa-vllm: batch row of request {req_id!r} has no request state in the model runner")
         params = getattr(state, "sampling_params", None)
-        req_ids.append(req_id if state is not None else None)
-        prompts.append(state.num_prompt_tokens if state is not None else runner.max_model_len)
+        req_ids.append(req_id)
+        prompts.append(state.num_prompt_tokens)
         max_tokens.append(params.max_tokens if params is not None else None)
-    ring_state.publish(req_ids, prompts, max_tokens, runner.max_model_len)
-
-
-def publish_dummy_rows(num_reqs: int, max_model_len: int) -> None:
-    """Warm-up / profiling batches: rows that are no request (their rings point at the null block)."""
-    from moa_vllm.vllm_plugin.moa import ring_state
-
-    ring_state.publish([None] * num_reqs, [max_model_len] * num_reqs, [None] * num_reqs, max_model_len)
+    padding = max(0, (num_reqs_padded or num_reqs) - num_reqs)
+    req_ids += [None] * padding
+    prompts += [runner.max_model_len] * padding
+    max_tokens += [None] * padding
+    context.publish_requests(req_ids, prompts, max_tokens, runner.max_model_len)
 
 
 def _request_lengths() -> None:
+    import inspect
+
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from moa_vllm.vllm_plugin.moa.engine_context import engine_context
+
     def make(original):
+        signature = inspect.signature(original)
+
         @functools.wraps(original)
         def _build_attention_metadata(self, *args, **kwargs):
             if moa_selected(self.vllm_config):
-                num_reqs = kwargs["num_reqs"] if "num_reqs" in kwargs else args[1]
-                if kwargs.get("logits_indices") is None:  # _dummy_run builds without logits indices
-                    publish_dummy_rows(num_reqs, self.max_model_len)
+                context = engine_context(self.vllm_config)
+                bound = signature.bind(self, *args, **kwargs).arguments
+                if bound.get("for_cudagraph_capture"):
+                    pass  # the builders' build_for_cudagraph_capture publishes the capture's dummy rows
+                elif context.dummy_runs:  # inside _dummy_run: warm-up / profiling rows of no request
+                    context.publish_dummy(bound.get("num_reqs_padded") or bound["num_reqs"], self.max_model_len)
                 else:
-                    publish_request_lengths(self, num_reqs)
+                    publish_request_lengths(context, self, bound["num_reqs"], bound.get("num_reqs_padded"))
             return original(self, *args, **kwargs)
 
         return _build_attention_metadata
 
+    def make_dummy_run(original):
+        @functools.wraps(original)
+        def _dummy_run(self, *args, **kwargs):
+            if not moa_selected(self.vllm_config):
+                return original(self, *args, **kwargs)
+            context = engine_context(self.vllm_config)
+            context.dummy_runs += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                context.dummy_runs -= 1
+
+        return _dummy_run
+
     _wrap_once(GPUModelRunner, "_build_attention_metadata", make)
+    _wrap_once(GPUModelRunner, "_dummy_run", make_dummy_run)
 
 
 # ---- request_lengths_v2 -------------------------------------------------------------------------------------------
-def publish_request_lengths_v2(runner, input_batch) -> None:
-    """Model runner V2: N = min(prompt + max_tokens, max_model_len) from its request states (max_seq_len)."""
+V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"
+
+
+def publish_request_lengths_v2(context, runner, input_batch) -> None:
+    """Model runner V2: N = min(prompt + max_tokens, max_model_len) from its request states (max_seq_len); rows
+    past num_reqs up to num_reqs_after_padding are rows of no request."""
     import numpy as np
 
-    from moa_vllm.vllm_plugin.moa import ring_state
+    num_reqs = input_batch.num_reqs
+    idx = np.asarray(input_batch.idx_mapping_np)[:num_reqs]
+    lengths = np.minimum(runner.req_states.max_seq_len[idx], runner.max_model_len).tolist()
+    padding = max(0, (getattr(input_batch, "num_reqs_after_padding", None) or num_reqs) - num_reqs)
+    req_ids = list(input_batch.req_ids[:num_reqs]) + [None] * padding
+    context.publish(req_ids, lengths + [runner.max_model_len] * padding)
 
-    idx = np.asarray(input_batch.idx_mapping_np)[: input_batch.num_reqs]
-    lengths = np.minimum(runner.req_states.max_seq_len[idx], runner.max_model_len)
-    ring_state.publish_lengths(list(input_batch.req_ids[: input_batch.num_reqs]), lengths)
+
+def _v2_runner():
+    """Model runner V2's class, or None where it cannot be imported (its GPU dependencies are missing)."""
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+    except ImportError:
+        return None
+    return RunnerV2
 
 
 def _request_lengths_v2() -> None:
-    try:
-        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
-    except ImportError:  # the V2 runner is importable only where its GPU dependencies are
+    from moa_vllm.vllm_plugin.moa.engine_context import engine_context
+
+    runner_v2 = _v2_runner()
+    if runner_v2 is None:  # check_runner_hooks refuses to serve on V2 without this hook
         return
 
     def make(original):
         @functools.wraps(original)
         def prepare_attn(self, input_batch, *args, **kwargs):
             if moa_selected(self.vllm_config):
-                publish_request_lengths_v2(self, input_batch)
+                publish_request_lengths_v2(engine_context(self.vllm_config), self, input_batch)
             return original(self, input_batch, *args, **kwargs)
 
         return prepare_attn
@@ -345,13 +376,45 @@ def _request_lengths_v2() -> None:
         @functools.wraps(original)
         def prepare_dummy_attn(self, input_batch, *args, **kwargs):
             if moa_selected(self.vllm_config):
-                publish_dummy_rows(input_batch.num_reqs, self.max_model_len)
+                engine_context(self.vllm_config).publish_dummy(
+                    getattr(input_batch, "num_reqs_after_padding", None) or input_batch.num_reqs, self.max_model_len
+                )
             return original(self, input_batch, *args, **kwargs)
 
         return prepare_dummy_attn
 
-    _wrap_once(RunnerV2, "prepare_attn", make)
-    _wrap_once(RunnerV2, "prepare_dummy_attn", make_dummy)
+    _wrap_once(runner_v2, "prepare_attn", make)
+    _wrap_once(runner_v2, "prepare_dummy_attn", make_dummy)
+
+
+def _hooked(owner, attr: str) -> bool:
+    return getattr(owner.__dict__.get(attr), _MARK, False)
+
+
+def check_runner_hooks(vllm_config) -> None:
+    """The runner that will serve must carry the hook that publishes its batches: without it every step would fail
+    (or, before these checks, attend with spans of 0). Raised at config time and again in each worker's builders."""
+    from moa_vllm.plan import PlanError
+
+    if not getattr(vllm_config, "use_v2_model_runner", False):
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        missing = [a for a in ("_build_attention_metadata", "_dummy_run") if not _hooked(GPUModelRunner, a)]
+        where = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
+    else:
+        runner_v2 = _v2_runner()
+        if runner_v2 is None:
+            raise PlanError(
+                f"moa-vllm: model runner V2 is selected but {V2_RUNNER_MODULE} cannot be imported, so the moa hook "
+                "that publishes each batch's requests is missing; set VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+        missing = [a for a in ("prepare_attn", "prepare_dummy_attn") if not _hooked(runner_v2, a)]
+        where = f"{V2_RUNNER_MODULE}.GPUModelRunner"
+    if missing:
+        raise PlanError(
+            f"moa-vllm: the model runner hook on {where}.{'/'.join(missing)} is not installed (register() did not "
+            "run in this process?); refusing to serve without knowing which request each batch row is"
+        )
 
 
 # ---- beam_search ----------------------------------------------------------------------------------------------------
@@ -437,7 +500,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch("config_check", "<platform>.check_and_update_config", "0.32", _config_check),
     Patch("layer_kv_spec", "Attention.get_kv_cache_spec", "0.32", _layer_kv_spec),
     Patch("admission_lengths", "KVCacheManager.allocate_slots/free", "0.32", _admission_lengths),
-    Patch("request_lengths", "GPUModelRunner._build_attention_metadata", "0.32", _request_lengths),
+    Patch("request_lengths", "GPUModelRunner._build_attention_metadata/_dummy_run", "0.32", _request_lengths),
     Patch(
         "request_lengths_v2",
         "gpu.model_runner.GPUModelRunner.prepare_attn/prepare_dummy_attn",

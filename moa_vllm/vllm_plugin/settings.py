@@ -20,9 +20,22 @@ from moa_vllm.plan import ModelFingerprint, Plan, PlanError, check_plan_fits, fi
 from moa_vllm.plan.attach import PLAN_FILE, folder_plan
 
 PLAN_ENV = "MOA_VLLM_PLAN"
+BACKEND_PATH = "moa_vllm.vllm_plugin.moa.backend.MoABackend"
 CONFIG_KEY = "moa"
 
 logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
+
+
+def moa_selected(vllm_config) -> bool:
+    """Whether this config serves with the moa backend (CUSTOM, registered to our class)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if vllm_config.attention_config.backend != AttentionBackendEnum.CUSTOM:
+        return False
+    try:
+        return AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

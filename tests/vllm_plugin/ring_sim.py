@@ -11,8 +11,8 @@ import torch
 
 from moa_vllm.ops.reference import reference_attention
 from moa_vllm.ops.ring_layout import blocks_needed, ring_spans
-from moa_vllm.vllm_plugin.moa import ring_state
 from moa_vllm.vllm_plugin.moa.backend import ring_forward
+from moa_vllm.vllm_plugin.moa.engine_context import EngineContext
 from moa_vllm.vllm_plugin.moa.ring_state import RingState
 
 
@@ -59,6 +59,7 @@ class RingSim:
         ]
         self.done = [0] * len(lengths)
         self.state = RingState(alphas, betas, min_span, sinks, page, max_len, torch.device("cpu"))
+        self.context = EngineContext()  # what the runner patches publish into
         self.reference_window_delta = 0  # mutation hook: the reference's windows off by this many tokens
 
     def step(self, counts: dict[int, int]) -> float:
@@ -68,7 +69,7 @@ class RingSim:
         for r in rows:
             qsl.append(qsl[-1] + counts[r])
             seq_lens.append(self.done[r] + counts[r])
-        ring_state.publish_lengths([self.req_ids[r] for r in rows], [self.lengths[r] for r in rows])
+        batch = self.context.publish([self.req_ids[r] for r in rows], [self.lengths[r] for r in rows])
         common = SimpleNamespace(
             num_reqs=len(rows),
             query_start_loc_cpu=torch.tensor(qsl),
@@ -76,7 +77,7 @@ class RingSim:
         )
         err = 0.0
         for layer in range(self.layers):  # what each layer's metadata builder does
-            self.state.step_for(common)
+            self.state.step_for(common, batch)
             self.state.fill_layer(layer, self.tables[layer, rows])
         for layer in range(self.layers):
             sl = [slice(self.done[r], self.done[r] + counts[r]) for r in rows]

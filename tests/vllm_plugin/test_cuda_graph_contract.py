@@ -14,7 +14,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moa_vllm.ops.page_format import cells
-from moa_vllm.vllm_plugin.moa import ring_state
 from moa_vllm.vllm_plugin.moa.backend import MoAMetadataBuilder, ring_forward
 from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels
 from tests.vllm_plugin.ring_sim import make_sim, rules
@@ -64,7 +63,8 @@ def _sim():
 
 def _build(sim, rows: list[int], counts: dict[int, int], padding: int = 0):
     """What the builders do for a step (publish, step_for, fill_layer), with `padding` extra rows of no request."""
-    ring_state.publish_lengths([sim.req_ids[r] for r in rows], [sim.lengths[r] for r in rows])
+    ids = [sim.req_ids[r] for r in rows] + [None] * padding
+    batch = sim.context.publish(ids, [sim.lengths[r] for r in rows] + [0] * padding)
     qsl, seq = [0], []
     for r in rows:
         qsl.append(qsl[-1] + counts[r])
@@ -79,7 +79,7 @@ def _build(sim, rows: list[int], counts: dict[int, int], padding: int = 0):
         seq_lens_cpu_upper_bound=torch.tensor(seq, dtype=torch.int32),
     )
     for layer in range(sim.layers):
-        sim.state.step_for(common)
+        sim.state.step_for(common, batch)
         width = sim.tables.shape[2]
         table = torch.cat([sim.tables[layer, rows], torch.zeros(padding, width, dtype=torch.int32)])
         sim.state.fill_layer(layer, table)
@@ -136,20 +136,43 @@ def test_a_padding_row_writes_only_the_null_block(contract):  # noqa: F811
         assert set(real.tolist()) <= set(pages)
 
 
-def test_a_build_after_the_forward_without_a_publish_is_a_dummy_batch(contract):  # noqa: F811
-    """Model runner V2 builds CUDA-graph capture batches without the patched prepare_attn: a second build with the
-    same serial after a forward must not hand out the consumed step (its decode tensors would be baked into the
-    graph from outside it), but a fresh step whose rows hold no request."""
+def _capture_common(rows: int, width: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        num_reqs=rows,
+        num_actual_tokens=rows,
+        query_start_loc_cpu=torch.arange(rows + 1),
+        seq_lens=torch.ones(rows, dtype=torch.int32),
+        seq_lens_cpu_upper_bound=torch.ones(rows, dtype=torch.int32),
+        block_table_tensor=torch.zeros(rows, width, dtype=torch.int32),
+    )
+
+
+def test_a_build_after_the_forward_without_a_publish_is_refused(contract):  # noqa: F811
+    """A step whose batch was never published (the runner hook did not run) must not reuse the consumed step
+    (its rows would attend with another step's requests) nor run with rows of no request: it raises."""
     sim = _sim()
     used = _build(sim, [0, 1], {0: 1, 1: 1})
     used.finalize(sim.sinks, sim.page)
-    common = SimpleNamespace(
-        num_reqs=4,
-        query_start_loc_cpu=torch.arange(5),
-        seq_lens=torch.ones(4, dtype=torch.int32),
-        seq_lens_cpu_upper_bound=torch.ones(4, dtype=torch.int32),
-    )
-    dummy = sim.state.step_for(common)
-    assert dummy is not used and dummy.visible is None and dummy.req_ids == (None,) * 4
+    with pytest.raises(RuntimeError, match="without being published"):
+        sim.state.step_for(_capture_common(2, sim.tables.shape[2]), sim.context.published)
+    with pytest.raises(RuntimeError, match="published no batch"):
+        sim.state.step_for(_capture_common(2, sim.tables.shape[2]), None)
+
+
+def test_capture_builds_publish_a_dummy_step_of_their_rows(contract):  # noqa: F811
+    """vLLM's capture path (build_for_cudagraph_capture, V1 and V2) after a real step: the first layer publishes
+    a dummy batch of the capture's rows, every layer shares that step, and no row holds a ring."""
+    sim = _sim()
+    used = _build(sim, [0, 1], {0: 1, 1: 1})
+    used.finalize(sim.sinks, sim.page)
+    builders = []
+    for layer in range(sim.layers):  # the builders' own state, without a vLLM config to make them from
+        builder = MoAMetadataBuilder.__new__(MoAMetadataBuilder)
+        builder.context, builder.state, builder.layer = sim.context, sim.state, layer
+        builders.append(builder)
+    common = _capture_common(4, sim.tables.shape[2])
+    steps = [b.build_for_cudagraph_capture(common).step for b in builders]
+    dummy = steps[0]
+    assert all(s is dummy for s in steps) and dummy is not used
+    assert sim.context.published.dummy and dummy.req_ids == (None,) * 4 and dummy.visible is None
     assert int(dummy.tables.abs().sum()) == 0 and int(dummy.spans.abs().sum()) == 0
-    assert sim.state.step_for(common) is dummy  # later layers' builders share it

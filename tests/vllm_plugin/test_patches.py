@@ -197,7 +197,7 @@ def test_layer_kv_spec_builds_a_ring_spec_per_layer(model_dir):
 def test_request_lengths_publishes_rows_in_batch_order():
     from types import SimpleNamespace
 
-    from moa_vllm.vllm_plugin.moa import ring_state
+    from moa_vllm.vllm_plugin.moa.engine_context import EngineContext
     from moa_vllm.vllm_plugin.patches import publish_request_lengths
 
     def req(prompt, max_tokens):
@@ -208,13 +208,17 @@ def test_request_lengths_publishes_rows_in_batch_order():
         input_batch=SimpleNamespace(req_ids=["b", "a", "c"]),
         requests={"a": req(100, 50), "b": req(900, 500), "c": req(10, None)},
     )
-    publish_request_lengths(runner, num_reqs=3)
-    first = ring_state.published()
-    assert first.req_ids == ("b", "a", "c") and first.lengths.tolist() == [1000, 150, 1000]
-    publish_request_lengths(runner, num_reqs=2)
-    second = ring_state.published()
-    assert second.req_ids == ("b", "a") and second.lengths.tolist() == [1000, 150]
+    context = EngineContext()
+    publish_request_lengths(context, runner, num_reqs=3)
+    first = context.published
+    assert first.req_ids == ("b", "a", "c") and first.lengths.tolist() == [1000, 150, 1000] and not first.dummy
+    publish_request_lengths(context, runner, num_reqs=2, num_reqs_padded=4)
+    second = context.published
+    assert second.req_ids == ("b", "a", None, None) and second.lengths.tolist()[:2] == [1000, 150]
     assert second.serial == first.serial + 1  # a new step for the builders
+    runner.requests.pop("a")
+    with pytest.raises(RuntimeError, match="request 'a' has no request state"):
+        publish_request_lengths(context, runner, num_reqs=2)
 
 
 def test_request_lengths_v2_reads_the_v2_request_states():
@@ -223,14 +227,18 @@ def test_request_lengths_v2_reads_the_v2_request_states():
 
     import numpy as np
 
-    from moa_vllm.vllm_plugin.moa import ring_state
+    from moa_vllm.vllm_plugin.moa.engine_context import EngineContext
     from moa_vllm.vllm_plugin.patches import publish_request_lengths_v2
 
     runner = SimpleNamespace(max_model_len=1000, req_states=SimpleNamespace(max_seq_len=np.array([150, 0, 1400, 30])))
     batch = SimpleNamespace(num_reqs=3, req_ids=["x", "y", "z"], idx_mapping_np=np.array([2, 0, 3]))
-    publish_request_lengths_v2(runner, batch)
-    assert ring_state.published().req_ids == ("x", "y", "z")
-    assert ring_state.published().lengths.tolist() == [1000, 150, 30]
+    context = EngineContext()
+    publish_request_lengths_v2(context, runner, batch)
+    assert context.published.req_ids == ("x", "y", "z")
+    assert context.published.lengths.tolist() == [1000, 150, 30]
+    batch.num_reqs_after_padding = 5
+    publish_request_lengths_v2(context, runner, batch)
+    assert context.published.req_ids == ("x", "y", "z", None, None)
 
 
 def test_request_lengths_v2_target_exists():
@@ -352,7 +360,9 @@ def test_engine_inspect_reports_each_requests_ring_blocks_and_bytes(monkeypatch)
     running = SimpleNamespace(status=SimpleNamespace(name="RUNNING"))
     scheduler = SimpleNamespace(kv_cache_manager=manager, requests={"a": running, "b": running, "c": running})
     monkeypatch.setattr(request_lengths, "_admitted", {"a": 700, "b": 1500})
-    report = EngineCore.moa_inspect(SimpleNamespace(scheduler=scheduler))
+    engine = SimpleNamespace(scheduler=scheduler)
+    report = EngineCore.moa_inspect(engine)
+    assert report["serial"] == 1 and EngineCore.moa_inspect(engine)["serial"] == 2  # counted per engine
     assert report["requests"] == [
         {"id": "a", "state": "running", "n": 700, "blocks": 3, "kv_bytes": 3000},
         {"id": "b", "state": "running", "n": 1500, "blocks": 4, "kv_bytes": 4000},

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moa_vllm.vllm_plugin.moa import ring_state
+from moa_vllm.vllm_plugin.moa.engine_context import EngineContext
 from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels, probe_page_format
 from moa_vllm.vllm_plugin.moa.ring_state import RingState
 from tests.vllm_plugin.ring_sim import PAGE, D, drive, make_sim, rules
@@ -58,7 +58,8 @@ def test_persistent_metadata_equals_a_fresh_build():
         query_start_loc_cpu=torch.tensor([0, 1, 2]),
         seq_lens=torch.tensor([sim.done[0], sim.done[1]], dtype=torch.int32),
     )
-    new = fresh.step_for(common)
+    batch = EngineContext().publish(sim.req_ids[:2], sim.lengths[:2])
+    new = fresh.step_for(common, batch)
     for layer in range(2):
         fresh.fill_layer(layer, sim.tables[layer, [0, 1]])
     kept.finalize(4, PAGE)
@@ -70,11 +71,11 @@ def test_persistent_metadata_equals_a_fresh_build():
 def test_rows_with_missing_blocks_are_refused():
     alphas, betas = rules(1, 3, seed=9)
     state = RingState(alphas, betas, 20, 4, PAGE, 4096, torch.device("cpu"))
-    ring_state.publish_lengths(["a"], [300])
+    batch = EngineContext().publish(["a"], [300])
     common = SimpleNamespace(
         num_reqs=1, query_start_loc_cpu=torch.tensor([0, 50]), seq_lens=torch.tensor([50], dtype=torch.int32)
     )
-    state.step_for(common)
+    state.step_for(common, batch)
     with pytest.raises(RuntimeError, match="fewer blocks than their rings need"):
         state.fill_layer(0, torch.tensor([[7, 0, 0, 0, 0, 0]], dtype=torch.int32))
 

@@ -45,8 +45,14 @@ def request_report(kv_cache_manager, request_ids: list[str], states: dict[str, s
     }
 
 
+COUNTER = "_moa_inspect_calls"
+
+
 def engine_report(engine_core) -> dict[str, Any]:
-    """The report of one EngineCore: every request its scheduler knows, running or waiting."""
+    """The report of one EngineCore: every request its scheduler knows, running or waiting. `serial` counts the
+    reports this engine has made (the API server asks once per poll interval, whatever its GET rate)."""
+    serial = getattr(engine_core, COUNTER, 0) + 1
+    setattr(engine_core, COUNTER, serial)
     scheduler = engine_core.scheduler
     states = {rid: str(getattr(req.status, "name", req.status)).lower() for rid, req in scheduler.requests.items()}
-    return request_report(scheduler.kv_cache_manager, list(scheduler.requests), states)
+    return {"serial": serial, **request_report(scheduler.kv_cache_manager, list(scheduler.requests), states)}

@@ -29,9 +29,11 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 from moa_vllm.ops.page_format import cells
 from moa_vllm.ops.ring_layout import slot_positions
 from moa_vllm.ops.ring_prefill import prefill_attention, survivors
+from moa_vllm.vllm_plugin.moa.engine_context import EngineContext, engine_context
 from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec, rank_heads
 from moa_vllm.vllm_plugin.moa.ring_kernels import ring_kernels
 from moa_vllm.vllm_plugin.moa.ring_state import RingState, RingStep
+from moa_vllm.vllm_plugin.patches import check_runner_hooks
 from moa_vllm.vllm_plugin.settings import plan_from_vllm_config
 
 logger = init_logger("vllm.moa_vllm")
@@ -87,9 +89,6 @@ class MoAMetadata:
     step: RingStep
 
 
-_states: dict[int, RingState] = {}
-
-
 def _rank_heads(spec: MoARingSpec) -> range:
     if spec.tp_size == 1:
         return range(len(spec.alphas))
@@ -98,16 +97,14 @@ def _rank_heads(spec: MoARingSpec) -> range:
     return rank_heads(len(spec.alphas), spec.num_kv_heads, spec.tp_size)[get_tensor_model_parallel_rank()]
 
 
-def ring_state(vllm_config: VllmConfig, spec: MoARingSpec, device: torch.device) -> RingState:
-    """The worker's RingState (one per engine config), holding every layer's rules for this rank's KV heads."""
-    key = id(vllm_config)
-    if key not in _states:
+def ring_state(context: EngineContext, vllm_config: VllmConfig, spec: MoARingSpec, device: torch.device) -> RingState:
+    """The engine's RingState (made by its first builder), holding every layer's rules for this rank's KV heads."""
+    if context.ring_state is None:
         plan = plan_from_vllm_config(vllm_config)
         heads = _rank_heads(spec)
         alphas = torch.tensor([[layer[h].alpha for h in heads] for layer in plan.rules], dtype=torch.float64)
         betas = torch.tensor([[layer[h].beta for h in heads] for layer in plan.rules], dtype=torch.float64)
-        _states.clear()  # one engine per worker process
-        _states[key] = RingState(
+        context.ring_state = RingState(
             alphas,
             betas,
             plan.min_span,
@@ -117,7 +114,7 @@ def ring_state(vllm_config: VllmConfig, spec: MoARingSpec, device: torch.device)
             device,
             max_rows=vllm_config.scheduler_config.max_num_seqs,
         )
-    return _states[key]
+    return context.ring_state
 
 
 class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
@@ -142,15 +139,30 @@ class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
             raise TypeError(f"moa-vllm: layers {layer_names} got KV cache spec {type(kv_cache_spec).__name__}")
         self.spec = kv_cache_spec
         self.layer = kv_cache_spec.layer_index
-        self.state = ring_state(vllm_config, kv_cache_spec, device)
+        check_runner_hooks(vllm_config)  # a runner whose hook is missing would publish nothing: fail at startup
+        self.context = engine_context(vllm_config)
+        self.state = ring_state(self.context, vllm_config, kv_cache_spec, device)
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> MoAMetadata:
         c = common_attn_metadata
-        step = self.state.step_for(c)
+        step = self.state.step_for(c, self.context.published)
         self.state.fill_layer(self.layer, c.block_table_tensor[: c.num_reqs])
         return MoAMetadata(num_actual_tokens=c.num_actual_tokens, layer=self.layer, step=step)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> MoAMetadata:
+        """vLLM's capture path (V1 and V2 call it for capture batches, whose rows are no request): the first layer's
+        builder publishes a dummy batch of the capture's rows; the other layers share that step."""
+        c = common_attn_metadata
+        batch, step = self.context.published, self.state.step
+        fresh = (
+            batch is not None and batch.dummy and batch.rows == c.num_reqs
+            and step is not None and step.serial == batch.serial and step.visible is None
+        )  # fmt: skip
+        if not fresh:
+            self.context.publish_dummy(c.num_reqs, self.state.max_model_len)
+        return self.build(0, c)
 
 
 def _check_cache_dtype(kv_cache_dtype: str, vllm_config: VllmConfig) -> None:

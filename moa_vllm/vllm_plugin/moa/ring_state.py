@@ -1,12 +1,13 @@
 """The worker's ring metadata: each request's ring layout computed once, kept in persistent tensors, one build per step.
 
-Per step the model runner publishes the batch's request ids and lengths N (patches.py, for runner V1 and V2).
-The first MoA metadata builder called in a step makes the step's `RingStep` for every layer at once: spans
-[L, R, H] (recomputed only when the batch's requests change), the rows' ring page tables [L, R, H, P] (a request's
-tables are computed when it is first scheduled, from each layer's block table as that layer's builder passes it,
-checked against the blocks the scheduler gave it, and reused until it leaves the batch or restarts from position
-0), and, at the first attention call, the decode tensors of all layers: visible lengths [L, R*H] and the slots of
-the new tokens [L, R_decode*H]. Builders of later layers only hand out the same step.
+Per step the model runner publishes the batch's request ids and lengths N into the engine's context
+(engine_context.py; patches.py, for runner V1 and V2), and each builder passes it to `step_for`. The first MoA
+metadata builder called in a step makes the step's `RingStep` for every layer at once: spans [L, R, H] (recomputed
+only when the batch's requests change), the rows' ring page tables [L, R, H, P] (a request's tables are computed
+when it is first scheduled, from each layer's block table as that layer's builder passes it, checked against the
+blocks the scheduler gave it, and reused until it leaves the batch or restarts from position 0), and, at the first
+attention call, the decode tensors of all layers: visible lengths [L, R*H] and the slots of the new tokens
+[L, R_decode*H]. Builders of later layers only hand out the same step.
 
 CUDA graphs (decode-only batches): a captured graph replays the kernels with the addresses it saw at capture, so
 everything the decode path reads lives in buffers allocated once, [L, max_rows, ...], and each build rewrites
@@ -20,39 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from moa_vllm.ops.ring_layout import blocks_needed, decode_slots, page_tables, ring_pages, ring_spans, visible_lengths
-from moa_vllm.plan.span import request_length
-
-
-@dataclass
-class PublishedBatch:
-    """What the runner knows and the builders do not: which request each row is, and its N."""
-
-    serial: int
-    req_ids: tuple[str | None, ...]
-    lengths: np.ndarray  # [rows] N per row
-
-
-_published = PublishedBatch(0, (), np.zeros(0, dtype=np.int64))
-
-
-def publish(req_ids: list[str | None], prompt_tokens: list[int], max_tokens: list[int | None], max_model_len: int):
-    """Called by the runner patch once per step, before attention metadata is built (model runner V1)."""
-    lengths = [request_length(p, m, max_model_len) for p, m in zip(prompt_tokens, max_tokens, strict=True)]
-    publish_lengths(req_ids, np.array(lengths, dtype=np.int64))
-
-
-def publish_lengths(req_ids: list[str | None], lengths: np.ndarray) -> None:
-    """The batch's request ids and their N, row by row; a new serial marks a new step for the builders."""
-    global _published
-    _published = PublishedBatch(_published.serial + 1, tuple(req_ids), np.asarray(lengths, dtype=np.int64))
-
-
-def published() -> PublishedBatch:
-    return _published
+from moa_vllm.vllm_plugin.moa.engine_context import PublishedBatch
 
 
 @dataclass
@@ -115,16 +87,33 @@ class RingState:
         self._pending: list[int] = []
 
     # ---- per step --------------------------------------------------------------------------------------------
-    def step_for(self, common) -> RingStep:
-        """The step's RingStep, made by the first builder call after the runner published the batch."""
-        batch = published()
-        if self.step is not None and self.step.serial == batch.serial:
-            if self.step.visible is None and len(self.step.computed) == common.num_reqs:
-                return self.step  # a later layer's builder in the same step
-            # A build the runner published nothing for (model runner V2 builds CUDA-graph capture batches without
-            # its patched prepare_attn) after a forward already used the step: a dummy batch, rows of no request.
-            batch = PublishedBatch(batch.serial, (), np.zeros(0, dtype=np.int64))
+    def step_for(self, common, batch: PublishedBatch | None) -> RingStep:
+        """The step's RingStep, made by the first builder call after the runner published `batch`; later layers'
+        builders of the same step get the same object. Raises when the rows cannot be matched to requests."""
         rows = common.num_reqs
+        if batch is None:
+            raise RuntimeError(
+                f"moa-vllm: attention metadata for {rows} rows was built but the model runner published no batch "
+                "(its request_lengths hook did not run on this runner); refusing to guess which request each row is"
+            )
+        if self.step is not None and self.step.serial == batch.serial:
+            if self.step.visible is None and len(self.step.computed) == rows:
+                return self.step  # a later layer's builder in the same step
+            raise RuntimeError(
+                f"moa-vllm: a new batch of {rows} rows reached the builders without being published; the last "
+                f"published batch (rows {_named(batch)}) was already used by a forward; refusing to reuse it"
+            )
+        if rows > batch.rows:
+            raise RuntimeError(
+                f"moa-vllm: rows {batch.rows}..{rows - 1} of a {rows}-row batch were never published (published: "
+                f"{_named(batch)}); refusing to attend for a row of unknown request"
+            )
+        dropped = [rid for rid in batch.req_ids[rows:] if rid is not None]
+        if dropped:
+            raise RuntimeError(
+                f"moa-vllm: requests {dropped[:8]} were published for this step but the builders got only {rows} "
+                "rows; the runner's rows and the builders' rows disagree"
+            )
         if rows > self.max_rows:
             raise RuntimeError(
                 f"moa-vllm: a step has {rows} rows but the ring buffers hold {self.max_rows} (max_num_seqs)"
@@ -133,8 +122,8 @@ class RingState:
         seq_lens = common.seq_lens[:rows]
         seq_host = _host_seq_lens(common, rows)
         computed = [seq_host[r] - (qsl[r + 1] - qsl[r]) for r in range(rows)]
-        req_ids = tuple(batch.req_ids[r] if r < len(batch.req_ids) else None for r in range(rows))
-        lengths = [int(batch.lengths[r]) if r < len(batch.lengths) else self.max_model_len for r in range(rows)]
+        req_ids = batch.req_ids[:rows]
+        lengths = [int(n) for n in batch.lengths[:rows]]
         num_decodes = 0
         while num_decodes < rows and qsl[num_decodes + 1] - qsl[num_decodes] == 1:
             num_decodes += 1
@@ -216,6 +205,14 @@ class RingState:
             self._tables[rid] = step.tables[:, r].clone()
             self._lengths[rid] = int(self._batch_key[r][1])
         self._pending = []
+
+
+def _named(batch: PublishedBatch) -> str:
+    """The published rows for an error message (request ids, or how many dummy rows)."""
+    if batch.dummy:
+        return f"{batch.rows} dummy rows"
+    shown = list(batch.req_ids[:8])
+    return f"{shown}{' ...' if batch.rows > 8 else ''}"
 
 
 def _host_seq_lens(common, rows: int) -> list[int]:

@@ -1,0 +1,82 @@
+"""The per-engine context of the worker side: the batch the model runner published for the step, and the ring state
+every MoA metadata builder of the engine shares.
+
+The builders see attention metadata without request ids or sampling parameters, so the runner patches
+(patches.py: `request_lengths` on model runner V1, `request_lengths_v2` on V2) publish each row's request id and
+N before the builders run. The context hangs on the engine's VllmConfig, the one object the runner and every
+builder of an engine receive: two engines in one process (tests build several in turn) never share it, and
+nothing lives in module globals. A batch is published once per step; a build that finds nothing published, a
+publication already used by a forward, or more rows than were published raises instead of guessing which
+request a row is (a guess would attend over another request's keys or over nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from moa_vllm.plan.span import request_length
+
+if TYPE_CHECKING:
+    from moa_vllm.vllm_plugin.moa.ring_state import RingState
+
+_ATTR = "_moa_engine_context"
+
+
+@dataclass(frozen=True)
+class PublishedBatch:
+    """What the runner knows and the builders do not: which request each row is (None: a padding or dummy row of
+    no request), and its N. `dummy` marks warm-up, profiling and CUDA-graph capture batches."""
+
+    serial: int
+    req_ids: tuple[str | None, ...]
+    lengths: np.ndarray  # [rows] N per row
+    dummy: bool = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.req_ids)
+
+
+class EngineContext:
+    """One engine's worker-side hand-off. `published` is replaced by every publish; `ring_state` is made by the
+    first builder (backend.ring_state) and shared by all layers."""
+
+    def __init__(self) -> None:
+        self.published: PublishedBatch | None = None
+        self.ring_state: RingState | None = None
+        self.dummy_runs = 0  # > 0 while the V1 runner is inside _dummy_run (warm-up, profiling)
+        self._serial = 0
+
+    def __reduce__(self):  # a config pickled to another process starts that process's engine afresh
+        return (EngineContext, ())
+
+    def publish(self, req_ids: list[str | None], lengths, dummy: bool = False) -> PublishedBatch:
+        """The step's rows: request ids and N row by row; a new serial marks a new step for the builders."""
+        if len(req_ids) != len(lengths):
+            raise ValueError(f"moa-vllm: {len(req_ids)} request ids but {len(lengths)} lengths published")
+        self._serial += 1
+        self.published = PublishedBatch(self._serial, tuple(req_ids), np.asarray(lengths, dtype=np.int64), dummy)
+        return self.published
+
+    def publish_requests(
+        self, req_ids: list[str | None], prompt_tokens: list[int], max_tokens: list[int | None], max_model_len: int
+    ) -> PublishedBatch:
+        """Model runner V1: N from each row's prompt length and max_tokens."""
+        lengths = [request_length(p, m, max_model_len) for p, m in zip(prompt_tokens, max_tokens, strict=True)]
+        return self.publish(req_ids, lengths)
+
+    def publish_dummy(self, rows: int, max_model_len: int) -> PublishedBatch:
+        """Warm-up / profiling / capture batches: rows that are no request (their rings point at the null block)."""
+        return self.publish([None] * rows, [max_model_len] * rows, dummy=True)
+
+
+def engine_context(vllm_config: Any) -> EngineContext:
+    """The engine's context, made on first use and kept on its VllmConfig."""
+    context = vllm_config.__dict__.get(_ATTR)
+    if context is None:
+        context = EngineContext()
+        object.__setattr__(vllm_config, _ATTR, context)  # not a config field: outside validation and hashing
+    return context

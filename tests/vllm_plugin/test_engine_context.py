@@ -1,0 +1,117 @@
+"""The per-engine hand-off from the model runner to the MoA builders fails loudly: a batch that was not published
+is a RuntimeError (V1 through a real engine, V2 through its patched hook), and a runner without its hook is refused
+before serving."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from moa_vllm.plan import PlanError
+from moa_vllm.vllm_plugin import patches, register
+from moa_vllm.vllm_plugin.moa.engine_context import EngineContext, engine_context
+from moa_vllm.vllm_plugin.moa.ring_state import RingState
+from tests.conftest import PLANS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registered():
+    register()
+
+
+def _moa_config(**extra) -> SimpleNamespace:
+    """The two fields moa_selected reads, as on a config with --attention-backend moa."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return SimpleNamespace(attention_config=SimpleNamespace(backend=AttentionBackendEnum.CUSTOM), **extra)
+
+
+def test_each_config_gets_its_own_context_and_a_pickled_one_starts_empty():
+    import pickle
+
+    a, b = _moa_config(), _moa_config()
+    assert engine_context(a) is engine_context(a) and engine_context(a) is not engine_context(b)
+    engine_context(a).publish(["r"], [10])
+    assert pickle.loads(pickle.dumps(engine_context(a))).published is None
+
+
+def test_v2_hook_publishes_and_an_unpublished_step_is_refused():
+    """The V2 runner cannot run on CPU (it needs Triton's CPU backend); its patched prepare_attn is called with a
+    stand-in runner whose pcp_manager answers the original's first branch, so the wrapper itself runs as installed."""
+    runner_v2 = patches._v2_runner()
+    if runner_v2 is None:
+        pytest.skip("model runner V2 is not importable on this install")
+    assert getattr(runner_v2.__dict__["prepare_attn"], patches._MARK)
+    runner = SimpleNamespace(
+        vllm_config=_moa_config(),
+        max_model_len=1000,
+        req_states=SimpleNamespace(max_seq_len=np.array([300, 120])),
+        pcp_manager=SimpleNamespace(prepare_attn=lambda batch: ("tables", "slots")),
+    )
+    batch = SimpleNamespace(num_reqs=2, req_ids=["x", "y"], idx_mapping_np=np.array([1, 0]))
+    assert runner_v2.prepare_attn(runner, batch) == ("tables", "slots")
+    context = engine_context(runner.vllm_config)
+    assert context.published.req_ids == ("x", "y") and context.published.lengths.tolist() == [120, 300]
+
+    state = RingState(torch.full((1, 2), 64.0).double(), torch.zeros(1, 2).double(), 8, 4, 16, 1000, "cpu")
+    common = SimpleNamespace(
+        num_reqs=2, query_start_loc_cpu=torch.tensor([0, 5, 10]), seq_lens=torch.tensor([5, 5], dtype=torch.int32)
+    )
+    context.published = None  # the batch is lost before the builders run
+    with pytest.raises(RuntimeError, match="published no batch"):
+        state.step_for(common, context.published)
+    runner_v2.prepare_attn(runner, SimpleNamespace(num_reqs=1, req_ids=["x"], idx_mapping_np=np.array([1])))
+    with pytest.raises(RuntimeError, match=r"rows 1..1 of a 2-row batch were never published .*\['x'\]"):
+        state.step_for(common, context.published)
+
+
+def test_a_missing_v2_hook_is_refused_at_startup(monkeypatch):
+    config = SimpleNamespace(use_v2_model_runner=True)
+    monkeypatch.setattr(patches, "_v2_runner", lambda: None)
+    with pytest.raises(PlanError, match="model runner V2 is selected but .* cannot be imported"):
+        patches.check_runner_hooks(config)
+
+    class Unpatched:
+        def prepare_attn(self, batch): ...
+
+        def prepare_dummy_attn(self, batch): ...
+
+    monkeypatch.setattr(patches, "_v2_runner", lambda: Unpatched)
+    with pytest.raises(PlanError, match="prepare_attn/prepare_dummy_attn is not installed"):
+        patches.check_runner_hooks(config)
+
+
+def test_the_v1_hooks_are_installed():
+    patches.check_runner_hooks(SimpleNamespace(use_v2_model_runner=False))
+
+
+@pytest.mark.engine
+def test_a_v1_step_whose_batch_was_deleted_raises(model_dir, monkeypatch):
+    """A real engine (V1 runner, CPU): after start-up, every real publication is deleted before the builders run;
+    the step must fail with the RuntimeError instead of attending with spans of 0."""
+    from vllm import SamplingParams
+
+    from tests.vllm_plugin.conftest import close_llm, make_llm
+
+    llm = make_llm(model_dir, PLANS / "uniform-d0.25.json", max_model_len=1024)
+    try:
+        original = EngineContext.publish_requests
+
+        def publish_then_lose(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            self.published = None
+
+        monkeypatch.setattr(EngineContext, "publish_requests", publish_then_lose)
+        with pytest.raises(Exception) as info:
+            llm.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0))
+        chain, e = [], info.value
+        while e is not None:
+            chain.append(str(e))
+            e = e.__cause__ or e.__context__
+        assert any("published no batch" in m for m in chain), chain
+    finally:
+        monkeypatch.undo()
+        close_llm(llm)
