@@ -6,6 +6,9 @@
 #   MOA_HOST   bind address INSIDE the container (default 0.0.0.0: a published port needs it; compose.yaml
 #              publishes on the host's 127.0.0.1 only)
 #   MOA_PORT   default 8000
+#   MOA_API_KEY (or VLLM_API_KEY) the key every client must send (Authorization: Bearer KEY) on /v1/* and /moa/*;
+#              passed to vLLM as VLLM_API_KEY (never on the command line, where `ps` would show it). Without
+#              one, anyone who reaches the port can use the server: the entrypoint says so on stderr.
 #   MOA_DRY_RUN=1 prints the command instead of running it (tests)
 set -euo pipefail
 
@@ -33,6 +36,15 @@ if [[ -n "$plan" ]]; then
   cmd+=(--plan "$plan")
 fi
 cmd+=(--host "$host" --port "$port" "$@")
+
+if [[ -n "${MOA_API_KEY:-}" ]]; then
+  export VLLM_API_KEY="$MOA_API_KEY"
+  echo "moa-vllm entrypoint: API key required on /v1 and /moa (from MOA_API_KEY)" >&2
+elif [[ -n "${VLLM_API_KEY:-}" ]]; then
+  echo "moa-vllm entrypoint: API key required on /v1 and /moa (from VLLM_API_KEY)" >&2
+else
+  echo "moa-vllm entrypoint: WARNING: no API key (set MOA_API_KEY): anyone who reaches port $port can use this server" >&2
+fi
 
 if [[ "${MOA_DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${cmd[@]}"

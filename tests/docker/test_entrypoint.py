@@ -95,3 +95,37 @@ def test_dockerfiles_copy_only_what_exists():
             if line.startswith("COPY "):
                 for src in re.split(r"\s+", line)[1:-1]:
                     assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src}: not in the repository"
+
+
+@pytest.fixture
+def fake_moa_vllm(tmp_path) -> Path:
+    """A `moa-vllm` first on PATH that prints the key it was given and its arguments (what the real exec sees)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "moa-vllm"
+    script.write_text('#!/usr/bin/env bash\necho "key=${VLLM_API_KEY:-}"\necho "args=$*"\n')
+    script.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("variable", ["MOA_API_KEY", "VLLM_API_KEY"])
+def test_the_key_reaches_vllm_as_vllm_api_key_and_never_the_command_line(fake_moa_vllm, variable):
+    path = f"{fake_moa_vllm}{os.pathsep}{os.environ['PATH']}"
+    r = _run({"MOA_MODEL": "embedded", variable: "k-123", "PATH": path}, dry=False)
+    assert r.returncode == 0, r.stderr
+    assert "key=k-123" in r.stdout and "k-123" not in r.stdout.split("args=")[1]
+    assert f"API key required on /v1 and /moa (from {variable})" in r.stderr and "k-123" not in r.stderr
+    assert "k-123" not in _run({"MOA_MODEL": "embedded", variable: "k-123"}).stdout  # nor in the dry run's command
+
+
+def test_no_key_is_a_warning():
+    r = _run({"MOA_MODEL": "embedded"})
+    assert r.returncode == 0 and "WARNING: no API key (set MOA_API_KEY)" in r.stderr
+
+
+def test_images_run_as_a_non_root_user_and_compose_requires_a_key():
+    for dockerfile in (ROOT / "docker").glob("Dockerfile.*"):
+        users = [line.split()[1] for line in dockerfile.read_text().splitlines() if line.startswith("USER ")]
+        assert users and users[-1] not in ("root", "0"), dockerfile.name
+    compose = (ROOT / "docker" / "compose.yaml").read_text()
+    assert compose.count("MOA_API_KEY: ${MOA_API_KEY:?") == 2
