@@ -37,3 +37,22 @@ def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+HEAVY_MARKERS = ("model", "engine", "server")
+HEAVY_FIXTURES = ("model_dir", "tokenizer")  # the embedded model (prepared on first use: tens of seconds)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the embedded model (directly or through a fixture) carries one of the heavy markers, so
+    `-m "not engine and not server and not model"` runs no model; an unmarked one fails the run by name."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if set(HEAVY_FIXTURES) & set(getattr(item, "fixturenames", ()))
+        and not any(item.get_closest_marker(m) for m in HEAVY_MARKERS)
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that use the embedded model need a marker (model, engine or server):\n  " + "\n  ".join(unmarked)
+        )

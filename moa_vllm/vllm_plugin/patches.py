@@ -1,4 +1,5 @@
-"""Every monkeypatch moa-vllm applies to vLLM, in one place. All target vLLM 0.32.x (see compat.py).
+"""Every monkeypatch moa-vllm applies to vLLM, in one place. All target vLLM 0.32.x (run by the tests) and 0.33.x
+(canaries only: each target's import path and parameters, read from its source; canaries.py, compat.py).
 
 - backend_alias: AttentionBackendEnum._member_map_["MOA"] -> CUSTOM, so `--attention-backend moa` resolves.
 - cpu_backend_selection: CpuPlatform.get_attn_backend_cls ignores any selected backend; honour CUSTOM.
@@ -42,13 +43,14 @@ logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config print
 __all__ = ["BACKEND_PATH", "PATCHES", "apply_all", "check_runner_hooks", "moa_selected"]
 ALIAS = "MOA"
 _MARK = "_moa_vllm_patched"
+CHECKED = ("0.32", "0.33")  # 0.32: run by the tests; 0.33: canaries hold in its source (canaries.py)
 
 
 @dataclass(frozen=True)
 class Patch:
     name: str
     target: str
-    vllm_version: str
+    vllm_versions: tuple[str, ...]  # series whose source this patch's canaries were checked against
     apply: Callable[[], None]
 
 
@@ -495,21 +497,21 @@ def _engine_inspect() -> None:
 
 
 PATCHES: tuple[Patch, ...] = (
-    Patch("backend_alias", "AttentionBackendEnum._member_map_", "0.32", _backend_alias),
-    Patch("cpu_backend_selection", "CpuPlatform.get_attn_backend_cls", "0.32", _cpu_backend_selection),
-    Patch("config_check", "<platform>.check_and_update_config", "0.32", _config_check),
-    Patch("layer_kv_spec", "Attention.get_kv_cache_spec", "0.32", _layer_kv_spec),
-    Patch("admission_lengths", "KVCacheManager.allocate_slots/free", "0.32", _admission_lengths),
-    Patch("request_lengths", "GPUModelRunner._build_attention_metadata/_dummy_run", "0.32", _request_lengths),
+    Patch("backend_alias", "AttentionBackendEnum._member_map_", CHECKED, _backend_alias),
+    Patch("cpu_backend_selection", "CpuPlatform.get_attn_backend_cls", CHECKED, _cpu_backend_selection),
+    Patch("config_check", "<platform>.check_and_update_config", CHECKED, _config_check),
+    Patch("layer_kv_spec", "Attention.get_kv_cache_spec", CHECKED, _layer_kv_spec),
+    Patch("admission_lengths", "KVCacheManager.allocate_slots/free", CHECKED, _admission_lengths),
+    Patch("request_lengths", "GPUModelRunner._build_attention_metadata/_dummy_run", CHECKED, _request_lengths),
     Patch(
         "request_lengths_v2",
         "gpu.model_runner.GPUModelRunner.prepare_attn/prepare_dummy_attn",
-        "0.32",
+        CHECKED,
         _request_lengths_v2,
     ),
-    Patch("beam_search", "BeamSearchOnlineMixin/BeamSearchOfflineMixin.beam_search", "0.32", _beam_search),
-    Patch("engine_death_exit", "launchers.api_server.entry.serve_http", "0.32", _engine_death_exit),
-    Patch("engine_inspect", "EngineCore.moa_inspect (new utility method)", "0.32", _engine_inspect),
+    Patch("beam_search", "BeamSearchOnlineMixin/BeamSearchOfflineMixin.beam_search", CHECKED, _beam_search),
+    Patch("engine_death_exit", "launchers.api_server.entry.serve_http", CHECKED, _engine_death_exit),
+    Patch("engine_inspect", "EngineCore.moa_inspect (new utility method)", CHECKED, _engine_inspect),
 )
 
 

@@ -3,11 +3,14 @@ to each configuration's own maximum, vLLM's capacity line parsed from a log, the
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.serve import capacity, report
 from benchmarks.serve.server import Config, Server, server_cmd, server_env
 from tests.conftest import PLANS
 
 
+@pytest.mark.model
 def test_a_quarter_density_plan_fits_about_four_times_the_requests(model_dir):
     per_token, layer_heads = capacity.token_bytes(str(model_dir), 4)
     assert (per_token, layer_heads) == (2 * 64 * 4, 30 * 3)

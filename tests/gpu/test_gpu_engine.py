@@ -70,12 +70,14 @@ def _both(model_dir, prompts, first: dict, second: dict):
     return out
 
 
+@pytest.mark.engine
 def test_dense_plan_equals_stock_flash_attn(model_dir, prompts, plan_paths):
     stock, moa = _both(model_dir, prompts, {}, {"plan": plan_paths["dense"]})
     for i, ((a, a5), (b, b5)) in enumerate(zip(stock, moa)):
         assert_greedy_close(a, a5, b, b5, f"prompt {i}")
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("which", ["uniform", "hetero"])
 def test_sparse_plan_equals_the_reference(model_dir, prompts, plan_paths, which):
     from tests.vllm_plugin.hf_reference import ReferenceLM
@@ -94,6 +96,7 @@ def test_sparse_plan_equals_the_reference(model_dir, prompts, plan_paths, which)
             assert_greedy_close(tokens, top5, ref.tokens, ref.top5, f"{which} {label} prompt {i}")
 
 
+@pytest.mark.engine
 def test_cuda_graphs_change_nothing(model_dir, prompts, plan_paths):
     graphs, eager = _both(
         model_dir,

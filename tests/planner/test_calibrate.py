@@ -41,6 +41,7 @@ def _find(haystack: list[int], needle: list[int]) -> int:
     return -1
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("index", range(6))
 def test_prompt_fits_its_level_and_hides_the_target_far_from_the_question(tokenizer, index: int):
     level, new = 400, 16
@@ -55,6 +56,7 @@ def test_prompt_fits_its_level_and_hides_the_target_far_from_the_question(tokeni
     assert spec["question"] in tokenizer.decode(spec["prompt_ids"])
 
 
+@pytest.mark.model
 def test_samples_are_deterministic_per_seed_and_differ_across_seeds(tokenizer):
     corpus = docs_corpus()
     a = build_prompt(tokenizer, 300, 8, sample_rng(0, 300, 1), corpus)
@@ -68,11 +70,13 @@ def test_every_task_occurs():
     assert seen == set(TASKS)
 
 
+@pytest.mark.model
 def test_too_short_level_is_refused(tokenizer):
     with pytest.raises(ValueError, match="no room"):
         build_prompt(tokenizer, 60, 16, sample_rng(0, 60, 0), "")
 
 
+@pytest.mark.model
 def test_answer_is_the_dense_greedy_continuation_cut_after_the_end_token(model, tokenizer):
     spec = build_prompt(tokenizer, 200, 8, sample_rng(0, 200, 0), docs_corpus())
     eos = eos_token_ids(model, tokenizer)
@@ -108,6 +112,7 @@ def test_answer_check(answer: str, expected: tuple[str, ...], ok: bool):
     assert answer_is_correct(answer, expected) is ok
 
 
+@pytest.mark.model
 def test_a_slot_the_model_always_answers_wrong_is_dropped_after_its_attempts(model, tokenizer):
     eos = eos_token_ids(model, tokenizer)
     result = fill_slot(model, tokenizer, 200, 0, 0, 4, docs_corpus(), eos, attempts=2, check_answers=True)

@@ -17,6 +17,7 @@ def tokenizer():
     return tiny_tokenizer()
 
 
+@pytest.mark.model
 def test_texts_have_the_length_and_share_no_run_with_the_excluded_samples(tokenizer):
     first = held_out_texts(tokenizer, 128, 2, seed=0, exclude=[])
     assert len(first) == 2 and all(len(t) == 128 for t in first)

@@ -45,6 +45,7 @@ def _sample(tokenizer, answer: str) -> Sample:
     )
 
 
+@pytest.mark.model
 def test_target_positions_finds_every_occurrence_in_the_prompt_and_the_answer_queries(tokenizer):
     sample = _sample(tokenizer, "The key is 4071.")
     target = target_positions(sample, tokenizer)
@@ -58,6 +59,7 @@ def test_target_positions_finds_every_occurrence_in_the_prompt_and_the_answer_qu
     assert all(q >= len(sample.prompt_ids) - 1 for q in target.queries)
 
 
+@pytest.mark.model
 def test_an_answer_without_the_target_gives_no_positions(tokenizer):
     assert target_positions(_sample(tokenizer, "I do not know."), tokenizer) is None
 

@@ -6,7 +6,8 @@ from moa_vllm.vllm_plugin import compat
 
 
 @pytest.mark.parametrize(
-    ("version", "ok"), [("0.32.0", True), ("0.32.3+cpu", True), ("0.33.0", False), ("0.3.2", False), ("1.0.0", False)]
+    ("version", "ok"),
+    [("0.32.0", True), ("0.32.3+cpu", True), ("0.33.0", True), ("0.34.0", False), ("0.3.2", False), ("1.0.0", False)],
 )
 def test_is_supported(version, ok):
     assert compat.is_supported(version) is ok
@@ -18,7 +19,7 @@ def test_installed_version_is_supported():
 
 def test_unsupported_version_is_named(monkeypatch):
     monkeypatch.setattr(compat.metadata, "version", lambda dist: "0.40.1")
-    with pytest.raises(compat.UnsupportedVLLMError, match=r"supports vLLM 0.32.x only; found vllm==0.40.1"):
+    with pytest.raises(compat.UnsupportedVLLMError, match=r"supports vLLM 0.32.x / 0.33.x only; found vllm==0.40.1"):
         compat.check_vllm_version()
 
 

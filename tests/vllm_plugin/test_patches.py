@@ -10,29 +10,13 @@ from pydantic import ValidationError
 
 from moa_vllm.plan import PlanError
 from moa_vllm.vllm_plugin import register
-from moa_vllm.vllm_plugin.patches import BACKEND_PATH, PATCHES, apply_all
+from moa_vllm.vllm_plugin.patches import BACKEND_PATH, apply_all
 from tests.conftest import PLANS
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _registered():
     register()
-
-
-def test_every_patch_names_its_vllm_version():
-    assert {p.name for p in PATCHES} == {
-        "admission_lengths",
-        "backend_alias",
-        "cpu_backend_selection",
-        "config_check",
-        "layer_kv_spec",
-        "request_lengths",
-        "request_lengths_v2",
-        "beam_search",
-        "engine_death_exit",
-        "engine_inspect",
-    }
-    assert all(p.vllm_version == "0.32" for p in PATCHES)
 
 
 def test_patches_are_idempotent():
@@ -91,6 +75,7 @@ def _engine_config(model_dir, **kwargs):
     return EngineArgs(model=str(model_dir), max_model_len=512, **kwargs).create_engine_config()
 
 
+@pytest.mark.model
 def test_config_check_accepts_plan_and_disables_prefix_caching(model_dir):
     cfg = _engine_config(
         model_dir,
@@ -101,6 +86,7 @@ def test_config_check_accepts_plan_and_disables_prefix_caching(model_dir):
     assert cfg.cache_config.enable_prefix_caching is False
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -119,6 +105,7 @@ def test_config_check_rejects_bad_flags(model_dir, monkeypatch, kwargs, message)
         _engine_config(model_dir, **kwargs)
 
 
+@pytest.mark.model
 def test_config_check_rejects_plan_for_another_model(model_dir, tmp_path):
     data = json.loads((PLANS / "dense.json").read_text())
     data["model"]["head_dim"] = 128
@@ -160,6 +147,7 @@ def test_config_check_rejects_a_plan_for_another_model_on_bst(bst_dir):
         _engine_config(bst_dir, skip_tokenizer_init=True, additional_config=plan)
 
 
+@pytest.mark.model
 def test_layer_kv_spec_builds_a_ring_spec_per_layer(model_dir):
     """Attention.get_kv_cache_spec on real MoA layers of the real model config."""
     from vllm.config import set_current_vllm_config
@@ -260,6 +248,7 @@ def test_beam_search_is_refused_with_moa(monkeypatch):
         BeamSearchOfflineMixin.beam_search(object(), [], None)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "kwargs, message",
     [
