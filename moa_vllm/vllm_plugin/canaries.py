@@ -70,6 +70,14 @@ CANARIES: tuple[Canary, ...] = (
     Canary("request_lengths_v2", V2_RUNNER, "GPUModelRunner.prepare_dummy_attn", ("self", "input_batch")),
     Canary("request_lengths_v2", "vllm.v1.worker.cpu.model_runner", "CPUModelRunner", kind="class"),
     Canary(
+        "request_lengths_v2",
+        "vllm.v1.worker.gpu.cudagraph_utils",
+        "prepare_inputs_to_capture",
+        ("num_reqs", "num_tokens", "model_state"),
+    ),
+    Canary("request_lengths_v2", "vllm.v1.worker.gpu.model_states.interface", "ModelState.__init__",
+           ("self", "vllm_config")),
+    Canary(
         "beam_search", "vllm.entrypoints.generate.beam_search.online", "BeamSearchOnlineMixin.beam_search", ("self",)
     ),
     Canary(

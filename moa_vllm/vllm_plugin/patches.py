@@ -14,9 +14,10 @@
   inherits both); publish each row's request id and N (prompt + max_tokens) into the engine's context
   (moa/engine_context.py) for the metadata builders, which see neither; rows built inside _dummy_run are published
   as dummy rows, capture batches are left to the builders' build_for_cudagraph_capture.
-- request_lengths_v2: vllm.v1.worker.gpu.model_runner.GPUModelRunner.prepare_attn / prepare_dummy_attn (model
-  runner V2, the GPU wheel's default with Triton); the same, from V2's request states. check_runner_hooks refuses
-  to serve (config time and worker start) when the runner in use lacks its hook.
+- request_lengths_v2: vllm.v1.worker.gpu.model_runner.GPUModelRunner.prepare_attn / prepare_dummy_attn and
+  vllm.v1.worker.gpu.cudagraph_utils.prepare_inputs_to_capture (model runner V2, the GPU wheel's default with
+  Triton); the same, from V2's request states; capture batches (FULL and PIECEWISE) as dummy rows.
+  check_runner_hooks refuses to serve (config time and worker start) when the runner in use lacks its hook.
 - beam_search: BeamSearchOnlineMixin.beam_search and BeamSearchOfflineMixin.beam_search; refused with the moa
   backend (every beam step is a new request with another N, so no ring layout carries over).
 - engine_death_exit: vllm.entrypoints.launchers.api_server.entry.serve_http; when the engine process died, vLLM
@@ -385,8 +386,22 @@ def _request_lengths_v2() -> None:
 
         return prepare_dummy_attn
 
+    def make_capture(original):
+        @functools.wraps(original)
+        def prepare_inputs_to_capture(num_reqs, num_tokens, model_state, *args, **kwargs):
+            # V2 builds its capture batches (FULL and PIECEWISE) here, past prepare_attn / prepare_dummy_attn
+            config = getattr(model_state, "vllm_config", None)
+            if config is not None and moa_selected(config):
+                engine_context(config).publish_dummy(num_reqs, config.model_config.max_model_len)
+            return original(num_reqs, num_tokens, model_state, *args, **kwargs)
+
+        return prepare_inputs_to_capture
+
     _wrap_once(runner_v2, "prepare_attn", make)
     _wrap_once(runner_v2, "prepare_dummy_attn", make_dummy)
+    from vllm.v1.worker.gpu import cudagraph_utils
+
+    _wrap_once(cudagraph_utils, "prepare_inputs_to_capture", make_capture)
 
 
 def _hooked(owner, attr: str) -> bool:
@@ -410,7 +425,10 @@ def check_runner_hooks(vllm_config) -> None:
                 f"moa-vllm: model runner V2 is selected but {V2_RUNNER_MODULE} cannot be imported, so the moa hook "
                 "that publishes each batch's requests is missing; set VLLM_USE_V2_MODEL_RUNNER=0"
             )
+        from vllm.v1.worker.gpu import cudagraph_utils
+
         missing = [a for a in ("prepare_attn", "prepare_dummy_attn") if not _hooked(runner_v2, a)]
+        missing += [] if _hooked(cudagraph_utils, "prepare_inputs_to_capture") else ["prepare_inputs_to_capture"]
         where = f"{V2_RUNNER_MODULE}.GPUModelRunner"
     if missing:
         raise PlanError(
@@ -505,7 +523,8 @@ PATCHES: tuple[Patch, ...] = (
     Patch("request_lengths", "GPUModelRunner._build_attention_metadata/_dummy_run", CHECKED, _request_lengths),
     Patch(
         "request_lengths_v2",
-        "gpu.model_runner.GPUModelRunner.prepare_attn/prepare_dummy_attn",
+        "gpu.model_runner.GPUModelRunner.prepare_attn/prepare_dummy_attn, "
+        "gpu.cudagraph_utils.prepare_inputs_to_capture",
         CHECKED,
         _request_lengths_v2,
     ),

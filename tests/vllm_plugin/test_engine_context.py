@@ -115,3 +115,26 @@ def test_a_v1_step_whose_batch_was_deleted_raises(model_dir, monkeypatch):
     finally:
         monkeypatch.undo()
         close_llm(llm)
+
+
+def test_v2_capture_batches_are_published_as_dummy_rows():
+    """V2 builds capture batches (FULL and PIECEWISE) in cudagraph_utils.prepare_inputs_to_capture, past its
+    prepare_attn hooks: the patched function publishes the capture's rows as dummy rows before vLLM's own code runs
+    (which then fails here on the stand-in inputs, after the publication)."""
+    if patches._v2_runner() is None:
+        pytest.skip("model runner V2 is not importable on this install")
+    from vllm.v1.worker.gpu import cudagraph_utils
+
+    config = _moa_config(model_config=SimpleNamespace(max_model_len=512))
+    model_state = SimpleNamespace(vllm_config=config)
+    with pytest.raises(Exception):  # noqa: B017 (vLLM's body on stand-in buffers)
+        cudagraph_utils.prepare_inputs_to_capture(3, 3, model_state, None, None, [], None, False)
+    published = engine_context(config).published
+    assert published.dummy and published.req_ids == (None,) * 3
+
+    state = RingState(torch.full((1, 2), 64.0).double(), torch.zeros(1, 2).double(), 8, 4, 16, 512, "cpu")
+    common = SimpleNamespace(  # vLLM padded the capture batch to 4 rows: all of them dummy
+        num_reqs=4, query_start_loc_cpu=torch.arange(5), seq_lens=torch.ones(4, dtype=torch.int32)
+    )
+    step = state.step_for(common, published)
+    assert step.req_ids == (None,) * 4 and int(step.spans.abs().sum()) == 0

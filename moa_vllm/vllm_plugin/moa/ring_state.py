@@ -103,6 +103,9 @@ class RingState:
                 f"moa-vllm: a new batch of {rows} rows reached the builders without being published; the last "
                 f"published batch (rows {_named(batch)}) was already used by a forward; refusing to reuse it"
             )
+        if batch.dummy and rows != batch.rows:  # a capture / warm-up batch padded by vLLM: every row is dummy
+            lengths = torch.full((rows,), self.max_model_len).numpy()
+            batch = PublishedBatch(batch.serial, (None,) * rows, lengths, dummy=True)
         if rows > batch.rows:
             raise RuntimeError(
                 f"moa-vllm: rows {batch.rows}..{rows - 1} of a {rows}-row batch were never published (published: "
