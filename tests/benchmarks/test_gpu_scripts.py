@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.compute
 def test_kernel_check_smoke_in_the_interpreter(tmp_path):
     out = tmp_path / "kc.json"
     run = subprocess.run(

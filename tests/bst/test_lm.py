@@ -58,6 +58,7 @@ def test_train_checkpoint_writes_a_loadable_folder_with_tokenizer(tmp_path: Path
     assert model.config.vocab_size == load_tokenizer(folder).get_vocab_size() == len(hf)
 
 
+@pytest.mark.compute
 def test_cli_train_lm_on_the_stdlib_records_its_command(tmp_path: Path) -> None:
     """`moa-vllm bst train-lm` on the real corpus: one step (8 x 1024 tokens), a folder vLLM can serve."""
     from moa_vllm import cli
@@ -73,6 +74,7 @@ def test_cli_train_lm_on_the_stdlib_records_its_command(tmp_path: Path) -> None:
     assert (out / "tokenizer.json").is_file() and json.loads((out / "config.json").read_text())["vocab_size"] == 4096
 
 
+@pytest.mark.compute
 def test_cli_train_lm_config_flags_reach_the_saved_config(tmp_path: Path) -> None:
     from moa_vllm import cli
 

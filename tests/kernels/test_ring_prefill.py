@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.compute  # one interpreter run of every case (about a minute)
 TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 3e-2}
 
 

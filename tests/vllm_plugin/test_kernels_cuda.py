@@ -102,10 +102,12 @@ def _interpret(*args: str) -> float:
     return float(lines[-1].split()[1])
 
 
+@pytest.mark.compute
 @pytest.mark.parametrize("dtype, tol", [("float32", 2e-5), ("float16", 6e-3)])
 def test_real_triton_kernel_in_the_interpreter_matches_the_reference(dtype, tol):
     assert _interpret(dtype) < tol
 
 
+@pytest.mark.compute
 def test_real_triton_kernel_in_the_interpreter_fails_on_a_wrong_window():
     assert _interpret("float32", "1") > 1e-3

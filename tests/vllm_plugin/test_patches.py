@@ -32,6 +32,7 @@ def test_patches_are_idempotent():
         return (
             CpuPlatform.__dict__["get_attn_backend_cls"],
             GPUModelRunner._build_attention_metadata,
+            GPUModelRunner._dummy_run,
             KVCacheManager.allocate_slots,
             KVCacheManager.free,
             BeamSearchOnlineMixin.beam_search,
@@ -41,6 +42,7 @@ def test_patches_are_idempotent():
         )
 
     before = targets()
+    assert all(getattr(getattr(t, "__func__", t), "_moa_vllm_patched", False) for t in before)  # applied at all
     apply_all()
     assert targets() == before
 
