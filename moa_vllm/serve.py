@@ -104,6 +104,19 @@ def server_env(extra: list[str]) -> dict[str, str]:
     return env
 
 
+SECRET_FLAGS = ("--api-key", "--hf-token")
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """argv for a log line: the values of secret flags (`--api-key K`, `--api-key=K`) replaced by ***."""
+    out, hide = [], False
+    for arg in argv:
+        flag = next((f for f in SECRET_FLAGS if arg.startswith(f + "=")), None)
+        out.append("***" if hide else f"{flag}=***" if flag else arg)
+        hide = arg in SECRET_FLAGS
+    return out
+
+
 def serve(model: str | None, plan_path: str | None, extra: list[str]) -> None:
     """Replace this process by the vLLM OpenAI server. No model: the embedded one; no plan: the one the model
     folder carries, or for the embedded model its best shipped plan."""
@@ -118,5 +131,5 @@ def serve(model: str | None, plan_path: str | None, extra: list[str]) -> None:
     where = validate(model_dir, plan_path)
     print(f"moa-vllm: plan {where}", file=sys.stderr, flush=True)
     argv = server_argv(model_dir, plan_path, extra, served_name)
-    print("moa-vllm: exec " + " ".join(argv), file=sys.stderr, flush=True)
+    print("moa-vllm: exec " + " ".join(redacted(argv)), file=sys.stderr, flush=True)
     os.execve(argv[0], argv, server_env(extra))

