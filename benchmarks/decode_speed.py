@@ -1,4 +1,5 @@
-"""Decode and prefill speed of the moa backend against stock vLLM (CPU wheel; all figures are CPU figures).
+"""Decode speed of the moa backend against stock vLLM (CPU wheel; all figures are CPU figures). Prefill speed:
+benchmarks/prefill_speed.py.
 
 Parts (each writes benchmarks/results/decode_speed_<part>.json with its command, + a PNG where it plots):
   attention    one layer's decode attention per step, the moa path (ring write + per-KV-head virtual sequences
@@ -6,9 +7,8 @@ Parts (each writes benchmarks/results/decode_speed_<part>.json with its command,
                no engine. Also the moa path at a quarter of the bytes (spans = context / 4).
   equal-batch  8 requests of 4k tokens decoding together, no memory pressure: median decode step time of stock
                vLLM, the dense plan and the d0.25 plans, one engine at a time.
-  prefill      one 4k and one 8k prompt alone: prefill tokens/s (time to the first token), same configurations.
 
-Usage: python benchmarks/decode_speed.py {attention,equal-batch,prefill} [--plans P ...] [--repeats N]
+Usage: python benchmarks/decode_speed.py {attention,equal-batch} [--plans P ...] [--repeats N]
 Run on an otherwise idle machine: every engine is started and measured one after another in this process.
 """
 
@@ -219,44 +219,17 @@ def equal_batch(model_dir: Path, plan: str, requests: int, context: int, gen: in
     }
 
 
-def prefill(model_dir: Path, plan: str, lengths: list[int], repeats: int) -> dict:
-    from vllm import SamplingParams
-
-    llm = make_llm(model_dir, plan, kv_gib=4, max_num_seqs=1, max_num_batched_tokens=2048, enable_chunked_prefill=True)
-    engine = llm.llm_engine
-    result = {"config": _label(plan)}
-    run = 0
-    for length in [lengths[0], *lengths]:  # the first run warms the engine up and is not counted
-        times = []
-        for _ in range(repeats):
-            run += 1  # a different prompt every run: stock vLLM's prefix cache must not hit
-            engine.add_request(
-                f"p{run}",
-                {"prompt_token_ids": [1000 + (j * 13 + run * 101) % 5000 for j in range(length)]},
-                SamplingParams(max_tokens=1, ignore_eos=True),
-            )
-            t0 = time.perf_counter()
-            while engine.has_unfinished_requests():
-                engine.step()
-            times.append(time.perf_counter() - t0)
-        result[f"prefill_{length}_s"] = round(statistics.median(times), 3)
-        result[f"prefill_{length}_tok_s"] = round(length / statistics.median(times), 1)
-    close(llm)
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     import json
 
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["attention", "equal-batch", "prefill"])
+    ap.add_argument("part", choices=["attention", "equal-batch"])
     ap.add_argument("--plans", nargs="*", default=None)
     ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--gen", type=int, default=48)
-    ap.add_argument("--lengths", type=int, nargs="*", default=[4096, 8000])
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -275,19 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows = []
         for plan in [STOCK, *plans]:
-            if args.part == "equal-batch":
-                rows.append(equal_batch(model_dir, plan, args.requests or 8, args.context, args.gen))
-            else:
-                rows.append(prefill(model_dir, plan, args.lengths, args.repeats or 1))
+            rows.append(equal_batch(model_dir, plan, args.requests or 8, args.context, args.gen))
             print(rows[-1], flush=True)
         base = rows[0]
         for row in rows[1:]:
-            if args.part == "equal-batch":
-                row["step_vs_stock"] = round(row["decode_step_s_median"] / base["decode_step_s_median"], 3)
-            else:
-                for length in args.lengths:
-                    key = f"prefill_{length}_tok_s"
-                    row[f"prefill_{length}_vs_stock"] = round(row[key] / base[key], 3)
+            row["step_vs_stock"] = round(row["decode_step_s_median"] / base["decode_step_s_median"], 3)
         meta |= {"dtype": "float32", "block_size": 128, "max_model_len": 8192}
     name = f"decode_speed_{args.part.replace('-', '_')}.json"
     (args.out / name).write_text(json.dumps(meta | {"results": rows}, indent=1))

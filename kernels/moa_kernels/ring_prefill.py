@@ -19,7 +19,7 @@ tests do this in a subprocess); CPU serving uses the torch ring prefill instead 
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -149,16 +149,17 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-@functools.lru_cache(maxsize=8)
-def launch_tensors(computed: tuple, query_start_loc: tuple, tile_row: tuple, tile_start: tuple, device):
-    """The step's int32 launch tensors in one host->device copy (pinned, non-blocking on CUDA); the same for every
-    layer of a step, so cached: one copy per step instead of four per layer."""
-    parts = (computed, query_start_loc, tile_row, tile_start)
-    host = torch.tensor([x for part in parts for x in part], dtype=torch.int32)
-    if torch.device(device).type == "cuda":
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
-    return torch.split(flat, [len(part) for part in parts])
+@dataclass(frozen=True)
+class Launch:
+    """One step's launch data: the same for every layer, so the caller makes it once per step (`plan_launch`) and
+    passes it to each layer's launch: one host->device copy per step instead of four per layer."""
+
+    computed: torch.Tensor  # [R] int32
+    query_start_loc: torch.Tensor  # [R + 1] int32
+    tile_row: torch.Tensor  # [tiles] int32
+    tile_start: torch.Tensor  # [tiles] int32
+    tiles: int
+    block_t: int
 
 
 def query_tiles(query_start_loc: list[int], rows: list[int], block_t: int) -> tuple[list[int], list[int]]:
@@ -169,6 +170,23 @@ def query_tiles(query_start_loc: list[int], rows: list[int], block_t: int) -> tu
             tile_row.append(r)
             tile_start.append(t0)
     return tile_row, tile_start
+
+
+def plan_launch(
+    computed: list[int], query_start_loc: list[int], rows: list[int], block_t: int, device
+) -> Launch | None:
+    """The launch data of the rows' query tiles of block_t tokens (pinned, non-blocking copy on CUDA); None if the
+    rows have no query."""
+    tile_row, tile_start = query_tiles(query_start_loc, rows, block_t)
+    if not tile_row:
+        return None
+    parts = (computed, query_start_loc, tile_row, tile_start)
+    host = torch.tensor([x for part in parts for x in part], dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    c, q, r, t = torch.split(flat, [len(part) for part in parts])
+    return Launch(c, q, r, t, len(tile_row), block_t)
 
 
 def ring_prefill(
@@ -186,26 +204,29 @@ def ring_prefill(
     out: torch.Tensor,  # [T, Hq, D]
     *,
     blocks: Blocks | None = None,
+    launch: Launch | None = None,
 ):
     """Attention of the rows' chunks over (their rings before the step) + (their own fresh keys), into out.
+    `launch` is the step's `plan_launch` for these rows (made here when not given).
     Returns the launch handle (on a GPU its compiled kernel: n_regs, n_spills), None if there was nothing to do."""
     heads, head_dim = key.shape[1], key.shape[2]
     group = query.shape[1] // heads
     page = cells.shape[1] // 2
     interpret = interpreting()
     blocks = blocks or pick_blocks(head_dim, group, interpret=interpret)
-    tile_row, tile_start = query_tiles(query_start_loc, rows, blocks.block_t)
-    if not tile_row:
+    if launch is None:
+        launch = plan_launch(computed, query_start_loc, rows, blocks.block_t, query.device)
+    if launch is None:
         return None
+    if launch.block_t != blocks.block_t:
+        raise ValueError(f"moa_kernels.ring_prefill: launch planned for {launch.block_t}-token tiles, blocks have "
+                         f"{blocks.block_t}")  # fmt: skip
     named = (("query", query), ("key", key), ("value", value), ("cells", cells), ("out", out), ("tables", tables))
     for name, tensor in named:
         if tensor.stride(-1) != 1:
             raise ValueError(f"moa_kernels.ring_prefill: {name} must be contiguous in its last dimension")
-    computed_t, qsl_t, tile_row_t, tile_start_t = launch_tensors(
-        tuple(computed), tuple(query_start_loc), tuple(tile_row), tuple(tile_start), query.device
-    )
     spans = spans.to(query.device)
-    return _kernel[(len(tile_row), heads)](
+    return _kernel[(launch.tiles, heads)](
         query,
         key,
         value,
@@ -213,10 +234,10 @@ def ring_prefill(
         out,
         tables,
         spans,
-        computed_t,
-        qsl_t,
-        tile_row_t,
-        tile_start_t,
+        launch.computed,
+        launch.query_start_loc,
+        launch.tile_row,
+        launch.tile_start,
         query.stride(0),
         query.stride(1),
         key.stride(0),

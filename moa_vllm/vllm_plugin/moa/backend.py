@@ -308,53 +308,13 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
 
 
 def _prefill_rows(q, k, v, out, view, kernels, step: RingStep, layer: int, sinks: int, page: int, scale: float):
-    """Prefill / chunk rows. A ring that holds every position through the chunk's end (span >= seq_len) sees
-    plain causal attention, so its chunk is written first and attended by the stock kernel as one virtual sequence;
-    the other rings go through the torch ring prefill, which attends first and then stores the survivors."""
-    h = k.shape[1]
-    spans = step.spans[layer].tolist()
-    whole: list[tuple[int, int]] = []  # (row, head) through the kernel
+    """Prefill / chunk rows through the torch ring prefill, which attends first and then stores the survivors.
+    Rings that hold every position through the chunk's end (dense heads, early chunks) go the same way: their
+    queries are all "near" ones (a full block and a causal square of torch's flash kernel), which ran at 2.2-2.5x
+    CPU_ATTN's prefill rate over one-head virtual sequences here (benchmarks/prefill_speed.py kernels)."""
     for r in range(step.num_decodes, len(step.computed)):
-        qs, qe = step.query_start_loc[r], step.query_start_loc[r + 1]
-        if qe <= qs:
-            continue
-        end = step.computed[r] + qe - qs
-        heads = [x for x in range(h) if spans[r][x] < end]
-        whole += [(r, x) for x in range(h) if spans[r][x] >= end]
-        if heads:
-            _prefill_ring(q, k, v, out, view, kernels, step, layer, r, heads, sinks, page, scale)
-    if whole:
-        _prefill_whole(q, k, v, out, view, kernels, step, layer, whole, page, scale)
-
-
-def _prefill_whole(q, k, v, out, view, kernels, step: RingStep, layer: int, pairs, page: int, scale: float):
-    h = k.shape[1]
-    g = q.shape[1] // h
-    qsl = step.query_start_loc
-    pieces = [(qsl[r], qsl[r + 1], x, step.computed[r]) for r, x in pairs]
-    # Write first (slot = position: these rings never wrap), then attend.
-    slots = []
-    for (qs, qe, x, c), (r, _) in zip(pieces, pairs, strict=True):
-        pos = torch.arange(c, c + qe - qs, device=view.device)
-        table = step.tables[layer, r, x].long()
-        slots.append(table[torch.div(pos, page, rounding_mode="floor")] * page + pos % page)
-    kernels.write(
-        view,
-        torch.cat(slots),
-        torch.cat([k[qs:qe, x] for qs, qe, x, _ in pieces]),
-        torch.cat([v[qs:qe, x] for qs, qe, x, _ in pieces]),
-    )
-    query = torch.cat([q[qs:qe, x * g : (x + 1) * g] for qs, qe, x, _ in pieces])
-    lens = [qe - qs for qs, qe, _, _ in pieces]
-    starts = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0).to(torch.int32)
-    tables = torch.stack([step.tables[layer, r, x] for r, x in pairs])
-    seq = torch.tensor([c + n for (_, _, _, c), n in zip(pieces, lens, strict=True)], dtype=torch.int32)
-    packed = torch.empty_like(query)
-    kernels.attend(query, view, tables, seq.to(view.device), starts.to(view.device), scale, packed, max(lens))
-    offset = 0
-    for (qs, qe, x, _), n in zip(pieces, lens, strict=True):
-        out[qs:qe, x * g : (x + 1) * g] = packed[offset : offset + n]
-        offset += n
+        if step.query_start_loc[r + 1] > step.query_start_loc[r]:
+            _prefill_ring(q, k, v, out, view, kernels, step, layer, r, sinks, page, scale)
 
 
 def _prefill_ring(
@@ -367,7 +327,6 @@ def _prefill_ring(
     step: RingStep,
     layer: int,
     r: int,
-    heads: list[int],
     sinks: int,
     page: int,
     scale: float,
@@ -394,12 +353,8 @@ def _prefill_ring(
         sinks,
         scale,
         out[qs:qe],
-        heads=heads,
     )
     # Attend first, then store: a chunk must not overwrite ring keys its own earlier queries still see.
     token, head, slot = survivors(computed, qe - qs, spans, sinks)
-    if len(heads) < spans.shape[0]:
-        keep = torch.isin(head, torch.tensor(heads, device=head.device))
-        token, head, slot = token[keep], head[keep], slot[keep]
     flat = tables[head, torch.div(slot, page, rounding_mode="floor")].long() * page + slot % page
     kernels.write(view, flat, k[qs + token, head], v[qs + token, head])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from moa_kernels import ring_prefill
+from moa_kernels.blocks import pick_blocks
+from moa_kernels.ring_prefill import interpreting, plan_launch
 from moa_vllm.ops.page_format import PageFormat, write_token_major
 from moa_vllm.ops.ring_layout import ring_slot_of
 from moa_vllm.vllm_plugin.moa.ring_kernels import RingKernels
@@ -104,7 +106,11 @@ class CudaRingKernels(RingKernels):
         if not rows:
             return
         tables, spans = step.tables[layer], step.spans[layer]
-        ring_prefill(q, k, v, cell_view, tables, spans, step.computed, qsl, rows, sinks, scale, out)
+        blocks = pick_blocks(self.head_dim, q.shape[1] // k.shape[1], interpret=interpreting())
+        if step.prefill_launch is None:  # the step's first layer: its tiles, shared by every layer
+            step.prefill_launch = plan_launch(step.computed, qsl, rows, blocks.block_t, q.device)
+        ring_prefill(q, k, v, cell_view, tables, spans, step.computed, qsl, rows, sinks, scale, out,
+                     blocks=blocks, launch=step.prefill_launch)  # fmt: skip
         flat = torch.cat(
             [self._survivor_slots(tables[r], spans[r], step.computed[r], qsl[r], qsl[r + 1], sinks) for r in rows]
         )

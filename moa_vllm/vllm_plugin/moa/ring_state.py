@@ -42,6 +42,7 @@ class RingStep:
     filled_layers: set[int] = field(default_factory=set)
     visible: torch.Tensor | None = None  # [L, R*H] int32
     slots: torch.Tensor | None = None  # [L, num_decodes*H] int64
+    prefill_launch: object | None = None  # the device prefill kernel's launch data, made by the step's first layer
 
     def finalize(self, sinks: int, page: int) -> None:
         """Decode tensors of all layers in one go (once per step, at the first attention call)."""
