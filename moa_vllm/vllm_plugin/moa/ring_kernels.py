@@ -17,7 +17,7 @@ from moa_vllm.ops.page_format import PageFormat
 
 class RingKernels:
     name: str
-    prefill_name: str = "torch ring prefill (wrapped rings) + the decode kernel (unwrapped rings)"
+    prefill_name: str = "the torch ring prefill (moa_vllm/ops/ring_prefill.py, torch CPU flash attention)"
     format: PageFormat
     prefill = None  # or a method (q, k, v, out, cell_view, step, layer, sinks, scale) -> None
 
