@@ -32,15 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-PLANS = REPO / "plans" / "SmolLM2-135M-Instruct"
-RESULTS = REPO / "benchmarks" / "results"
-
-from benchmarks.ring_cache import STOCK, close, make_llm  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script too
+# ring_cache sets vLLM's in-process engine environment on import, before anything imports vLLM
+from benchmarks.ring_cache import PLANS, REPO, RESULTS, STOCK, close, make_llm  # noqa: E402
 
 H, G, D, PAGE, SINKS = 3, 3, 64, 128, 64  # the embedded model's attention shapes, vLLM's CPU block size
 WARMUP = 512  # tokens of the uncounted first prompt

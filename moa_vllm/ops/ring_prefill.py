@@ -183,7 +183,6 @@ def prefill_attention(
     scale: float,
     out: torch.Tensor,  # [n, Hq, D]
     q_tile: int | None = None,
-    heads: list[int] | None = None,  # KV heads to compute (default all); the others' outputs are left alone
 ) -> None:
     n, hq, d = query.shape
     h = key.shape[1]
@@ -194,7 +193,7 @@ def prefill_attention(
     qh = query.view(n, h, g, d)
     outh = out.view(n, h, g, d)
     window_list = windows.tolist()
-    for head in range(h) if heads is None else heads:
+    for head in range(h):
         window = max(int(window_list[head]), 0)
         rk = rv = rp = None
         if ring_k is not None:
