@@ -20,12 +20,25 @@ KEEP = (
 )
 
 
+def dataset_argv(run: dict) -> list[str]:
+    """vLLM's random dataset (the default), or its prefix_repetition one when the run names it."""
+    if run.get("dataset") == "prefix_repetition":
+        return [
+            "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(run["prefix_len"]),
+            "--prefix-repetition-suffix-len", str(run["suffix_len"]),
+            "--prefix-repetition-num-prefixes", str(run["num_prefixes"]),
+            "--prefix-repetition-output-len", str(run["output_len"]),
+        ]  # fmt: skip
+    return [
+        "--dataset-name", "random", "--random-input-len", str(run["input_len"]),
+        "--random-output-len", str(run["output_len"]), "--random-range-ratio", "0",
+    ]  # fmt: skip
+
+
 def bench_argv(port: int, tokenizer: str, run: dict, result: Path) -> list[str]:
     return [
         "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
-        "--model", SERVED_NAME, "--tokenizer", tokenizer, "--dataset-name", "random",
-        "--random-input-len", str(run["input_len"]), "--random-output-len", str(run["output_len"]),
-        "--random-range-ratio", "0", "--num-prompts", str(run["num_prompts"]),
+        "--model", SERVED_NAME, "--tokenizer", tokenizer, *dataset_argv(run), "--num-prompts", str(run["num_prompts"]),
         "--max-concurrency", str(run["concurrency"]), "--ignore-eos", "--seed", str(run["seed"]),
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
         "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,

@@ -23,12 +23,14 @@ _CAPACITY = re.compile(
 class Config:
     name: str
     plan: str | None  # None: stock vLLM with its own attention backend
+    prefix_caching: bool = False  # the serving grid measures without it; benchmarks/prefix_cache.py with it
 
 
 def server_cmd(model: str, config: Config, port: int, kv_bytes: int, max_model_len: int, dtype: str) -> list[str]:
     common = [
         "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", str(max_model_len),
-        "--served-model-name", SERVED_NAME, "--kv-cache-memory-bytes", str(kv_bytes), "--no-enable-prefix-caching",
+        "--served-model-name", SERVED_NAME, "--kv-cache-memory-bytes", str(kv_bytes),
+        "--enable-prefix-caching" if config.prefix_caching else "--no-enable-prefix-caching",
     ]  # fmt: skip
     if config.plan is None:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *common]

@@ -60,14 +60,36 @@ CANARIES: tuple[Canary, ...] = (
     Canary("admission_lengths", "vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots", ("self", "request")),
     Canary("admission_lengths", "vllm.v1.core.kv_cache_manager", "KVCacheManager.free", ("self", "request")),
     Canary(
+        "admission_lengths", "vllm.v1.core.kv_cache_manager", "KVCacheManager.get_computed_blocks", ("self", "request")
+    ),
+    Canary(
+        "admission_lengths",
+        "vllm.v1.core.kv_cache_manager",
+        "KVCacheManager.truncate_computed_blocks",
+        ("self", "blocks", "num_computed_tokens"),
+    ),
+    Canary("prefix_hash", "vllm.v1.engine.core", "EngineCore.__init__", ("self", "vllm_config")),
+    Canary("prefix_hash", "vllm.v1.engine.core", "get_request_block_hasher", kind="name"),
+    Canary(
+        "prefix_hash",
+        "vllm.v1.core.kv_cache_utils",
+        "generate_block_hash_extra_keys",
+        ("request", "start_token_idx", "end_token_idx", "start_mm_idx"),
+    ),
+    Canary("prefix_hash", "vllm.v1.core.kv_cache_utils", "get_request_block_hasher", ("hash_block_size",)),
+    Canary(
         "request_lengths",
         V1_RUNNER,
         "GPUModelRunner._build_attention_metadata",
         ("self", "num_reqs", "num_reqs_padded", "for_cudagraph_capture"),
     ),
     Canary("request_lengths", V1_RUNNER, "GPUModelRunner._dummy_run", ("self", "num_tokens")),
+    Canary("request_lengths", V1_RUNNER, "GPUModelRunner._update_states", ("self", "scheduler_output")),
+    Canary("request_lengths", "vllm.v1.core.sched.output", "CachedRequestData", ("resumed_req_ids",), kind="field"),
     Canary("request_lengths_v2", V2_RUNNER, "GPUModelRunner.prepare_attn", ("self", "input_batch")),
     Canary("request_lengths_v2", V2_RUNNER, "GPUModelRunner.prepare_dummy_attn", ("self", "input_batch")),
+    Canary("request_lengths_v2", V2_RUNNER, "GPUModelRunner.add_requests", ("self", "scheduler_output")),
+    Canary("request_lengths_v2", "vllm.v1.worker.gpu.states", "RequestState.add_request", ("self", "prompt_len")),
     Canary("request_lengths_v2", "vllm.v1.worker.cpu.model_runner", "CPUModelRunner", kind="class"),
     Canary(
         "request_lengths_v2",
@@ -160,6 +182,26 @@ CANARIES: tuple[Canary, ...] = (
         "contract:kv_manager", STM, "SingleTypeKVCacheManager.get_num_skipped_tokens", ("self", "num_computed_tokens")
     ),
     Canary("contract:kv_manager", STM, "SingleTypeKVCacheManager.cache_blocks", ("self",)),
+    Canary(
+        "contract:kv_manager",
+        STM,
+        "SingleTypeKVCacheManager.add_local_computed_blocks",
+        ("self", "request_id", "new_computed_blocks", "num_local_computed_tokens"),
+    ),
+    Canary("contract:kv_manager", STM, "SingleTypeKVCacheManager.pop_blocks_for_free", ("self", "request_id")),
+    Canary(
+        "contract:kv_manager",
+        "vllm.v1.core.block_pool",
+        "BlockPool.cache_full_blocks",
+        ("self", "request", "blocks", "num_cached_blocks", "num_full_blocks", "block_size", "kv_cache_group_id"),
+    ),
+    Canary("contract:kv_manager", "vllm.v1.core.block_pool", "BlockPool.get_cached_block",
+           ("self", "block_hash", "kv_cache_group_ids")),  # fmt: skip
+    Canary("contract:kv_manager", "vllm.v1.core.block_pool", "BlockPool.touch", ("self", "blocks")),
+    Canary(
+        "contract:kv_spec", "vllm.v1.kv_cache_interface", "KVCacheSpec.max_num_blocks_per_req",
+        ("self", "vllm_config", "max_len"),
+    ),  # fmt: skip
     Canary(
         "contract:kv_spec", "vllm.v1.kv_cache_interface", "KVCacheSpec.max_memory_usage_bytes", ("self", "vllm_config")
     ),

@@ -172,9 +172,24 @@ def _check_moa_config(vllm_config) -> None:
         max_len,
         plan.density(max_len),
     )
-    if vllm_config.cache_config.enable_prefix_caching:
-        logger.info("moa-vllm: prefix caching is off for MoA layers (sink and window blocks are per request)")
-        vllm_config.cache_config.enable_prefix_caching = False
+    configure_prefix_caching(vllm_config)
+
+
+def configure_prefix_caching(vllm_config) -> None:
+    """Prefix caching stays as vLLM set it (on by default, --no-enable-prefix-caching off), except for a model family
+    with a derived plan (the BST: its SSM state has no prefix checkpoints here), where it is turned off."""
+    from moa_vllm.vllm_plugin.settings import derived_family, span_grid
+
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching and derived_family(vllm_config.model_config.hf_config) is not None:
+        logger.info("moa-vllm: prefix caching is off for this model (its SSM state is not cached)")
+        cache.enable_prefix_caching = False
+    if cache.enable_prefix_caching:
+        logger.info(
+            "moa-vllm: prefix caching on for MoA layers (position-ordered prefix blocks; spans from N rounded up to "
+            "a grid of %d steps per octave)",
+            span_grid(vllm_config),
+        )
 
 
 def _config_check() -> None:
@@ -195,6 +210,7 @@ def moa_layer_spec(layer, vllm_config):
     """The MoARingSpec of one MoA attention layer: its plan rules for every KV head, and the TP layout."""
     from moa_vllm.vllm_plugin.moa.backend import layer_index
     from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec
+    from moa_vllm.vllm_plugin.settings import span_grid
 
     plan = layer.impl.plan
     index = layer_index(layer.layer_name)
@@ -211,6 +227,8 @@ def moa_layer_spec(layer, vllm_config):
         alphas=tuple(r.alpha for r in rules),
         betas=tuple(r.beta for r in rules),
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        span_grid=span_grid(vllm_config),
+        prefix_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
     )
 
 
@@ -233,15 +251,39 @@ def _layer_kv_spec() -> None:
 # ---- admission_lengths -------------------------------------------------------------------------------------------
 def held_blocks(kv_cache_manager, request_id: str) -> int:
     """Blocks a request holds across all MoA layers (one block = one layer's page of every KV head)."""
+    from moa_vllm.vllm_plugin.moa.kv_spec import held, ring_managers
+
+    return sum(held(m, request_id) for m in ring_managers(kv_cache_manager))
+
+
+def admission_length(kv_cache_manager, request) -> int:
+    """The request's N as its rings are sized: prompt + max_tokens, capped, rounded up to the span grid."""
+    from moa_vllm.plan.span import request_length, span_length
     from moa_vllm.vllm_plugin.moa.kv_spec import ring_managers
 
-    return sum(len(m.req_to_blocks.get(request_id, ())) for m in ring_managers(kv_cache_manager))
+    managers = ring_managers(kv_cache_manager)
+    grid = managers[0].kv_cache_spec.span_grid if managers else 0
+    n = request_length(request.num_prompt_tokens, request.max_tokens, kv_cache_manager.max_model_len)
+    return span_length(n, kv_cache_manager.max_model_len, grid)
+
+
+def moa_block_size(kv_cache_manager) -> int:
+    from moa_vllm.vllm_plugin.moa.kv_spec import ring_managers
+
+    managers = ring_managers(kv_cache_manager)
+    return managers[0].block_size if managers else 0  # 0: no MoA layers
+
+
+def single_token_prompt_chunk(request, num_new_tokens: int, block_size: int) -> bool:
+    """A one-token chunk inside the prompt's full blocks: its row looks like a decode row, whose replayed CUDA graph
+    would not write the prefix block, so the request stops caching there (blocks before it stay cached)."""
+    end = request.num_prompt_tokens // block_size * block_size
+    return num_new_tokens == 1 and request.num_computed_tokens < end
 
 
 def _admission_lengths() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-    from moa_vllm.plan.span import request_length
     from moa_vllm.vllm_plugin.moa import request_lengths
 
     def make_allocate(original):
@@ -249,9 +291,22 @@ def _admission_lengths() -> None:
         def allocate_slots(self, request, *args, **kwargs):
             rid = request.request_id
             first = not request_lengths.is_admitted(rid)
-            n = request_length(request.num_prompt_tokens, request.max_tokens, self.max_model_len)
-            request_lengths.admit(rid, n)
+            n = admission_length(self, request)
+            request_lengths.admit(rid, n, request.num_prompt_tokens)
+            num_new = args[0] if args else kwargs.get("num_new_tokens", 0)
+            caching = self.enable_caching and moa_block_size(self) > 0
+            if caching and single_token_prompt_chunk(request, num_new, moa_block_size(self)):
+                request_lengths.set_caching(rid, False)
             result = original(self, request, *args, **kwargs)
+            if result is None and caching and request_lengths.caching_allowed(rid):
+                # No room for the chunk's prefix blocks as well: they are optional, the request must not wait or
+                # preempt another for them. Retry without; the request stops caching (null prefix columns).
+                request_lengths.set_caching(rid, False)
+                result = original(self, request, *args, **kwargs)
+                if result is None:  # not even the ring fits: nothing was allocated, caching may resume next time
+                    request_lengths.set_caching(rid, True)
+                else:
+                    logger.debug("moa-vllm: request %s continues without prefix blocks (no room)", rid)
             if first and result is not None and logger.isEnabledFor(10):  # DEBUG
                 blocks = held_blocks(self, rid)
                 page = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
@@ -268,8 +323,88 @@ def _admission_lengths() -> None:
 
         return free
 
+    def make_lookup(original):
+        @functools.wraps(original)
+        def get_computed_blocks(self, request, *args, **kwargs):
+            blocks, hit, *rest = original(self, request, *args, **kwargs)
+            block = moa_block_size(self)
+            if block and hit and hit >= request.num_tokens - 1:
+                # A hit leaving one token would make the request's first step a single-token "decode" row, whose
+                # replayed CUDA graph skips the ring restore: give back one block of the hit.
+                hit -= block
+                blocks = self.truncate_computed_blocks(blocks, hit) if hit else self.empty_kv_cache_blocks
+            return (blocks, hit, *rest)
+
+        return get_computed_blocks
+
     _wrap_once(KVCacheManager, "allocate_slots", make_allocate)
     _wrap_once(KVCacheManager, "free", make_free)
+    _wrap_once(KVCacheManager, "get_computed_blocks", make_lookup)
+
+
+# ---- prefix_hash ---------------------------------------------------------------------------------------------------
+SIGNATURE_ATTR = "_moa_span_signature"
+
+
+class SpanSignedHasher:
+    """EngineCore's request block hasher with MoA's span signature: before vLLM's hasher runs on a request, the
+    request gets its SpanSignature (plan/prefix.py), which the wrapped generate_block_hash_extra_keys adds to every
+    block's extra keys. Holds no reference to any request (Request avoids hasher reference cycles too)."""
+
+    def __init__(self, inner, alphas, betas, min_span: int, max_model_len: int, grid: int) -> None:
+        self.inner = inner
+        self.alphas, self.betas, self.min_span = alphas, betas, min_span
+        self.max_model_len, self.grid = max_model_len, grid
+
+    def __call__(self, request):
+        from moa_vllm.plan.prefix import signature_for
+        from moa_vllm.plan.span import request_length
+
+        if getattr(request, SIGNATURE_ATTR, None) is None:
+            n = request_length(request.num_prompt_tokens, request.max_tokens, self.max_model_len)
+            signature = signature_for(self.alphas, self.betas, self.min_span, n, self.max_model_len, self.grid)
+            setattr(request, SIGNATURE_ATTR, signature)
+        return self.inner(request)
+
+
+def span_signed_hasher(vllm_config, inner) -> SpanSignedHasher:
+    import numpy as np
+
+    from moa_vllm.vllm_plugin.settings import plan_from_vllm_config, span_grid
+
+    plan = plan_from_vllm_config(vllm_config)
+    alphas = np.array([[r.alpha for r in layer] for layer in plan.rules], dtype=np.float64)
+    betas = np.array([[r.beta for r in layer] for layer in plan.rules], dtype=np.float64)
+    max_len = vllm_config.model_config.max_model_len
+    return SpanSignedHasher(inner, alphas, betas, plan.min_span, max_len, span_grid(vllm_config))
+
+
+def _prefix_hash() -> None:
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.engine.core import EngineCore
+
+    def make_init(original):
+        @functools.wraps(original)
+        def __init__(self, vllm_config, *args, **kwargs):
+            original(self, vllm_config, *args, **kwargs)
+            if moa_selected(vllm_config) and self.request_block_hasher is not None:
+                self.request_block_hasher = span_signed_hasher(vllm_config, self.request_block_hasher)
+
+        return __init__
+
+    def make_extra_keys(original):
+        @functools.wraps(original)
+        def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):
+            extra, mm_idx = original(request, start_token_idx, end_token_idx, start_mm_idx)
+            signature = getattr(request, SIGNATURE_ATTR, None)
+            if signature is not None:
+                extra = (*(extra or ()), ("moa_spans", signature(end_token_idx)))
+            return extra, mm_idx
+
+        return generate_block_hash_extra_keys
+
+    _wrap_once(EngineCore, "__init__", make_init)
+    _wrap_once(kv_cache_utils, "generate_block_hash_extra_keys", make_extra_keys)
 
 
 # ---- request_lengths ----------------------------------------------------------------------------------------------
@@ -331,8 +466,26 @@ def _request_lengths() -> None:
 
         return _dummy_run
 
+    def make_update_states(original):
+        @functools.wraps(original)
+        def _update_states(self, scheduler_output, *args, **kwargs):
+            if moa_selected(self.vllm_config):
+                record_fresh(engine_context(self.vllm_config), scheduler_output)
+            return original(self, scheduler_output, *args, **kwargs)
+
+        return _update_states
+
     _wrap_once(GPUModelRunner, "_build_attention_metadata", make)
     _wrap_once(GPUModelRunner, "_dummy_run", make_dummy_run)
+    _wrap_once(GPUModelRunner, "_update_states", make_update_states)
+
+
+def record_fresh(context, scheduler_output) -> None:
+    """Requests whose block lists the runner is about to (re)assign: new ones and (V1) ones resumed after
+    preemption. Their rings are laid out afresh, and a prefix-cache hit is restored into them, at their next step."""
+    context.fresh_ids.update(req.req_id for req in scheduler_output.scheduled_new_reqs)
+    cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+    context.fresh_ids.update(getattr(cached, "resumed_req_ids", None) or ())
 
 
 # ---- request_lengths_v2 -------------------------------------------------------------------------------------------
@@ -352,7 +505,10 @@ def publish_request_lengths_v2(context, runner, input_batch) -> None:
     # V2's kernel warm-up adds fake requests (ids _warmup_<i>_) straight to the runner with one block each, fewer
     # than their rings would need: they run as rows of no request (their outputs are discarded)
     req_ids = [None if V2_WARMUP_ID.match(r) else r for r in input_batch.req_ids[:num_reqs]] + [None] * padding
-    context.publish(req_ids, lengths + [runner.max_model_len] * padding)
+    prompt_len = getattr(runner.req_states, "prompt_len", None)
+    prompts = None if prompt_len is None else np.asarray(prompt_len.np)[idx].tolist() + [0] * padding
+    context.publish(req_ids, lengths + [runner.max_model_len] * padding, prompts=prompts,
+                    max_model_len=runner.max_model_len)  # fmt: skip
 
 
 def _v2_runner():
@@ -402,8 +558,18 @@ def _request_lengths_v2() -> None:
 
         return prepare_inputs_to_capture
 
+    def make_add(original):
+        @functools.wraps(original)
+        def add_requests(self, scheduler_output, *args, **kwargs):
+            if moa_selected(self.vllm_config):  # V2 re-adds a preempted request as a new one
+                record_fresh(engine_context(self.vllm_config), scheduler_output)
+            return original(self, scheduler_output, *args, **kwargs)
+
+        return add_requests
+
     _wrap_once(runner_v2, "prepare_attn", make)
     _wrap_once(runner_v2, "prepare_dummy_attn", make_dummy)
+    _wrap_once(runner_v2, "add_requests", make_add)
     from vllm.v1.worker.gpu import cudagraph_utils
 
     _wrap_once(cudagraph_utils, "prepare_inputs_to_capture", make_capture)
@@ -524,11 +690,24 @@ PATCHES: tuple[Patch, ...] = (
     Patch("cpu_backend_selection", "CpuPlatform.get_attn_backend_cls", CHECKED, _cpu_backend_selection),
     Patch("config_check", "<platform>.check_and_update_config", CHECKED, _config_check),
     Patch("layer_kv_spec", "Attention.get_kv_cache_spec", CHECKED, _layer_kv_spec),
-    Patch("admission_lengths", "KVCacheManager.allocate_slots/free", CHECKED, _admission_lengths),
-    Patch("request_lengths", "GPUModelRunner._build_attention_metadata/_dummy_run", CHECKED, _request_lengths),
+    Patch(
+        "admission_lengths", "KVCacheManager.allocate_slots/free/get_computed_blocks", CHECKED, _admission_lengths
+    ),
+    Patch(
+        "prefix_hash",
+        "EngineCore.__init__ (request_block_hasher), kv_cache_utils.generate_block_hash_extra_keys",
+        CHECKED,
+        _prefix_hash,
+    ),
+    Patch(
+        "request_lengths",
+        "GPUModelRunner._build_attention_metadata/_dummy_run/_update_states",
+        CHECKED,
+        _request_lengths,
+    ),
     Patch(
         "request_lengths_v2",
-        "gpu.model_runner.GPUModelRunner.prepare_attn/prepare_dummy_attn, "
+        "gpu.model_runner.GPUModelRunner.prepare_attn/prepare_dummy_attn/add_requests, "
         "gpu.cudagraph_utils.prepare_inputs_to_capture",
         CHECKED,
         _request_lengths_v2,

@@ -22,6 +22,9 @@ from moa_vllm.plan.attach import PLAN_FILE, folder_plan
 PLAN_ENV = "MOA_VLLM_PLAN"
 BACKEND_PATH = "moa_vllm.vllm_plugin.moa.backend.MoABackend"
 CONFIG_KEY = "moa"
+CONFIG_FIELDS = {"plan", "span_grid"}
+DEFAULT_SPAN_GRID = 8  # steps per octave: spans up to 9% (+16 tokens) wider than at exact N
+MAX_SPAN_GRID = 64
 
 logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
 
@@ -68,15 +71,41 @@ def derived_family(hf_config: Any) -> DerivedPlanFamily | None:
     return next((f for f in _families.values() if f.matches(hf_config)), None)
 
 
+def _section(additional_config: Any) -> dict:
+    """The `moa` section of --additional-config ({} when absent), its keys checked."""
+    if not isinstance(additional_config, dict) or additional_config.get(CONFIG_KEY) is None:
+        return {}
+    section = additional_config[CONFIG_KEY]
+    if not isinstance(section, dict) or not section or set(section) - CONFIG_FIELDS:
+        raise PlanError(
+            'additional_config.moa: expected {"moa": {"plan": "PATH", "span_grid": STEPS}} (either key optional), '
+            f"got {section!r}"
+        )
+    if "plan" in section and not isinstance(section["plan"], str):
+        raise PlanError(f"additional_config.moa.plan: expected a path, got {section['plan']!r}")
+    grid = section.get("span_grid", 0)
+    if isinstance(grid, bool) or not isinstance(grid, int) or not 0 <= grid <= MAX_SPAN_GRID:
+        raise PlanError(f"additional_config.moa.span_grid: expected an integer 0..{MAX_SPAN_GRID}, got {grid!r}")
+    return section
+
+
 def _explicit(additional_config: Any) -> tuple[str, str | None]:
     """(source, path) of an explicit plan: --additional-config '{"moa": {"plan": PATH}}' wins over $MOA_VLLM_PLAN."""
-    if isinstance(additional_config, dict):
-        section = additional_config.get(CONFIG_KEY)
-        if section is not None:
-            if not isinstance(section, dict) or not isinstance(section.get("plan"), str):
-                raise PlanError('additional_config.moa: expected {"moa": {"plan": "PATH"}}, got ' + repr(section))
-            return "additional_config", section["plan"]
+    section = _section(additional_config)
+    if "plan" in section:
+        return "additional_config", section["plan"]
     return "env", os.environ.get(PLAN_ENV) or None
+
+
+def span_grid(vllm_config: Any) -> int:
+    """Span grid steps per octave (moa_vllm.plan.span.span_length): `additional_config.moa.span_grid` when given,
+    else DEFAULT_SPAN_GRID while prefix caching is on (requests of nearby lengths then share spans, so their
+    prefixes can be shared) and 0 (exact N) while it is off."""
+    section = _section(getattr(vllm_config, "additional_config", None))
+    if "span_grid" in section:
+        return section["span_grid"]
+    caching = getattr(getattr(vllm_config, "cache_config", None), "enable_prefix_caching", False)
+    return DEFAULT_SPAN_GRID if caching else 0
 
 
 def missing_plan_error(model: str) -> PlanError:

@@ -21,6 +21,8 @@ import pytest
 from moa_vllm.plan import load_plan
 from moa_vllm.plan.io import plan_digest
 from moa_vllm.plan.ring import layer_blocks
+from moa_vllm.plan.span import served_length
+from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 from tests.conftest import PLANS
 from tests.server_process import SERVER_ENV, free_port, stop, wait_ready
 
@@ -130,7 +132,7 @@ def test_requests_route_and_gauges_follow_the_load(server, folder, tokenizer):
     assert seen, "no request was ever seen holding rings"
     report = max(seen, key=lambda r: r["totals"]["requests"])
     block = report["totals"]["block_size"]
-    n = prompt_tokens + 200
+    n = served_length(prompt_tokens, 200, 2048, DEFAULT_SPAN_GRID)  # the server caches prefixes
     expected_blocks = sum(
         layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, block, len(rules))
         for rules in plan.rules

@@ -13,6 +13,8 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from moa_vllm.plan import Plan
+from moa_vllm.plan.span import served_length
+from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 
 _ACTIVE: dict[str, object] = {}  # plan and N of the generation in progress
 
@@ -52,8 +54,12 @@ class ReferenceLM:
         ).eval()
 
     @torch.no_grad()
-    def greedy(self, prompt: list[int], max_tokens: int, plan: Plan, max_model_len: int) -> Greedy:
-        _ACTIVE.update(plan=plan, n=min(len(prompt) + max_tokens, max_model_len))
+    def greedy(
+        self, prompt: list[int], max_tokens: int, plan: Plan, max_model_len: int, span_grid: int = DEFAULT_SPAN_GRID
+    ) -> Greedy:
+        """Greedy tokens under the plan's masks for N as the engine sizes it (its span grid: prefix caching is on by
+        default)."""
+        _ACTIVE.update(plan=plan, n=served_length(len(prompt), max_tokens, max_model_len, span_grid))
         ids = torch.tensor([prompt])
         out = self.model(ids, use_cache=True)
         tokens, top5, logprobs = [], [], []

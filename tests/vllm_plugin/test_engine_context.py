@@ -138,3 +138,30 @@ def test_v2_capture_batches_are_published_as_dummy_rows():
     )
     step = state.step_for(common, published)
     assert step.req_ids == (None,) * 4 and int(step.spans.abs().sum()) == 0
+
+
+def test_fresh_rows_are_marked_once_and_grid_rounds_n():
+    context = EngineContext(span_grid=8)
+    scheduler_output = SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id="new")],
+        scheduled_cached_reqs=SimpleNamespace(resumed_req_ids={"back"}),
+    )
+    patches.record_fresh(context, scheduler_output)
+    batch = context.publish(["old", "new", "back", None], [100, 1000, 300, 2048], prompts=[90, 900, 200, 0],
+                            max_model_len=2048)  # fmt: skip
+    assert batch.fresh == (False, True, True, False)
+    assert batch.lengths.tolist() == [112, 1024, 320, 2048]  # the span grid (8 steps per octave, multiples of 16)
+    assert context.publish(["old", "new", "back"], [100, 1000, 300], max_model_len=2048).fresh == (False,) * 3
+
+
+def test_a_fresh_ring_past_position_zero_without_prefix_caching_is_refused():
+    state = RingState(torch.full((1, 2), 64.0).double(), torch.zeros(1, 2).double(), 8, 4, 16, 1000, "cpu")
+    context = EngineContext()
+    patches.record_fresh(context, SimpleNamespace(scheduled_new_reqs=[SimpleNamespace(req_id="r")]))
+    batch = context.publish(["r"], [500], prompts=[400])
+    common = SimpleNamespace(
+        num_reqs=1, query_start_loc_cpu=torch.tensor([0, 8]), seq_lens=torch.tensor([264]),
+        seq_lens_cpu_upper_bound=torch.tensor([264]),
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="start at positions \\[256\\] in fresh rings, but prefix caching is off"):
+        state.step_for(common, batch)

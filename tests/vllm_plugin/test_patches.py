@@ -78,14 +78,15 @@ def _engine_config(model_dir, **kwargs):
 
 
 @pytest.mark.model
-def test_config_check_accepts_plan_and_disables_prefix_caching(model_dir):
+@pytest.mark.parametrize("caching", [True, False])
+def test_config_check_accepts_plan_and_keeps_prefix_caching_as_asked(model_dir, caching):
     cfg = _engine_config(
         model_dir,
         attention_backend="moa",
-        enable_prefix_caching=True,
+        enable_prefix_caching=caching,
         additional_config={"moa": {"plan": str(PLANS / "uniform-d0.25.json")}},
     )
-    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.cache_config.enable_prefix_caching is caching
 
 
 @pytest.mark.model
@@ -343,17 +344,18 @@ def test_engine_inspect_reports_each_requests_ring_blocks_and_bytes(monkeypatch)
 
     def ring_manager(blocks: dict[str, list[int]], page_bytes: int):
         m = object.__new__(MoARingManager)  # only the two attributes the report reads
-        m.req_to_blocks = blocks
+        m.req_to_blocks = {r: [SimpleNamespace(block_id=b, is_null=b == 0) for b in ids] for r, ids in blocks.items()}
         m.kv_cache_spec = SimpleNamespace(page_size_bytes=page_bytes, block_size=32)
         return m
 
-    layers = [ring_manager({"a": [1, 2], "b": [3]}, 1000), ring_manager({"a": [4], "b": [5, 6, 7]}, 1000)]
+    # "b" in the second layer also has a released prefix column (the null block): not counted
+    layers = [ring_manager({"a": [1, 2], "b": [3]}, 1000), ring_manager({"a": [4], "b": [5, 6, 7, 0]}, 1000)]
     other = SimpleNamespace(req_to_blocks={"a": [9] * 50})  # a non-moa group is not counted
     pool = SimpleNamespace(num_gpu_blocks=100, get_num_free_blocks=lambda: 93)
     manager = SimpleNamespace(coordinator=SimpleNamespace(single_type_managers=[*layers, other]), block_pool=pool)
     running = SimpleNamespace(status=SimpleNamespace(name="RUNNING"))
     scheduler = SimpleNamespace(kv_cache_manager=manager, requests={"a": running, "b": running, "c": running})
-    monkeypatch.setattr(request_lengths, "_admitted", {"a": 700, "b": 1500})
+    monkeypatch.setattr(request_lengths, "_admitted", {"a": (700, 600), "b": (1500, 1400)})
     engine = SimpleNamespace(scheduler=scheduler)
     report = EngineCore.moa_inspect(engine)
     assert report["serial"] == 1 and EngineCore.moa_inspect(engine)["serial"] == 2  # counted per engine

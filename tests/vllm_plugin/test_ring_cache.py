@@ -11,8 +11,9 @@ import pytest
 from moa_vllm.data import natural_prompt
 from moa_vllm.plan import Plan, PlanMetadata, Rule, fingerprint_from_hf_config, load_hf_config, save_plan
 from moa_vllm.plan.ring import layer_blocks
-from moa_vllm.plan.span import request_length
+from moa_vllm.plan.span import served_length
 from moa_vllm.vllm_plugin.moa.kv_spec import MoARingManager
+from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 from tests.vllm_plugin.conftest import close_llm, engine_core, make_llm
 from tests.vllm_plugin.hf_reference import ReferenceLM
 from tests.vllm_plugin.matching import assert_greedy_close
@@ -48,7 +49,9 @@ def _pool(llm):
 
 
 def _held(llm, req_id: str) -> list[int]:
-    return [len(m.req_to_blocks.get(req_id, ())) for m in _ring_managers(llm)]
+    """Ring blocks per layer (prefix caching adds transient prefix columns after them: test_prefix_cache.py)."""
+    return [len(m.req_to_blocks[req_id][: m.ring_blocks(req_id)]) if m.req_to_blocks.get(req_id) else 0
+            for m in _ring_managers(llm)]  # fmt: skip
 
 
 def _params(max_tokens: int):
@@ -129,7 +132,7 @@ def runs(model_dir, plan, prompts, tmp_path_factory):
 
 def test_blocks_equal_the_plan_formula_and_never_change(runs, plan, prompts):
     for rid, (prompt, max_tokens) in zip(runs["plain"][0], prompts):
-        n = request_length(len(prompt), max_tokens, MAX_MODEL_LEN)
+        n = served_length(len(prompt), max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
         want = [
             layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, BLOCK, len(rules))
             for rules in plan.rules
@@ -148,7 +151,7 @@ def test_every_block_returns_to_the_pool(runs):
 def test_rings_wrap_and_still_match_the_reference(runs, plan, prompts, model_dir):
     ref = ReferenceLM(model_dir)
     for i, (out, (prompt, max_tokens)) in enumerate(zip(runs["plain"][1], prompts)):
-        n = request_length(len(prompt), max_tokens, MAX_MODEL_LEN)
+        n = served_length(len(prompt), max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
         widest = max(w for layer in plan.windows(n) for w in layer)
         assert max_tokens >= 4 * widest or max_tokens < 100  # the long generations wrap every ring 4x or more
         want = ref.greedy(prompt, max_tokens, plan, MAX_MODEL_LEN)

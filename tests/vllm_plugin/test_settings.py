@@ -96,3 +96,30 @@ def test_one_log_line_names_the_winning_source(folder, tmp_path):
         settings.logger.setLevel(level)
     lines = [r.getMessage() for r in records]
     assert lines == [f"moa-vllm: plan from model folder: {folder / 'moa_plan.json'} (uniform)"]
+
+
+def _config(additional=None, caching=True):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(additional_config=additional, cache_config=SimpleNamespace(enable_prefix_caching=caching))
+
+
+def test_span_grid_defaults_with_prefix_caching_and_can_be_set():
+    assert settings.span_grid(_config()) == settings.DEFAULT_SPAN_GRID
+    assert settings.span_grid(_config(caching=False)) == 0  # exact N, as before prefix caching
+    assert settings.span_grid(_config({"moa": {"span_grid": 0}})) == 0
+    assert settings.span_grid(_config({"moa": {"span_grid": 4}}, caching=False)) == 4
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"span_grid": -1}, "span_grid: expected an integer 0..64"),
+        ({"span_grid": "8"}, "span_grid: expected an integer"),
+        ({"plan": 3}, "moa.plan: expected a path"),
+        ({"plans": "x"}, "either key optional"),
+    ],
+)
+def test_a_bad_moa_section_names_its_field(section, message):
+    with pytest.raises(PlanError, match=message):
+        settings.span_grid(_config({"moa": section}))

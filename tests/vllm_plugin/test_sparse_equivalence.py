@@ -7,7 +7,8 @@ import pytest
 
 from moa_vllm.data import natural_prompt
 from moa_vllm.plan import fingerprint_from_hf_config, load_hf_config, load_plan, save_plan
-from moa_vllm.plan.span import request_length
+from moa_vllm.plan.span import served_length
+from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 from tests.conftest import PLANS
 from tests.vllm_plugin.conftest import close_llm, make_llm
 from tests.vllm_plugin.hf_reference import ReferenceLM
@@ -75,7 +76,7 @@ def reference(model_dir):
 @pytest.mark.parametrize("which", ["uniform", "hetero"])
 def test_sparse_plan_matches_reference(runs, reference, prompts, hetero_plan_path, which, i):
     plan = load_plan(PLANS / "uniform-d0.25.json" if which == "uniform" else hetero_plan_path)
-    n = request_length(len(prompts[i]), MAX_TOKENS, MAX_MODEL_LEN)
+    n = served_length(len(prompts[i]), MAX_TOKENS, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
     assert max(s for layer in plan.spans(n) for s in layer) < len(prompts[i])  # the masks really cut context
     ref = reference.greedy(prompts[i], MAX_TOKENS, plan, MAX_MODEL_LEN)
     tokens, top5, logprobs = runs[which][i]

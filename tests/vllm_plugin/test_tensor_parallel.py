@@ -11,7 +11,8 @@ import pytest
 
 from moa_vllm.data import natural_prompt
 from moa_vllm.plan import load_plan
-from moa_vllm.plan.span import request_length
+from moa_vllm.plan.span import served_length
+from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 from tests.conftest import PLANS
 from tests.vllm_plugin.conftest import close_llm, make_llm
 from tests.vllm_plugin.test_ring_cache import _drive, _held, _ring_managers
@@ -67,12 +68,12 @@ def test_each_rank_holds_only_its_heads_rings(runs):
     _, held, specs = runs[3]
     assert all(spec.num_kv_heads == 1 and spec.tp_size == 3 for spec in specs)
     for (prompt, max_tokens), blocks in zip(PROMPTS, held):
-        n = request_length(prompt, max_tokens, MAX_MODEL_LEN)
+        n = served_length(prompt, max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
         widest_head = [max(-(-s // BLOCK) for s in layer) for layer in plan.spans(n)]
         assert blocks == widest_head
     _, held1, specs1 = runs[1]
     assert all(spec.num_kv_heads == 3 for spec in specs1)
     for (prompt, max_tokens), blocks in zip(PROMPTS, held1):
-        n = request_length(prompt, max_tokens, MAX_MODEL_LEN)
+        n = served_length(prompt, max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
         all_heads = [-(-sum(-(-s // BLOCK) for s in layer) // 3) for layer in plan.spans(n)]
         assert blocks == all_heads

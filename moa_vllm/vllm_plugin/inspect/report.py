@@ -12,13 +12,13 @@ UTILITY = "moa_inspect"
 def request_report(kv_cache_manager, request_ids: list[str], states: dict[str, str]) -> dict[str, Any]:
     """{"requests": [{id, state, n, blocks, kv_bytes}], "totals": {...}} over the MoA layers' ring managers."""
     from moa_vllm.vllm_plugin.moa import request_lengths
-    from moa_vllm.vllm_plugin.moa.kv_spec import ring_managers
+    from moa_vllm.vllm_plugin.moa.kv_spec import held, ring_managers
 
     managers = ring_managers(kv_cache_manager)
     rows = []
     for rid in request_ids:
-        held = [(len(m.req_to_blocks.get(rid, ())), m.kv_cache_spec.page_size_bytes) for m in managers]
-        blocks = sum(b for b, _ in held)
+        held_by = [(held(m, rid), m.kv_cache_spec.page_size_bytes) for m in managers]
+        blocks = sum(b for b, _ in held_by)
         if blocks == 0:
             continue  # waiting, or finished and freed: holds nothing
         rows.append(
@@ -27,7 +27,7 @@ def request_report(kv_cache_manager, request_ids: list[str], states: dict[str, s
                 "state": states.get(rid, "unknown"),
                 "n": request_lengths.admitted(rid) if request_lengths.is_admitted(rid) else None,
                 "blocks": blocks,
-                "kv_bytes": sum(b * size for b, size in held),
+                "kv_bytes": sum(b * size for b, size in held_by),
             }
         )
     pool = kv_cache_manager.block_pool

@@ -27,6 +27,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from moa_vllm.ops.page_format import cells
+from moa_vllm.ops.prefix_blocks import prefix_write_slots, restore_ring
 from moa_vllm.ops.ring_layout import slot_positions
 from moa_vllm.ops.ring_prefill import prefill_attention, survivors
 from moa_vllm.vllm_plugin.moa.engine_context import EngineContext, engine_context
@@ -113,6 +114,7 @@ def ring_state(context: EngineContext, vllm_config: VllmConfig, spec: MoARingSpe
             vllm_config.model_config.max_model_len,
             device,
             max_rows=vllm_config.scheduler_config.max_num_seqs,
+            prefix=spec.prefix_blocks,
         )
     return context.ring_state
 
@@ -149,6 +151,9 @@ class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
         c = common_attn_metadata
         step = self.state.step_for(c, self.context.published)
         self.state.fill_layer(self.layer, c.block_table_tensor[: c.num_reqs])
+        if step.prefix_rows:
+            ring_blocks = [self.spec.blocks_for_length(n) for n in step.lengths]
+            self.state.fill_prefix(self.layer, c.block_table_tensor[: c.num_reqs], ring_blocks)
         return MoAMetadata(num_actual_tokens=c.num_actual_tokens, layer=self.layer, step=step)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> MoAMetadata:
@@ -288,6 +293,8 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
     view = cells(kv_cache)
     page = kv_cache.shape[2]
     step.finalize(sinks, page)
+    if step.prefix_ids.get(layer):
+        _prefix_blocks(k, v, view, kernels, step, layer, sinks)
     nd = step.num_decodes
     if nd:
         g = q.shape[1] // h
@@ -305,6 +312,26 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
         kernels.prefill(q, k, v, out, view, step, layer, sinks, scale)
     elif nd < len(step.computed):
         _prefill_rows(q, k, v, out, view, kernels, step, layer, sinks, page, scale)
+
+
+def _prefix_blocks(k, v, view, kernels, step: RingStep, layer: int, sinks: int) -> None:
+    """Prefix caching: the step's prompt tokens into their position-ordered prefix blocks, then the rings of rows
+    that hit the cache restored from the hit's blocks. Writes come first: a request may hit blocks whose tokens
+    another row of this very step computes (vLLM caches blocks when it allocates them)."""
+    rows = step.prefix_ids[layer]
+    heads, page = k.shape[1], kernels.format.page
+    for r, ids in rows.items():
+        start = step.computed[r]
+        count = min(step.query_start_loc[r + 1] - step.query_start_loc[r], ids.shape[0] * page - start)
+        if count > 0:
+            token, head, slots = prefix_write_slots(ids, heads, page, start, count)
+            token = token + step.query_start_loc[r]
+            kernels.write(view, slots, k[token, head], v[token, head])
+    for r in step.restore:
+        restore_ring(
+            view, kernels.format, kernels.write, rows[r], step.tables[layer, r], step.spans[layer, r], sinks,
+            step.computed[r],
+        )  # fmt: skip
 
 
 def _prefill_rows(q, k, v, out, view, kernels, step: RingStep, layer: int, sinks: int, page: int, scale: float):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moa_vllm.plan.span import request_length
+from moa_vllm.plan.span import request_length, span_length
 
 if TYPE_CHECKING:
     from moa_vllm.vllm_plugin.moa.ring_state import RingState
@@ -32,8 +32,10 @@ class PublishedBatch:
 
     serial: int
     req_ids: tuple[str | None, ...]
-    lengths: np.ndarray  # [rows] N per row
+    lengths: np.ndarray  # [rows] N per row (rounded up to the span grid)
     dummy: bool = False
+    prompts: np.ndarray | None = None  # [rows] prompt tokens (which positions have prefix blocks)
+    fresh: tuple[bool, ...] = ()  # rows whose block list the runner (re)assigned since their last publication
 
     @property
     def rows(self) -> int:
@@ -44,21 +46,37 @@ class EngineContext:
     """One engine's worker-side hand-off. `published` is replaced by every publish; `ring_state` is made by the
     first builder (backend.ring_state) and shared by all layers."""
 
-    def __init__(self) -> None:
+    def __init__(self, span_grid: int = 0) -> None:
         self.published: PublishedBatch | None = None
         self.ring_state: RingState | None = None
         self.dummy_runs = 0  # > 0 while the V1 runner is inside _dummy_run (warm-up, profiling)
+        self.span_grid = span_grid  # steps per octave N is rounded up to (settings.span_grid)
+        self.fresh_ids: set[str] = set()  # requests whose block lists the runner (re)assigned, until published
         self._serial = 0
 
     def __reduce__(self):  # a config pickled to another process starts that process's engine afresh
-        return (EngineContext, ())
+        return (EngineContext, (self.span_grid,))
 
-    def publish(self, req_ids: list[str | None], lengths, dummy: bool = False) -> PublishedBatch:
-        """The step's rows: request ids and N row by row; a new serial marks a new step for the builders."""
+    def publish(
+        self, req_ids: list[str | None], lengths, dummy: bool = False, prompts=None, max_model_len: int | None = None
+    ) -> PublishedBatch:
+        """The step's rows: request ids and N row by row (rounded up to the span grid when max_model_len is given);
+        a new serial marks a new step for the builders. Rows of requests in `fresh_ids` are marked fresh."""
         if len(req_ids) != len(lengths):
             raise ValueError(f"moa-vllm: {len(req_ids)} request ids but {len(lengths)} lengths published")
+        if max_model_len is not None:
+            lengths = [span_length(int(n), max_model_len, self.span_grid) for n in lengths]
+        fresh = tuple(rid is not None and rid in self.fresh_ids for rid in req_ids)
+        self.fresh_ids.difference_update(rid for rid in req_ids if rid is not None)
         self._serial += 1
-        self.published = PublishedBatch(self._serial, tuple(req_ids), np.asarray(lengths, dtype=np.int64), dummy)
+        self.published = PublishedBatch(
+            self._serial,
+            tuple(req_ids),
+            np.asarray(lengths, dtype=np.int64),
+            dummy,
+            None if prompts is None else np.asarray(prompts, dtype=np.int64),
+            fresh,
+        )
         return self.published
 
     def publish_requests(
@@ -66,7 +84,7 @@ class EngineContext:
     ) -> PublishedBatch:
         """Model runner V1: N from each row's prompt length and max_tokens."""
         lengths = [request_length(p, m, max_model_len) for p, m in zip(prompt_tokens, max_tokens, strict=True)]
-        return self.publish(req_ids, lengths)
+        return self.publish(req_ids, lengths, prompts=prompt_tokens, max_model_len=max_model_len)
 
     def publish_dummy(self, rows: int, max_model_len: int) -> PublishedBatch:
         """Warm-up / profiling / capture batches: rows that are no request (their rings point at the null block)."""
@@ -77,6 +95,8 @@ def engine_context(vllm_config: Any) -> EngineContext:
     """The engine's context, made on first use and kept on its VllmConfig."""
     context = vllm_config.__dict__.get(_ATTR)
     if context is None:
-        context = EngineContext()
+        from moa_vllm.vllm_plugin.settings import span_grid
+
+        context = EngineContext(span_grid(vllm_config))
         object.__setattr__(vllm_config, _ATTR, context)  # not a config field: outside validation and hashing
     return context

@@ -1,8 +1,10 @@
-"""Request lengths N on the scheduler side: KV cache managers see only request ids, the ring size needs N.
+"""Request lengths on the scheduler side: KV cache managers see only request ids, the ring size needs N.
 
-The admission patch records each request's N (prompt + max_tokens, capped by max_model_len) before vLLM asks the
-managers for blocks and forgets it when the request's blocks are freed. Scheduler process only, one engine per
-process. The worker side (N per batch row for the metadata builder) is moa_vllm/vllm_plugin/moa/ring_state.py.
+The admission patch records each request's N (prompt + max_tokens, capped by max_model_len and rounded up to the
+span grid) and its prompt length before vLLM asks the managers for blocks, and forgets both when the request's
+blocks are freed. It also records a request whose chunk found no room for its prefix blocks: that request stops
+caching (kv_spec.py). Scheduler process only, one engine per process. The worker side (N per batch row for the
+metadata builder) is moa_vllm/vllm_plugin/moa/ring_state.py.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 # ---- scheduler side -------------------------------------------------------------------------------------------------
 # KV cache managers see only request ids; the admission patch records each request's N before vLLM asks them for
 # blocks and forgets it when the request's blocks are freed. Scheduler process only, one engine per process.
-_admitted: dict[str, int] = {}
+_admitted: dict[str, tuple[int, int]] = {}  # request id -> (N, prompt tokens)
+_not_caching: set[str] = set()
 
 
-def admit(request_id: str, n: int) -> None:
-    _admitted[request_id] = n
+def admit(request_id: str, n: int, prompt_tokens: int = 0) -> None:
+    _admitted[request_id] = (n, prompt_tokens)
 
 
 def is_admitted(request_id: str) -> bool:
@@ -23,9 +26,10 @@ def is_admitted(request_id: str) -> bool:
 
 def forget(request_id: str) -> None:
     _admitted.pop(request_id, None)
+    _not_caching.discard(request_id)
 
 
-def admitted(request_id: str) -> int:
+def _entry(request_id: str) -> tuple[int, int]:
     try:
         return _admitted[request_id]
     except KeyError:
@@ -33,3 +37,23 @@ def admitted(request_id: str) -> int:
             f"moa-vllm: no request length recorded for request {request_id!r}; the admission_lengths patch of "
             "KVCacheManager.allocate_slots did not run (unsupported vLLM code path?)"
         ) from None
+
+
+def admitted(request_id: str) -> int:
+    return _entry(request_id)[0]
+
+
+def prompt_tokens(request_id: str) -> int:
+    return _entry(request_id)[1]
+
+
+def caching_allowed(request_id: str) -> bool:
+    """False once one of the request's chunks had no room for its prefix blocks (until the request is freed)."""
+    return request_id not in _not_caching
+
+
+def set_caching(request_id: str, allowed: bool) -> None:
+    if allowed:
+        _not_caching.discard(request_id)
+    else:
+        _not_caching.add(request_id)

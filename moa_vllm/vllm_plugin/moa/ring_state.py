@@ -43,6 +43,11 @@ class RingStep:
     visible: torch.Tensor | None = None  # [L, R*H] int32
     slots: torch.Tensor | None = None  # [L, num_decodes*H] int64
     prefill_launch: object | None = None  # the device prefill kernel's launch data, made by the step's first layer
+    lengths: list[int] = field(default_factory=list)  # [R] N per row (grid-rounded)
+    prompts: list[int] | None = None  # [R] prompt tokens per row (None: the runner did not publish them)
+    restore: list[int] = field(default_factory=list)  # rows whose fresh ring is restored from a cache hit first
+    prefix_ids: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # layer -> row -> prefix block ids
+    prefix_rows: list[int] = field(default_factory=list)  # rows with prompt tokens to write or a ring to restore
 
     def finalize(self, sinks: int, page: int) -> None:
         """Decode tensors of all layers in one go (once per step, at the first attention call)."""
@@ -68,9 +73,11 @@ class RingState:
         max_model_len: int,
         device: torch.device,
         max_rows: int = 256,
+        prefix: bool = False,
     ) -> None:
         self.alphas, self.betas = alphas, betas  # [L, H] float64 (CPU)
         self.min_span, self.sinks, self.page = min_span, sinks, page
+        self.prefix = prefix  # prefix caching: prefill rows also write position-ordered prefix blocks
         self.heads = alphas.shape[1]
         self.max_model_len = max_model_len
         self.device = device
@@ -132,8 +139,22 @@ class RingState:
         while num_decodes < rows and qsl[num_decodes + 1] - qsl[num_decodes] == 1:
             num_decodes += 1
 
+        fresh = list(batch.fresh[:rows]) if batch.fresh else [False] * rows
+        prompts = None if batch.prompts is None else [int(p) for p in batch.prompts[:rows]]
+        restore = [r for r in range(rows) if fresh[r] and computed[r] > 0]
+        if restore and not self.prefix:
+            raise RuntimeError(
+                f"moa-vllm: requests {[req_ids[r] for r in restore]} start at positions "
+                f"{[computed[r] for r in restore]} in fresh rings, but prefix caching is off: their keys are nowhere"
+            )
+        if self.prefix and prompts is None and any(rid is not None for rid in req_ids):
+            raise RuntimeError(
+                "moa-vllm: prefix caching is on but the model runner published no prompt lengths; refusing to guess "
+                "which positions have prefix blocks"
+            )
+        prefix_rows = self._prefix_rows(req_ids, computed, prompts, restore)
         key = tuple(zip(req_ids, lengths, strict=True))
-        restarted = any(c == 0 for c, rid in zip(computed, req_ids, strict=True) if rid is not None)
+        restarted = any(c == 0 for c, rid in zip(computed, req_ids, strict=True) if rid is not None) or any(fresh)
         if key == self._batch_key and self.step is not None and not restarted:
             # Same requests in the same rows: only seq_lens and the step's row split change.
             self.step = RingStep(
@@ -146,6 +167,9 @@ class RingState:
                 self.step.tables,
                 seq_lens,
                 filled_layers=set(range(self.alphas.shape[0])),
+                lengths=lengths,
+                prompts=prompts,
+                prefix_rows=prefix_rows,
             )
             self._pending = []
             return self.step
@@ -164,11 +188,24 @@ class RingState:
         pending: list[int] = []
         for r, rid in enumerate(req_ids):
             cached = self._tables.get(rid) if rid is not None else None
-            if cached is not None and computed[r] > 0 and self._lengths.get(rid) == lengths[r]:
+            if cached is not None and computed[r] > 0 and self._lengths.get(rid) == lengths[r] and not fresh[r]:
                 tables[:, r].copy_(cached)
             elif rid is not None:
-                pending.append(r)  # new, resumed after preemption (restarts at 0) or N changed: lay out again
-        self.step = RingStep(batch.serial, req_ids, num_decodes, qsl, computed, self._spans, tables, seq_lens)
+                pending.append(r)  # new, resumed after preemption, N changed or left the batch: lay out again
+        self.step = RingStep(
+            batch.serial,
+            req_ids,
+            num_decodes,
+            qsl,
+            computed,
+            self._spans,
+            tables,
+            seq_lens,
+            lengths=lengths,
+            prompts=prompts,
+            restore=restore,
+            prefix_rows=prefix_rows,
+        )
         self._pending = pending
         return self.step
 
@@ -201,6 +238,39 @@ class RingState:
         step.tables[layer, rows] = page_tables(spans[None], table[None], self.page, self.max_pages)[0].to(self.device)
         if len(step.filled_layers) == self.alphas.shape[0]:
             self._commit_pending()
+
+    def _prefix_rows(self, req_ids, computed: list[int], prompts: list[int] | None, restore: list[int]) -> list[int]:
+        """Rows that still have full prompt blocks to write (any query length: a chunk may be one token) or a ring
+        to restore; none while prefix caching is off."""
+        if not self.prefix:
+            return []
+        page, wanted = self.page, set(restore)
+        return [
+            r
+            for r, rid in enumerate(req_ids)
+            if rid is not None and (r in wanted or computed[r] < prompts[r] // page * page)
+        ]
+
+    def fill_prefix(self, layer: int, block_table: torch.Tensor, ring_blocks: list[int]) -> None:
+        """The prefix block ids of this layer's prefill rows (prefix caching): the columns right after each row's
+        ring_blocks[r] ring blocks, one per full prompt block the step's tokens reach (as the scheduler gave them)."""
+        step = self.step
+        if not self.prefix or layer in step.prefix_ids:
+            return
+        rows: dict[int, torch.Tensor] = {}
+        width = block_table.shape[1]
+        for r in step.prefix_rows:
+            end = step.computed[r] + step.query_start_loc[r + 1] - step.query_start_loc[r]
+            cols = min(-(-end // self.page), step.prompts[r] // self.page)
+            if cols <= 0:
+                continue
+            if ring_blocks[r] + cols > width:
+                raise RuntimeError(
+                    f"moa-vllm: layer {layer}: request {step.req_ids[r]!r} needs {ring_blocks[r]} ring + {cols} "
+                    f"prefix columns but the block table has {width}; refusing to write another request's blocks"
+                )
+            rows[r] = block_table[r, ring_blocks[r] : ring_blocks[r] + cols]
+        step.prefix_ids[layer] = rows
 
     def _commit_pending(self) -> None:
         step = self.step
