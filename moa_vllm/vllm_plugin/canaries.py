@@ -68,8 +68,7 @@ CANARIES: tuple[Canary, ...] = (
         "KVCacheManager.truncate_computed_blocks",
         ("self", "blocks", "num_computed_tokens"),
     ),
-    Canary("prefix_hash", "vllm.v1.engine.core", "EngineCore.__init__", ("self", "vllm_config")),
-    Canary("prefix_hash", "vllm.v1.engine.core", "get_request_block_hasher", kind="name"),
+    Canary("prefix_hash", "vllm.v1.request", "Request.update_block_hashes", ("self",)),
     Canary(
         "prefix_hash",
         "vllm.v1.core.kv_cache_utils",

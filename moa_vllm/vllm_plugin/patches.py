@@ -291,6 +291,7 @@ def _admission_lengths() -> None:
         def allocate_slots(self, request, *args, **kwargs):
             rid = request.request_id
             first = not request_lengths.is_admitted(rid)
+            sign_request(self, request)
             n = admission_length(self, request)
             request_lengths.admit(rid, n, request.num_prompt_tokens)
             num_new = args[0] if args else kwargs.get("num_new_tokens", 0)
@@ -326,6 +327,7 @@ def _admission_lengths() -> None:
     def make_lookup(original):
         @functools.wraps(original)
         def get_computed_blocks(self, request, *args, **kwargs):
+            sign_request(self, request)  # the first use of the request's block hashes
             blocks, hit, *rest = original(self, request, *args, **kwargs)
             block = moa_block_size(self)
             if block and hit and hit >= request.num_tokens - 1:
@@ -346,51 +348,40 @@ def _admission_lengths() -> None:
 SIGNATURE_ATTR = "_moa_span_signature"
 
 
-class SpanSignedHasher:
-    """EngineCore's request block hasher with MoA's span signature: before vLLM's hasher runs on a request, the
-    request gets its SpanSignature (plan/prefix.py), which the wrapped generate_block_hash_extra_keys adds to every
-    block's extra keys. Holds no reference to any request (Request avoids hasher reference cycles too)."""
-
-    def __init__(self, inner, alphas, betas, min_span: int, max_model_len: int, grid: int) -> None:
-        self.inner = inner
-        self.alphas, self.betas, self.min_span = alphas, betas, min_span
-        self.max_model_len, self.grid = max_model_len, grid
-
-    def __call__(self, request):
-        from moa_vllm.plan.prefix import signature_for
-        from moa_vllm.plan.span import request_length
-
-        if getattr(request, SIGNATURE_ATTR, None) is None:
-            n = request_length(request.num_prompt_tokens, request.max_tokens, self.max_model_len)
-            signature = signature_for(self.alphas, self.betas, self.min_span, n, self.max_model_len, self.grid)
-            setattr(request, SIGNATURE_ATTR, signature)
-        return self.inner(request)
-
-
-def span_signed_hasher(vllm_config, inner) -> SpanSignedHasher:
+def sign_request(kv_cache_manager, request) -> None:
+    """Give the request its span signature (plan/prefix.py) and hash its blocks again with it, before the scheduler
+    uses any block hash of it (its first lookup or allocation). The rules come from the ring specs the scheduler
+    holds, so this does not depend on when the plugin was loaded in the engine-core process. A no-op for a request
+    already signed, without block hashes (caching off) or on an engine without MoA layers."""
     import numpy as np
 
-    from moa_vllm.vllm_plugin.settings import plan_from_vllm_config, span_grid
+    from moa_vllm.plan.prefix import signature_for
+    from moa_vllm.plan.span import request_length
+    from moa_vllm.vllm_plugin.moa.kv_spec import ring_managers
 
-    plan = plan_from_vllm_config(vllm_config)
-    alphas = np.array([[r.alpha for r in layer] for layer in plan.rules], dtype=np.float64)
-    betas = np.array([[r.beta for r in layer] for layer in plan.rules], dtype=np.float64)
-    max_len = vllm_config.model_config.max_model_len
-    return SpanSignedHasher(inner, alphas, betas, plan.min_span, max_len, span_grid(vllm_config))
+    if getattr(request, SIGNATURE_ATTR, None) is not None or not kv_cache_manager.enable_caching:
+        return
+    managers = ring_managers(kv_cache_manager)
+    if not managers:
+        return
+    specs = sorted((m.kv_cache_spec for m in managers), key=lambda spec: spec.layer_index)
+    alphas = np.array([spec.alphas for spec in specs], dtype=np.float64)
+    betas = np.array([spec.betas for spec in specs], dtype=np.float64)
+    max_len = kv_cache_manager.max_model_len
+    n = request_length(request.num_prompt_tokens, request.max_tokens, max_len)
+    signature = signature_for(alphas, betas, specs[0].min_span, n, max_len, specs[0].span_grid)
+    setattr(request, SIGNATURE_ATTR, signature)
+    if request.block_hashes:  # hashed when the request was made, without the signature: again, with it
+        request.block_hashes.clear()
+        request.update_block_hashes()
+
+
+def is_signed(request) -> bool:
+    return getattr(request, SIGNATURE_ATTR, None) is not None
 
 
 def _prefix_hash() -> None:
     from vllm.v1.core import kv_cache_utils
-    from vllm.v1.engine.core import EngineCore
-
-    def make_init(original):
-        @functools.wraps(original)
-        def __init__(self, vllm_config, *args, **kwargs):
-            original(self, vllm_config, *args, **kwargs)
-            if moa_selected(vllm_config) and self.request_block_hasher is not None:
-                self.request_block_hasher = span_signed_hasher(vllm_config, self.request_block_hasher)
-
-        return __init__
 
     def make_extra_keys(original):
         @functools.wraps(original)
@@ -403,7 +394,6 @@ def _prefix_hash() -> None:
 
         return generate_block_hash_extra_keys
 
-    _wrap_once(EngineCore, "__init__", make_init)
     _wrap_once(kv_cache_utils, "generate_block_hash_extra_keys", make_extra_keys)
 
 
@@ -693,12 +683,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch(
         "admission_lengths", "KVCacheManager.allocate_slots/free/get_computed_blocks", CHECKED, _admission_lengths
     ),
-    Patch(
-        "prefix_hash",
-        "EngineCore.__init__ (request_block_hasher), kv_cache_utils.generate_block_hash_extra_keys",
-        CHECKED,
-        _prefix_hash,
-    ),
+    Patch("prefix_hash", "kv_cache_utils.generate_block_hash_extra_keys", CHECKED, _prefix_hash),
     Patch(
         "request_lengths",
         "GPUModelRunner._build_attention_metadata/_dummy_run/_update_states",

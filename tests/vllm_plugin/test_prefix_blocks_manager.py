@@ -47,14 +47,12 @@ def manager():
 
 
 def _hasher():
+    """vLLM's own request block hasher, as EngineCore makes it: the scheduler-side patch signs requests."""
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 
-    from moa_vllm.vllm_plugin.patches import SpanSignedHasher
-
     init_none_hash(sha256)
-    alphas = np.array([a for a, _ in RULES]), np.array([b for _, b in RULES])
-    return SpanSignedHasher(get_request_block_hasher(BLOCK, sha256), *alphas, MIN_SPAN, MAX_LEN, GRID)
+    return get_request_block_hasher(BLOCK, sha256)
 
 
 def _request(rid: str, tokens: list[int], max_tokens: int, salt: str | None = None):
@@ -172,3 +170,22 @@ def test_block_table_width_counts_the_prefix_columns(manager):
     spec = manager.kv_cache_config.kv_cache_groups[0].kv_cache_spec
     assert spec.max_num_blocks_per_req(None, MAX_LEN) == spec.blocks_for_length(MAX_LEN) + cdiv(MAX_LEN, BLOCK)
     assert spec.prefix_cacheable
+
+
+def test_requests_are_signed_before_their_hashes_are_used(manager):
+    from moa_vllm.vllm_plugin.patches import is_signed
+
+    req = _request("a", list(range(100)), 20)
+    unsigned = list(req.block_hashes)
+    manager.get_computed_blocks(req)
+    assert is_signed(req) and len(req.block_hashes) == len(unsigned) and req.block_hashes != unsigned
+
+
+def test_an_unsigned_request_never_caches(manager):
+    from moa_vllm.vllm_plugin.moa.kv_spec import ring_managers
+
+    req = _request("a", list(range(100)), 20)
+    assert manager.allocate_slots(req, 64) is not None  # signed on the way in
+    bare = _request("b", list(range(100)), 20)
+    with pytest.raises(RuntimeError, match="without its span signature"):
+        ring_managers(manager)[0].cache_blocks(bare, 64)

@@ -52,16 +52,43 @@ def prompts(tokenizer):
     }
 
 
-def _chat(llm, tokenizer, turns: int = 3) -> list[tuple[list[int], int]]:
-    """Each turn = the whole history (earlier prompts and answers) + a new user message."""
+CHAT_OUT = 16
+
+
+def _chat(llm, tokenizer, turns: int = 3) -> list[tuple[list[int], int, int]]:
+    """Each turn = the whole history (earlier prompts and answers) + a new user message: (answer, hit, prompt)."""
     history: list[int] = natural_prompt(tokenizer, 300, seed=90)
     out = []
     for t in range(turns):
         history = history + natural_prompt(tokenizer, 40, seed=91 + t)
-        answer, cached = _one(llm, history, max_tokens=16)
-        out.append((answer, cached))
+        answer, cached = _one(llm, history, max_tokens=CHAT_OUT)
+        out.append((answer, cached, len(history)))
         history = history + answer
     return out
+
+
+def _shareable(plan_file: str, prompt: int, earlier: list[int]) -> int:
+    """The longest hit a turn may get from the blocks earlier turns cached: up to the narrowest span the two
+    requests disagree on (plan/prefix.py), within the earlier prompt's whole blocks."""
+    import numpy as np
+
+    from moa_vllm.plan import load_plan
+    from moa_vllm.plan.prefix import request_spans
+    from moa_vllm.plan.span import served_length
+
+    plan = load_plan(PLANS / plan_file)
+    alphas = np.array([[r.alpha for r in layer] for layer in plan.rules])
+    betas = np.array([[r.beta for r in layer] for layer in plan.rules])
+
+    def spans(p: int):
+        return request_spans(alphas, betas, served_length(p, CHAT_OUT, MAX_MODEL_LEN, DEFAULT_SPAN_GRID), plan.min_span)
+
+    best = 0
+    for before in earlier:
+        a, b = spans(prompt).ravel(), spans(before).ravel()
+        reach = min((min(x, y) for x, y in zip(a, b) if x != y), default=before)
+        best = max(best, min(reach, before) // BLOCK * BLOCK)
+    return best
 
 
 def _serve(llm, prompts, tokenizer) -> dict:
@@ -110,17 +137,20 @@ def test_multi_turn_chat_equals_no_cache(runs, plan):
     """Each turn's N grows, so sparse plans share only what equal spans allow (docs/architecture.md); the dense
     plan's spans always reach the history, so it hits all of it."""
     on, off = runs[plan, "on"]["chat"], runs[plan, "off"]["chat"]
-    assert [t for t, _ in on] == [t for t, _ in off]
+    assert [t for t, _, _ in on] == [t for t, _, _ in off]
     assert on[0][1] == 0
+    prompts = [p for _, _, p in on]
+    for t in range(1, len(on)):
+        assert on[t][1] <= _shareable(PLAN_FILES[plan], prompts[t], prompts[:t]), (t, on[t][1])
     if plan == "dense":
-        assert all(c >= 300 for _, c in on[1:]), [c for _, c in on]
+        assert all(c >= 300 for _, c, _ in on[1:]), [c for _, c, _ in on]
 
 
 def test_dense_plan_with_hits_equals_stock_vllm_with_its_prefix_cache(runs):
     dense, stock = runs["dense", "on"], runs["stock"]
     for name in ("warm", "mid_ring", "short_warm", "short_hit", "boundary", "chat"):
-        got = [t for t, _ in dense[name]] if name == "chat" else dense[name][0]
-        want = [t for t, _ in stock[name]] if name == "chat" else stock[name][0]
+        got = [t for t, _, _ in dense[name]] if name == "chat" else dense[name][0]
+        want = [t for t, _, _ in stock[name]] if name == "chat" else stock[name][0]
         assert got == want, name
     assert dense["mid_ring"][1] == stock["mid_ring"][1] == 640  # the same hits as stock
 

@@ -23,6 +23,7 @@ prefix block carries the request's span signature (plan/prefix.py), so a hit nev
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from itertools import islice
 
@@ -35,6 +36,12 @@ from moa_vllm.plan.ring import cdiv, layer_blocks
 from moa_vllm.vllm_plugin.moa import request_lengths
 
 logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
+
+
+@functools.lru_cache(maxsize=65536)
+def _blocks_for_length(spec: MoARingSpec, n: int) -> int:
+    """Memoised: the scheduler asks every layer's manager several times per request and step."""
+    return spec._blocks_uncached(n)
 
 
 def rank_heads(num_heads: int, heads_per_rank: int, tp_size: int) -> list[range]:
@@ -57,6 +64,9 @@ class MoARingSpec(AttentionSpec):
 
     def blocks_for_length(self, n: int) -> int:
         """Blocks of this layer a request of length n holds (the widest rank's need, as ranks share block ids)."""
+        return _blocks_for_length(self, n)
+
+    def _blocks_uncached(self, n: int) -> int:
         return max(
             layer_blocks(
                 [self.alphas[h] for h in heads],
@@ -188,6 +198,11 @@ class MoARingManager(SingleTypeKVCacheManager):
         rid = request.request_id
         if not self.caching or not request_lengths.caching_allowed(rid):
             return
+        if getattr(request, "_moa_span_signature", None) is None:  # patches.SIGNATURE_ATTR (no import cycle)
+            raise RuntimeError(
+                f"moa-vllm: request {rid!r} would cache blocks hashed without its span signature; another request "
+                "with other spans could hit them (the admission_lengths patch did not sign it)"
+            )
         prefix = self.req_to_blocks[rid][self.ring_blocks(rid) :]
         cached = self.num_cached_block.get(rid, 0)
         full = min(num_tokens // self.block_size, len(prefix))
