@@ -4,22 +4,28 @@
 - backend_alias: AttentionBackendEnum._member_map_["MOA"] -> CUSTOM, so `--attention-backend moa` resolves.
 - cpu_backend_selection: CpuPlatform.get_attn_backend_cls ignores any selected backend; honour CUSTOM.
 - config_check: <current platform>.check_and_update_config; select the moa backend for a BST model (its window
-  is a derived plan), load and verify the plan and turn prefix caching off in the API-server process, before any
-  worker starts.
+  is a derived plan), load and verify the plan in the API-server process, before any worker starts; prefix caching
+  stays as vLLM set it (off for the BST).
 - layer_kv_spec: Attention.get_kv_cache_spec; full-attention layers never reach the backend's customize_spec,
   so each MoA layer's MoARingSpec (its own KV cache group, per-KV-head rings) is produced here.
-- admission_lengths: KVCacheManager.allocate_slots and .free; record each request's N for the ring managers (which
-  see only request ids) before vLLM sizes its allocation, log the blocks it holds, forget N when it is freed.
+- admission_lengths: KVCacheManager.allocate_slots, .free and .get_computed_blocks; sign each request with its span
+  signature and record its N (on the span grid) and prompt length for the ring managers (which see only request
+  ids) before vLLM sizes its allocation, retry a chunk without its optional prefix blocks when they do not fit, give
+  back one block of a hit that would leave one token, log the blocks it holds, forget N when it is freed.
+- prefix_hash: kv_cache_utils.generate_block_hash_extra_keys; add the request's span signature to every block's
+  extra keys, so a prefix-cache hit never mixes spans.
 - request_lengths: GPUModelRunner._build_attention_metadata and ._dummy_run (model runner V1; CPUModelRunner
   inherits both); publish each row's request id and N (prompt + max_tokens) into the engine's context
   (moa/engine_context.py) for the metadata builders, which see neither; rows built inside _dummy_run are published
-  as dummy rows, capture batches are left to the builders' build_for_cudagraph_capture.
+  as dummy rows, capture batches are left to the builders' build_for_cudagraph_capture; _update_states records the
+  new and resumed requests (fresh rings, where a prefix-cache hit is restored).
 - request_lengths_v2: vllm.v1.worker.gpu.model_runner.GPUModelRunner.prepare_attn / prepare_dummy_attn and
   vllm.v1.worker.gpu.cudagraph_utils.prepare_inputs_to_capture (model runner V2, the GPU wheel's default with
-  Triton); the same, from V2's request states; capture batches (FULL and PIECEWISE) as dummy rows.
+  Triton); the same, from V2's request states; capture batches (FULL and PIECEWISE) as dummy rows; add_requests
+  records V2's new requests (a preempted one comes back as new).
   check_runner_hooks refuses to serve (config time and worker start) when the runner in use lacks its hook.
 - beam_search: BeamSearchOnlineMixin.beam_search and BeamSearchOfflineMixin.beam_search; refused with the moa
-  backend (every beam step is a new request with another N, so no ring layout carries over).
+  backend (every beam step is a new request with another N, so the spans would change along a beam).
 - engine_death_exit: vllm.entrypoints.launchers.api_server.entry.serve_http; when the engine process died, vLLM
   answers 500s, stops uvicorn and exits 0; with the moa backend the API server says so and exits 1 instead, so a
   supervisor sees the failure.
@@ -603,7 +609,8 @@ _moa_serving = False  # set by config_check in the API-server / LLM process when
 
 BEAM_SEARCH_REFUSAL = (
     "moa-vllm: beam search is not supported with --attention-backend moa (every beam step is a new request whose "
-    "length N, and so its ring layout, differs); use sampling or greedy decoding"
+    "length N, and so its spans, differ: the beams would not be those of one request's spans); use sampling or "
+    "greedy decoding"
 )
 
 
