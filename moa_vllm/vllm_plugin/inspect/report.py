@@ -12,12 +12,12 @@ UTILITY = "moa_inspect"
 def request_report(kv_cache_manager, request_ids: list[str], states: dict[str, str]) -> dict[str, Any]:
     """{"requests": [{id, state, n, blocks, kv_bytes}], "totals": {...}} over the MoA layers' ring managers."""
     from moa_vllm.vllm_plugin.moa import request_lengths
-    from moa_vllm.vllm_plugin.moa.kv_spec import held, ring_managers
+    from moa_vllm.vllm_plugin.moa.kv_spec import ring_held, ring_managers
 
     managers = ring_managers(kv_cache_manager)
     rows = []
     for rid in request_ids:
-        held_by = [(held(m, rid), m.kv_cache_spec.page_size_bytes) for m in managers]
+        held_by = [(ring_held(m, rid), m.kv_cache_spec.page_size_bytes) for m in managers]
         blocks = sum(b for b, _ in held_by)
         if blocks == 0:
             continue  # waiting, or finished and freed: holds nothing

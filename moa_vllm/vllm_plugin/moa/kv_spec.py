@@ -246,3 +246,11 @@ def ring_managers(kv_cache_manager) -> list[MoARingManager]:
 def held(manager: MoARingManager, request_id: str) -> int:
     """Real blocks a request holds in one MoA layer (its ring and the prefix blocks not yet released)."""
     return sum(not block.is_null for block in manager.req_to_blocks.get(request_id, ()))
+
+
+def ring_held(manager: MoARingManager, request_id: str) -> int:
+    """Ring blocks a request holds in one MoA layer (its allocation for life; prefix blocks in flight left out)."""
+    blocks = manager.req_to_blocks.get(request_id, ())
+    if blocks and request_lengths.is_admitted(request_id) and hasattr(manager.kv_cache_spec, "blocks_for_length"):
+        blocks = blocks[: manager.ring_blocks(request_id)]
+    return sum(not block.is_null for block in blocks)
