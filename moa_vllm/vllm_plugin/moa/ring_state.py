@@ -153,6 +153,7 @@ class RingState:
                 "which positions have prefix blocks"
             )
         prefix_rows = self._prefix_rows(req_ids, computed, prompts, restore)
+        rows_info = dict(lengths=lengths, prompts=prompts, prefix_rows=prefix_rows)  # both RingStep paths below
         key = tuple(zip(req_ids, lengths, strict=True))
         restarted = any(c == 0 for c, rid in zip(computed, req_ids, strict=True) if rid is not None) or any(fresh)
         if key == self._batch_key and self.step is not None and not restarted:
@@ -167,9 +168,7 @@ class RingState:
                 self.step.tables,
                 seq_lens,
                 filled_layers=set(range(self.alphas.shape[0])),
-                lengths=lengths,
-                prompts=prompts,
-                prefix_rows=prefix_rows,
+                **rows_info,
             )
             self._pending = []
             return self.step
@@ -201,10 +200,8 @@ class RingState:
             self._spans,
             tables,
             seq_lens,
-            lengths=lengths,
-            prompts=prompts,
             restore=restore,
-            prefix_rows=prefix_rows,
+            **rows_info,
         )
         self._pending = pending
         return self.step
