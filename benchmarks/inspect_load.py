@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.server_process import free_port, stop, wait_ready
+from moa_vllm.server_process import free_port, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "inspect-load-key"

@@ -33,7 +33,7 @@ from pathlib import Path
 from benchmarks.serve.client import run_bench
 from benchmarks.serve.harness import PLANS, REPO, _device
 from benchmarks.serve.server import SERVED_NAME, Config, start
-from tests.server_process import stop, wait_kv_idle
+from moa_vllm.server_process import stop, wait_kv_idle
 
 OUT = REPO / "benchmarks" / "results" / "prefix_cache"
 WORKLOADS = ("prefix", "random", "chat")

@@ -1,6 +1,8 @@
 """moa-vllm: MoA mixed sparse attention for vLLM, plus its offline planner."""
 
-__version__ = "0.1.0"
+from moa_vllm.version import __version__
+
+__all__ = ["__version__", "register"]
 
 
 def register() -> None:

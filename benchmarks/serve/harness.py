@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from benchmarks.serve import capacity, report
 from benchmarks.serve.client import run_bench
 from benchmarks.serve.server import Config, UsageSampler, start
-from tests.server_process import stop, wait_kv_idle
+from moa_vllm.server_process import stop, wait_kv_idle
 
 REPO = Path(__file__).resolve().parents[2]
 PLANS = REPO / "plans" / "SmolLM2-135M-Instruct"

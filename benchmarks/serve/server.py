@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.server_process import free_port, kv_usage, stop, wait_ready
+from moa_vllm.server_process import free_port, kv_usage, stop, wait_ready
 
 SERVED_NAME = "bench"
 _CAPACITY = re.compile(

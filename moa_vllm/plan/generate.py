@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from moa_vllm import __version__
 from moa_vllm.plan.schema import ModelFingerprint, Plan, PlanMetadata, Rule
+from moa_vllm.version import __version__
 
 DEFAULT_SINKS = 64  # as in the MoA reference
 DEFAULT_MIN_SPAN = 128

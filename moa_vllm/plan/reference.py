@@ -13,10 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from moa_vllm import __version__
 from moa_vllm.plan.errors import PlanError
 from moa_vllm.plan.schema import ModelFingerprint, Plan, PlanMetadata, Rule
 from moa_vllm.plan.span import span_tokens
+from moa_vllm.version import __version__
 
 REFERENCE_SINKS = 64
 REFERENCE_MIN_SPAN = 128

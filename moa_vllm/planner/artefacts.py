@@ -2,6 +2,20 @@
 
 A step's artefact stores the key of the inputs it was made from (settings plus digests of upstream artefacts).
 A step is skipped when its artefact exists, is complete and carries the same key; otherwise it runs again.
+
+Work dir layout (each file written by one step of moa_vllm/planner/steps/):
+    calibration.json            samples (prompt and dense greedy answer ids), checkpointed per sample
+    profile-L{length}.npz       mean block sums and per-offset sums of |E| per (layer, KV head), checkpointed per sample
+    retrieval-L{length}.npz     per-offset retrieval mass per (layer, KV head) on the same samples
+    optimize-d{density}.json    the Pareto set of one density target (influence loss only)
+    optimize-d{density}-r{w}.json   the same with w x the retrieval loss added (one per retrieval weight)
+    truth-d{density}[-r{w}].json    held-out true loss of those Pareto plans (dense and uniform in the first)
+    truth-d{density}-hybrid.json    held-out true loss of the hybrid candidates
+    fidelity-d{density}.json    held-out top-1 / KL to dense of every candidate and uniform
+    validate-d{density}.json    the chosen plan over all of them; plan-d{density}.json and report-d{density}/ beside it
+    diagnose.json / .png        predicted vs true loss change of probe heads (`moa-plan diagnose`)
+    timings.json                wall time of every step that ran
+The profile does not depend on the density, so several densities share one calibration and profile.
 """
 
 from __future__ import annotations
@@ -12,10 +26,12 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 
 def canonical(obj: Any) -> str:
@@ -104,6 +120,27 @@ class Timings:
         start, cpu = time.perf_counter(), time.process_time()
         yield
         self.record(step, time.perf_counter() - start, time.process_time() - cpu, **extra)
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """Where one run's artefacts live, its step timings, and whether steps show progress bars."""
+
+    root: Path
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def timings(self) -> Timings:
+        return Timings(self.root)
+
+    def bar(self, total: int, desc: str, initial: int = 0) -> tqdm:
+        return tqdm(total=total, initial=initial, desc=desc, disable=not self.progress, unit="sample")
 
 
 def density_tag(density: float) -> str:

@@ -241,7 +241,7 @@ def fill_slot(
     return SlotResult(level, index, None, attempts)
 
 
-def calibrate(
+def calibrate_slots(
     model,
     tokenizer,
     slots: list[tuple[int, int]],

@@ -1,4 +1,8 @@
-"""What one `moa-plan` run is configured with (the CLI's flags, one field each), and the checks that need no model."""
+"""What one `moa-plan` run is configured with, and the checks that need no model.
+
+Each field is one CLI flag (moa_vllm/planner/cli.py generates the parser from these fields): its default and help
+text live here only. `flag` names a flag that is not the field's name; a bool whose default is True is turned off
+by `--no-<name>` unless it names its own flag, and its help says what that flag does."""
 
 from __future__ import annotations
 
@@ -8,46 +12,82 @@ from typing import Any
 
 from moa_vllm.planner.rules import DEFAULT_NUM_BETAS, RuleGrid
 
+# The chain's steps (moa_vllm/planner/chain.py) and CLI subcommands; "run" = validate + export.
+STEPS = ("calibrate", "profile", "optimize", "validate", "run", "diagnose")
+
+
+def option(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field with its CLI help (and flag name, when it is not --<field-name>)."""
+    metadata = {"help": help, "flag": flag}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    model: Path
-    work_dir: Path
-    lengths: tuple[int, ...] = (1024, 2048, 4096)  # profiled lengths: one objective each
-    validation_length: int = 3072  # held out: Pareto plans are chosen by their true loss here (never profiled)
-    validation_samples: int = 4
-    extension_lengths: tuple[int, ...] = (8192,)  # density-constrained, not profiled
-    samples_per_length: int = 4
-    # level -> how many of its calibration samples to profile (default: all); profiling cost grows with L^2
-    profile_samples: dict[int, int] = field(default_factory=dict)
-    max_new_tokens: int = 96  # the dense model's answers: long answers give late layers gradient too
-    answer_attempts: int = 3  # redraws of a sample whose dense answer misses its target; then the slot is dropped
-    check_answers: bool = True
-    context_weight: float = 1.0  # loss = mean answer CE + context_weight * mean context CE
-    seed: int = 0
-    device: str = "cpu"
-    sinks: int = 64
-    min_span: int = 128
-    block: int = 64
-    alphas: tuple[float, ...] | None = None  # None: scaled to the profiled lengths (RuleGrid.scaled)
-    alpha_step: int | None = None  # of the scaled grid; default shortest length / 2
-    num_betas: int = DEFAULT_NUM_BETAS
-    rule_filter: bool = True  # drop rules with span <= 0 at the shortest or > N at the longest profiled length
-    min_head_density: float = 0.0  # drop rules below this density at any constraint length (a per-head floor)
-    ship_gate: bool = True  # refuse a plan whose held-out true loss is above the uniform plan's
-    layer_correction: Path | None = None  # a diagnose.json: rescale rule losses per layer by its measured ratios
-    # Extra candidate sets: loss = influence + w x retrieval loss (scaled to the influence's total), one Pareto set
-    # per w, beside the influence-only set (w = 0, always a candidate). The held-out true loss picks among all.
-    retrieval_weights: tuple[float, ...] = (1.0,)
-    # Hybrid candidates (hybrid.py): the K heads of most retrieval mass at full span, the rest at one window.
-    hybrid_heads: tuple[int, ...] = (2, 4, 8, 12)
-    # Held-out fidelity (fidelity.py) of every candidate and uniform: texts x length tokens; 0 texts = not measured
-    fidelity_texts: int = 2
-    fidelity_length: int = 2048
-    max_rules_per_layer: int = 2
-    time_limit_s: float = 60.0
-    epsilon_points: int = 5
-    progress: bool = True
+    model: Path = field(metadata={"help": "HF model folder (llama/qwen2/mistral family) or 'embedded'"})
+    work_dir: Path = field(metadata={"help": "where artefacts go (keep it out of git)"})
+    lengths: tuple[int, ...] = option((1024, 2048, 4096), "profiled lengths (one objective each), e.g. '1024 2048'")
+    validation_length: int = option(
+        3072, "held-out length whose true loss picks the plan (never profiled; not one of --lengths)"
+    )
+    validation_samples: int = option(4, "held-out samples at the validation length")
+    extension_lengths: tuple[int, ...] = option((8192,), "density-constrained lengths, not profiled")
+    samples_per_length: int = option(4, "calibration samples per profiled length")
+    profile_samples: dict[int, int] = option(
+        {},
+        "profile only the first N calibration samples of some levels, e.g. '3072=2 4096=2' (default: all; "
+        "profiling cost grows with L^2)",
+    )
+    max_new_tokens: int = option(
+        96, "length of the dense model's greedy answers (long answers give late layers gradient too)"
+    )
+    answer_attempts: int = option(
+        3, "redraws of a sample whose dense answer misses its target; then the slot is dropped"
+    )
+    check_answers: bool = option(True, "keep samples whose dense answer is wrong", flag="--keep-wrong-answers")
+    context_weight: float = option(1.0, "loss = mean answer CE + this x mean context CE")
+    seed: int = option(0, "seed of the calibration samples, the held-out texts and the solver")
+    device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    sinks: int = option(64, "sink tokens every head keeps")
+    min_span: int = option(128, "smallest span a rule may give")
+    block: int = option(64, "block size of the profile's block sums")
+    alphas: tuple[float, ...] | None = option(
+        None, "rule grid alphas, e.g. '-1024 0 1024' (default: -shortest .. longest profiled length, --alpha-step)"
+    )
+    alpha_step: int | None = option(None, "step of the default alphas (default: shortest length / 2)")
+    num_betas: int = option(DEFAULT_NUM_BETAS, "betas evenly spaced over [0, 1]")
+    rule_filter: bool = option(
+        True, "keep rules whose span is <= 0 at the shortest or > N at the longest profiled length"
+    )
+    min_head_density: float = option(0.0, "drop rules below this density at any constraint length (a per-head floor)")
+    ship_gate: bool = option(
+        True, "write the plan even when it loses to uniform on the held-out measures (experiments only)"
+    )
+    layer_correction: Path | None = option(
+        None, "a diagnose.json: rescale each layer's rule losses by its measured true / predicted ratio"
+    )
+    retrieval_weights: tuple[float, ...] = option(
+        (1.0,),
+        "extra candidate sets with loss = influence + w x retrieval loss (scaled to the influence's total), one "
+        "Pareto set per w, e.g. '0.25 1' ('' for none; the influence-only set is always a candidate)",
+    )
+    hybrid_heads: tuple[int, ...] = option(
+        (2, 4, 8, 12),
+        "hybrid candidates: the K heads of most retrieval mass at full span, the rest at one window, for each K "
+        "('' for none)",
+    )
+    fidelity_texts: int = option(
+        2,
+        "held-out natural texts on which every candidate's top-1 agreement and KL to dense are measured and "
+        "must beat uniform's (0: task loss only)",
+    )
+    fidelity_length: int = option(2048, "tokens per held-out fidelity text")
+    max_rules_per_layer: int = option(2, "distinct rules a layer may use")
+    time_limit_s: float = option(60.0, "seconds per MILP solve", flag="--time-limit")
+    epsilon_points: int = option(5, "epsilon-constraint points of the Pareto sweep")
+    progress: bool = option(True, "hide progress bars")
 
     def __post_init__(self) -> None:
         if self.validation_length in self.lengths:

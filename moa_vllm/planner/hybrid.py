@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from moa_vllm import __version__
 from moa_vllm.plan.schema import ModelFingerprint, Plan, PlanMetadata, Rule
+from moa_vllm.version import __version__
 
 
 def rest_beta(density: float, heads: int, full: int) -> float:

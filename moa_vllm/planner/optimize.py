@@ -24,14 +24,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
-from moa_vllm import __version__
 from moa_vllm.plan.generate import DEFAULT_MIN_SPAN, DEFAULT_SINKS
 from moa_vllm.plan.schema import ModelFingerprint, Plan, PlanMetadata
 from moa_vllm.planner import milp
 from moa_vllm.planner.rules import RuleGrid, token_matrix
+from moa_vllm.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -404,4 +405,27 @@ def _metadata(solution: ParetoSolution, problem: PlanningProblem, notes: str) ->
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         notes=notes,
         extra=extra,
+    )
+
+
+def solution_to_json(s: ParetoSolution) -> dict[str, Any]:
+    return {
+        "assignment": s.assignment.tolist(),
+        "objectives": {str(k): v for k, v in s.objectives.items()},
+        "densities": {str(k): v for k, v in s.densities.items()},
+        "optimal": s.optimal,
+        "gap": s.gap,
+        "bounds": {str(k): v for k, v in s.bounds.items()},
+    }
+
+
+def solution_from_json(d: dict[str, Any]) -> ParetoSolution:
+    ints = lambda m: {int(k): float(v) for k, v in m.items()}  # noqa: E731
+    return ParetoSolution(
+        assignment=np.array(d["assignment"], dtype=np.int64),
+        objectives=ints(d["objectives"]),
+        densities=ints(d["densities"]),
+        optimal=bool(d["optimal"]),
+        gap=float(d["gap"]),
+        bounds=ints(d["bounds"]),
     )

@@ -8,6 +8,8 @@ matrices are a few 64 MiB tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +37,19 @@ class Capture:
     layers: dict[int, LayerCapture] = field(default_factory=dict)
 
 
-_ACTIVE: list[Capture] = []  # the capture the attention function records into (at most one)
+_ACTIVE: list[Capture] = []  # the capture the attention function records into (at most one): use capturing()
+
+
+@contextmanager
+def capturing() -> Iterator[Capture]:
+    """Within the block, every forward of a model using the capture attention records each layer's Q, K, V (and,
+    after a backward, dL/dO) into the yielded Capture."""
+    capture = Capture()
+    _ACTIVE.append(capture)
+    try:
+        yield capture
+    finally:
+        _ACTIVE.remove(capture)
 
 
 def _capturing_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -131,14 +145,9 @@ def sample_influence(
 ) -> SampleInfluence:
     """Influence of every head on one sample (model must use the capture attention)."""
     device = next(model.parameters()).device
-    capture = Capture()
-    _ACTIVE.append(capture)
-    try:
-        with torch.enable_grad():
-            parts = calibration_loss(model, torch.tensor(ids, device=device), answer_start, context_weight)
-            parts.total.backward()
-    finally:
-        _ACTIVE.remove(capture)
+    with capturing() as capture, torch.enable_grad():
+        parts = calibration_loss(model, torch.tensor(ids, device=device), answer_start, context_weight)
+        parts.total.backward()
     num_layers = len(capture.layers)
     blocks, offsets = [], []
     with torch.no_grad():

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from moa_vllm.planner.calibrate import Sample
-from moa_vllm.planner.profile import _ACTIVE, Capture, LayerCapture
+from moa_vllm.planner.profile import LayerCapture, capturing
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,8 @@ def layer_retrieval(rec: LayerCapture, target: TargetPositions, sinks: int, leng
 def sample_retrieval(model, ids: list[int], target: TargetPositions, sinks: int) -> np.ndarray:
     """[layers, kv_heads, len(ids)] retrieval mass by distance of one sample (model uses the capture attention)."""
     device = next(model.parameters()).device
-    capture = Capture()
-    _ACTIVE.append(capture)
-    try:
+    with capturing() as capture:
         model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-    finally:
-        _ACTIVE.remove(capture)
     layers = [capture.layers.pop(i) for i in range(len(capture.layers))]
     return np.stack([layer_retrieval(rec, target, sinks, len(ids)).numpy() for rec in layers])
 

@@ -23,7 +23,7 @@
   vllm.v1.worker.gpu.cudagraph_utils.prepare_inputs_to_capture (model runner V2, the GPU wheel's default with
   Triton); the same, from V2's request states; capture batches (FULL and PIECEWISE) as dummy rows; add_requests
   records V2's new requests (a preempted one comes back as new).
-  check_runner_hooks refuses to serve (config time and worker start) when the runner in use lacks its hook.
+  hooks.check_runner_hooks refuses to serve (config time and worker start) when the runner in use lacks its hook.
 - beam_search: BeamSearchOnlineMixin.beam_search and BeamSearchOfflineMixin.beam_search; refused with the moa
   backend (every beam step is a new request with another N, so the spans would change along a beam).
 - engine_death_exit: vllm.entrypoints.launchers.api_server.entry.serve_http; when the engine process died, vLLM
@@ -45,12 +45,12 @@ from dataclasses import dataclass
 
 from vllm.logger import init_logger
 
+from moa_vllm.vllm_plugin.hooks import MARK, check_runner_hooks, v2_runner, wrap_once
 from moa_vllm.vllm_plugin.settings import BACKEND_PATH, moa_selected
 
 logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
-__all__ = ["BACKEND_PATH", "PATCHES", "apply_all", "check_runner_hooks", "moa_selected"]
+__all__ = ["BACKEND_PATH", "PATCHES", "apply_all", "moa_selected"]
 ALIAS = "MOA"
-_MARK = "_moa_vllm_patched"
 CHECKED = ("0.32", "0.33")  # 0.32: run by the tests; 0.33: canaries hold in its source (canaries.py)
 
 
@@ -60,18 +60,6 @@ class Patch:
     target: str
     vllm_versions: tuple[str, ...]  # series whose source this patch's canaries were checked against
     apply: Callable[[], None]
-
-
-def _wrap_once(owner: type, attr: str, make: Callable[[Callable], Callable], classmethod_: bool = False) -> None:
-    """Replace owner.attr by make(original) unless already done; classmethods keep their binding."""
-    current = owner.__dict__.get(attr)
-    if current is not None and getattr(getattr(current, "__func__", current), _MARK, False):
-        return
-    original = getattr(owner, attr)  # bound for classmethods
-    new = make(original)
-    setattr(new, _MARK, True)
-    new._moa_vllm_original = original  # what vLLM defined (the canary tests read its signature)
-    setattr(owner, attr, classmethod(new) if classmethod_ else new)
 
 
 # ---- backend_alias ---------------------------------------------------------------------------------------------
@@ -100,7 +88,7 @@ def _cpu_backend_selection() -> None:
 
         return get_attn_backend_cls
 
-    _wrap_once(CpuPlatform, "get_attn_backend_cls", make, classmethod_=True)
+    wrap_once(CpuPlatform, "get_attn_backend_cls", make, classmethod_=True)
 
 
 # ---- config_check --------------------------------------------------------------------------------------------------
@@ -208,7 +196,7 @@ def _config_check() -> None:
 
         return check_and_update_config
 
-    _wrap_once(type(current_platform), "check_and_update_config", make, classmethod_=True)
+    wrap_once(type(current_platform), "check_and_update_config", make, classmethod_=True)
 
 
 # ---- layer_kv_spec -------------------------------------------------------------------------------------------------
@@ -251,7 +239,7 @@ def _layer_kv_spec() -> None:
 
         return get_kv_cache_spec
 
-    _wrap_once(Attention, "get_kv_cache_spec", make)
+    wrap_once(Attention, "get_kv_cache_spec", make)
 
 
 # ---- admission_lengths -------------------------------------------------------------------------------------------
@@ -345,9 +333,9 @@ def _admission_lengths() -> None:
 
         return get_computed_blocks
 
-    _wrap_once(KVCacheManager, "allocate_slots", make_allocate)
-    _wrap_once(KVCacheManager, "free", make_free)
-    _wrap_once(KVCacheManager, "get_computed_blocks", make_lookup)
+    wrap_once(KVCacheManager, "allocate_slots", make_allocate)
+    wrap_once(KVCacheManager, "free", make_free)
+    wrap_once(KVCacheManager, "get_computed_blocks", make_lookup)
 
 
 # ---- prefix_hash ---------------------------------------------------------------------------------------------------
@@ -400,7 +388,7 @@ def _prefix_hash() -> None:
 
         return generate_block_hash_extra_keys
 
-    _wrap_once(kv_cache_utils, "generate_block_hash_extra_keys", make_extra_keys)
+    wrap_once(kv_cache_utils, "generate_block_hash_extra_keys", make_extra_keys)
 
 
 # ---- request_lengths ----------------------------------------------------------------------------------------------
@@ -471,9 +459,9 @@ def _request_lengths() -> None:
 
         return _update_states
 
-    _wrap_once(GPUModelRunner, "_build_attention_metadata", make)
-    _wrap_once(GPUModelRunner, "_dummy_run", make_dummy_run)
-    _wrap_once(GPUModelRunner, "_update_states", make_update_states)
+    wrap_once(GPUModelRunner, "_build_attention_metadata", make)
+    wrap_once(GPUModelRunner, "_dummy_run", make_dummy_run)
+    wrap_once(GPUModelRunner, "_update_states", make_update_states)
 
 
 def record_fresh(context, scheduler_output) -> None:
@@ -485,7 +473,6 @@ def record_fresh(context, scheduler_output) -> None:
 
 
 # ---- request_lengths_v2 -------------------------------------------------------------------------------------------
-V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"
 V2_WARMUP_ID = re.compile(r"_warmup_\d+_$")  # vllm/v1/worker/gpu/warmup.py: f"_warmup_{i}_"
 
 
@@ -507,19 +494,10 @@ def publish_request_lengths_v2(context, runner, input_batch) -> None:
                     max_model_len=runner.max_model_len)  # fmt: skip
 
 
-def _v2_runner():
-    """Model runner V2's class, or None where it cannot be imported (its GPU dependencies are missing)."""
-    try:
-        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
-    except ImportError:
-        return None
-    return RunnerV2
-
-
 def _request_lengths_v2() -> None:
     from moa_vllm.vllm_plugin.moa.engine_context import engine_context
 
-    runner_v2 = _v2_runner()
+    runner_v2 = v2_runner()
     if runner_v2 is None:  # check_runner_hooks refuses to serve on V2 without this hook
         return
 
@@ -563,45 +541,12 @@ def _request_lengths_v2() -> None:
 
         return add_requests
 
-    _wrap_once(runner_v2, "prepare_attn", make)
-    _wrap_once(runner_v2, "prepare_dummy_attn", make_dummy)
-    _wrap_once(runner_v2, "add_requests", make_add)
+    wrap_once(runner_v2, "prepare_attn", make)
+    wrap_once(runner_v2, "prepare_dummy_attn", make_dummy)
+    wrap_once(runner_v2, "add_requests", make_add)
     from vllm.v1.worker.gpu import cudagraph_utils
 
-    _wrap_once(cudagraph_utils, "prepare_inputs_to_capture", make_capture)
-
-
-def _hooked(owner, attr: str) -> bool:
-    return getattr(owner.__dict__.get(attr), _MARK, False)
-
-
-def check_runner_hooks(vllm_config) -> None:
-    """The runner that will serve must carry the hook that publishes its batches: without it every step would fail
-    (or, before these checks, attend with spans of 0). Raised at config time and again in each worker's builders."""
-    from moa_vllm.plan import PlanError
-
-    if not getattr(vllm_config, "use_v2_model_runner", False):
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-        missing = [a for a in ("_build_attention_metadata", "_dummy_run") if not _hooked(GPUModelRunner, a)]
-        where = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
-    else:
-        runner_v2 = _v2_runner()
-        if runner_v2 is None:
-            raise PlanError(
-                f"moa-vllm: model runner V2 is selected but {V2_RUNNER_MODULE} cannot be imported, so the moa hook "
-                "that publishes each batch's requests is missing; set VLLM_USE_V2_MODEL_RUNNER=0"
-            )
-        from vllm.v1.worker.gpu import cudagraph_utils
-
-        missing = [a for a in ("prepare_attn", "prepare_dummy_attn") if not _hooked(runner_v2, a)]
-        missing += [] if _hooked(cudagraph_utils, "prepare_inputs_to_capture") else ["prepare_inputs_to_capture"]
-        where = f"{V2_RUNNER_MODULE}.GPUModelRunner"
-    if missing:
-        raise PlanError(
-            f"moa-vllm: the model runner hook on {where}.{'/'.join(missing)} is not installed (register() did not "
-            "run in this process?); refusing to serve without knowing which request each batch row is"
-        )
+    wrap_once(cudagraph_utils, "prepare_inputs_to_capture", make_capture)
 
 
 # ---- beam_search ----------------------------------------------------------------------------------------------------
@@ -637,8 +582,8 @@ def _beam_search() -> None:
 
         return beam_search
 
-    _wrap_once(BeamSearchOnlineMixin, "beam_search", make_async)
-    _wrap_once(BeamSearchOfflineMixin, "beam_search", make_sync)
+    wrap_once(BeamSearchOnlineMixin, "beam_search", make_async)
+    wrap_once(BeamSearchOfflineMixin, "beam_search", make_sync)
 
 
 ENGINE_DEATH_EXIT_STATUS = 1
@@ -661,7 +606,7 @@ def _engine_death_exit() -> None:
 
         return serve_http
 
-    _wrap_once(entry, "serve_http", make)
+    wrap_once(entry, "serve_http", make)
 
 
 # ---- engine_inspect ----------------------------------------------------------------------------------------------
@@ -672,13 +617,13 @@ def _engine_inspect() -> None:
 
     from moa_vllm.vllm_plugin.inspect.report import UTILITY, engine_report
 
-    if getattr(EngineCore.__dict__.get(UTILITY), _MARK, False):
+    if getattr(EngineCore.__dict__.get(UTILITY), MARK, False):
         return
 
     def moa_inspect(self):
         return engine_report(self)
 
-    setattr(moa_inspect, _MARK, True)
+    setattr(moa_inspect, MARK, True)
     setattr(EngineCore, UTILITY, moa_inspect)
 
 
@@ -687,9 +632,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch("cpu_backend_selection", "CpuPlatform.get_attn_backend_cls", CHECKED, _cpu_backend_selection),
     Patch("config_check", "<platform>.check_and_update_config", CHECKED, _config_check),
     Patch("layer_kv_spec", "Attention.get_kv_cache_spec", CHECKED, _layer_kv_spec),
-    Patch(
-        "admission_lengths", "KVCacheManager.allocate_slots/free/get_computed_blocks", CHECKED, _admission_lengths
-    ),
+    Patch("admission_lengths", "KVCacheManager.allocate_slots/free/get_computed_blocks", CHECKED, _admission_lengths),
     Patch("prefix_hash", "kv_cache_utils.generate_block_hash_extra_keys", CHECKED, _prefix_hash),
     Patch(
         "request_lengths",

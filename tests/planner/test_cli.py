@@ -11,7 +11,6 @@ import pytest
 from moa_vllm.plan.fingerprint import check_plan_fits, fingerprint_from_hf_config, load_hf_config
 from moa_vllm.plan.io import load_plan
 from moa_vllm.planner.cli import main, parser
-from tests.planner.tiny_llama import save_tiny_llama
 
 TINY_ARGS = [
     "--lengths", "192 256", "--validation-length", "224", "--extension-lengths", "512",
@@ -20,11 +19,6 @@ TINY_ARGS = [
     "--validation-samples", "2", "--keep-wrong-answers",  # a random model never answers right
     "--fidelity-texts", "1", "--fidelity-length", "224",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_parser_reads_lists_and_requires_a_work_dir():
@@ -81,17 +75,17 @@ def test_diagnose_reports_correlation_ratios_reliability_and_plan_losses(tiny_di
 
 
 def test_run_refuses_a_plan_that_loses_to_uniform(tiny_dir: Path, tmp_path: Path, monkeypatch, capsys):
-    from moa_vllm.planner.pipeline import Pipeline
+    from moa_vllm.planner.steps import validate as validate_step
 
-    real = Pipeline.true_losses
+    real = validate_step.true_losses
 
-    def uniform_wins(self, density, retrieval_weight=0.0):
-        doc = real(self, density, retrieval_weight)
+    def uniform_wins(*args, **kwargs):
+        doc = real(*args, **kwargs)
         if "uniform" in doc["plans"]:
             doc["plans"]["uniform"]["mean"]["total"] = 1e-9  # below every candidate of every retrieval weight
         return doc
 
-    monkeypatch.setattr(Pipeline, "true_losses", uniform_wins)
+    monkeypatch.setattr(validate_step, "true_losses", uniform_wins)
     work, out = tmp_path / "work", tmp_path / "plans"
     argv = ["run", "--model", str(tiny_dir), "--work-dir", str(work), "--density", "0.5", "--out-dir", str(out)]
     assert main([*argv, *TINY_ARGS]) == 3
@@ -113,3 +107,16 @@ def test_diagnose_group_ablation_alone_measures_each_group(tiny_dir: Path, tmp_p
         assert len(group["heads"]) == 1 and group["predicted_change"] >= 0
     # cutting a head of a random model moves its loss: the measurement is real
     assert any(g["true_change"]["total"] != 0.0 for g in ablation["groups"].values())
+
+
+def test_every_config_field_is_a_flag_with_the_configs_default():
+    from moa_vllm.planner.cli import config_from_args
+    from moa_vllm.planner.config import PlannerConfig
+
+    args = parser().parse_args(["run", "--work-dir", "w"])
+    assert config_from_args(args, Path("m")) == PlannerConfig(model=Path("m"), work_dir=Path("w"))
+    args = parser().parse_args(
+        ["run", "--work-dir", "w", "--keep-wrong-answers", "--no-ship-gate", "--time-limit", "5"]
+    )
+    config = config_from_args(args, Path("m"))
+    assert not config.check_answers and not config.ship_gate and config.time_limit_s == 5.0 and config.progress

@@ -144,7 +144,7 @@ def test_level_accumulator_averages_samples_of_shorter_length():
 
 def test_planner_imports_no_vllm():
     code = (
-        "import sys; import moa_vllm.planner.cli, moa_vllm.planner.pipeline, moa_vllm.planner.profile, "
+        "import sys; import moa_vllm.planner.cli, moa_vllm.planner.chain, moa_vllm.planner.profile, "
         "moa_vllm.planner.calibrate, moa_vllm.planner.report; "
         "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]; assert not bad, bad"
     )

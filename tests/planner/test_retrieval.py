@@ -12,17 +12,22 @@ from transformers import LlamaForCausalLM
 from moa_vllm.planner import artefacts as art
 from moa_vllm.planner import profile as prof
 from moa_vllm.planner.calibrate import Sample
+from moa_vllm.planner.chain import run
 from moa_vllm.planner.influence import causal_attention
-from moa_vllm.planner.pipeline import Pipeline
+from moa_vllm.planner.model_inputs import ModelInputs
 from moa_vllm.planner.profile import LayerCapture
 from moa_vllm.planner.retrieval import (
     TargetPositions,
+    head_scores,
     layer_retrieval,
     sample_retrieval,
     target_positions,
     uniform_depth_loss,
 )
-from tests.planner.test_pipeline import _config, tiny_dir  # noqa: F401  (module fixture)
+from moa_vllm.planner.rule_losses import level_loss, rule_windows
+from moa_vllm.planner.steps.calibrate import calibrate
+from moa_vllm.planner.steps.profile import profile
+from tests.planner.tiny_llama import planner_config as _config
 from tests.planner.tiny_llama import tiny_config, tiny_tokenizer
 
 
@@ -99,31 +104,30 @@ def test_sample_retrieval_runs_the_model_and_sums_to_at_most_the_group():
     assert np.all(r >= 0) and np.all(r.sum(-1) <= group + 1e-6) and r.sum() > 0
 
 
-def test_retrieval_weight_adds_mass_times_the_context_share_a_window_misses(tiny_dir: Path, tmp_path: Path):  # noqa: F811
-    pipe = Pipeline(
-        _config(tiny_dir, tmp_path, retrieval_weights=(2.0,), extension_lengths=(448,), alphas=(0.0, 64.0, 192.0))
-    )
-    pipe.profile()
-    pipe.retrieval()
-    path = tmp_path / "retrieval-L160.npz"
-    data = art.load_npz(path)
+def test_retrieval_weight_adds_mass_times_the_context_share_a_window_misses(tiny_dir: Path, tmp_path: Path):
+    config = _config(tiny_dir, tmp_path, retrieval_weights=(2.0,), extension_lengths=(448,), alphas=(0.0, 64.0, 192.0))
+    run(config, "profile")
+    work, model = art.WorkDir(tmp_path, progress=False), ModelInputs(tiny_dir)
+    profiles = profile(calibrate(model, config, work), model, config, work)
+    data = art.load_npz(tmp_path / "retrieval-L160.npz")
     spike = np.zeros_like(data["offsets"])
     spike[0, 0, 100] = 0.5  # all retrieval mass: layer 0, KV head 0, distance 100
-    art.save_npz_atomic(path, data["key"], offsets=spike, complete=np.array(True))
-    added = pipe.level_loss(160, 2.0) - pipe.level_loss(160, 0.0)
+    offsets = profiles[160].offsets
+    added = level_loss(offsets, head_scores(spike), 2.0, config, 160, 2) - level_loss(
+        offsets, None, 0.0, config, 160, 2
+    )
     influence_total = art.load_npz(tmp_path / "profile-L160.npz")["offsets"].sum()
     # the spike's mass is scaled to the influence total; each rule loses the share of the context its window misses,
     # averaged over the profiled length and the longer extension length
-    missed = [np.clip((n - 8 - pipe.rule_windows(n).numpy()) / (n - 8), 0.0, 1.0) for n in (160, 448)]
+    missed = [np.clip((n - 8 - rule_windows(config, n).numpy()) / (n - 8), 0.0, 1.0) for n in (160, 448)]
     np.testing.assert_allclose(added[0, 0], 2.0 * influence_total * np.mean(missed, axis=0), rtol=1e-9)
     assert np.all(added[1:] == 0) and np.all(added[0, 1:] == 0)
-    constant = [i for i, r in enumerate(pipe.config.grid.rules) if r.beta == 0 and r.alpha >= 160]
+    constant = [i for i, r in enumerate(config.grid.rules) if r.beta == 0 and r.alpha >= 160]
     assert constant and np.all(added[0, 0, constant] > 0)  # full at 160, short at 448: not free
 
 
-def test_validate_chooses_among_every_weight_and_records_the_candidates(tiny_dir: Path, tmp_path: Path):  # noqa: F811
-    pipe = Pipeline(_config(tiny_dir, tmp_path, retrieval_weights=(1.0,)))
-    pipe.validate(0.5)
+def test_validate_chooses_among_every_weight_and_records_the_candidates(tiny_dir: Path, tmp_path: Path):
+    run(_config(tiny_dir, tmp_path, retrieval_weights=(1.0,)), "validate", (0.5,))
     record = art.read_json(tmp_path / "validate-d0.50.json")
     names = set(record["true_loss"]["candidates"])
     assert any(n.startswith("pareto-") for n in names) and any(n.startswith("r1-pareto-") for n in names)

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from moa_vllm.data.synthetic_text import SENTENCES
 from moa_vllm.planner.calibrate import docs_corpus
+from moa_vllm.planner.config import PlannerConfig
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -54,3 +55,30 @@ def save_tiny_llama(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def planner_config(model: Path, work: Path, **changes) -> PlannerConfig:
+    """A planner run on the tiny llama that takes seconds: two profiled lengths, a small grid, short answers."""
+    base = dict(
+        model=model,
+        work_dir=work,
+        lengths=(160, 224),
+        validation_length=192,
+        extension_lengths=(),
+        samples_per_length=2,
+        validation_samples=2,
+        max_new_tokens=6,
+        check_answers=False,  # a random model never answers right
+        ship_gate=False,
+        sinks=8,
+        min_span=16,
+        alphas=(0.0, 64.0),
+        num_betas=5,
+        time_limit_s=20.0,
+        epsilon_points=3,
+        hybrid_heads=(1,),
+        fidelity_texts=1,
+        fidelity_length=192,
+        progress=False,
+    )
+    return PlannerConfig(**{**base, **changes})

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moa_vllm.server_process import free_port, moa_vllm, process_tree, stop, wait_ready
 from tests.conftest import PLANS
-from tests.server_process import free_port, moa_vllm, process_tree, stop, wait_ready
 
 pytestmark = pytest.mark.server
 

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
+from moa_vllm.server_process import serving
 from tests.conftest import PLANS
-from tests.server_process import serving
 
 pytestmark = pytest.mark.server
 

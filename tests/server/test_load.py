@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import pytest
 
 from moa_vllm.data import natural_prompt
+from moa_vllm.server_process import free_port, moa_vllm, stop, tree_rss_bytes, wait_kv_idle, wait_ready
 from tests.conftest import PLANS
-from tests.server_process import free_port, moa_vllm, stop, tree_rss_bytes, wait_kv_idle, wait_ready
 
 pytestmark = pytest.mark.server
 

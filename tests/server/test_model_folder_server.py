@@ -22,9 +22,9 @@ from moa_vllm.plan import load_plan
 from moa_vllm.plan.io import plan_digest
 from moa_vllm.plan.ring import layer_blocks
 from moa_vllm.plan.span import served_length
+from moa_vllm.server_process import SERVER_ENV, free_port, stop, wait_ready
 from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 from tests.conftest import PLANS
-from tests.server_process import SERVER_ENV, free_port, stop, wait_ready
 
 pytestmark = pytest.mark.server
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from moa_vllm.server_process import SERVER_ENV, free_port, kv_usage, moa_vllm, stop, wait_ready
 from tests.conftest import PLANS
-from tests.server_process import SERVER_ENV, free_port, kv_usage, moa_vllm, stop, wait_ready
 
 pytestmark = pytest.mark.server
 

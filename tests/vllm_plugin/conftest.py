@@ -6,6 +6,8 @@ import gc
 import os
 from pathlib import Path
 
+import pytest
+
 # Before vLLM is imported: in-process engine core, a small KV budget, both cores for the worker.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -34,3 +36,16 @@ def close_llm(llm) -> None:
 def engine_core(llm):
     """The in-process EngineCore (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     return llm.llm_engine.engine_core.engine_core
+
+
+@pytest.fixture
+def contract(monkeypatch):
+    """Both Triton kernels replaced by their contracts: unified_attention by the torch code above, moa_kernels'
+    ring prefill by its reference (the kernels themselves run in the interpreter tests below and in tests/kernels)."""
+    import vllm.v1.attention.ops.triton_unified_attention as module
+
+    from moa_kernels import ring_prefill_reference
+    from tests.vllm_plugin.triton_contract import unified_attention_contract
+
+    monkeypatch.setattr(module, "unified_attention", unified_attention_contract)
+    monkeypatch.setattr("moa_vllm.vllm_plugin.moa.kernels_cuda.ring_prefill", ring_prefill_reference)

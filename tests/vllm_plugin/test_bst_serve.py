@@ -60,7 +60,7 @@ def test_served_checkpoint_answers_token_id_prompts_like_the_reference(tmp_path:
 
     import torch
 
-    from tests.server_process import serving
+    from moa_vllm.server_process import serving
 
     torch.manual_seed(0)
     config = BSTConfig(vocab_size=40, hidden_size=64, num_attention_heads=2, sliding_window=16, initializer_range=0.2)
@@ -91,7 +91,7 @@ def test_served_language_model_completes_text_like_the_reference(tmp_path: Path)
     from openai import OpenAI
 
     from moa_vllm.bst.tokenizer import load_tokenizer
-    from tests.server_process import serving
+    from moa_vllm.server_process import serving
 
     tok = load_tokenizer(LM_CHECKPOINT)
     model = BSTForCausalLM.from_pretrained(LM_CHECKPOINT, dtype=torch.float32)

@@ -17,7 +17,6 @@ from moa_vllm.ops.page_format import cells
 from moa_vllm.vllm_plugin.moa.backend import MoAMetadataBuilder, ring_forward
 from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels
 from tests.vllm_plugin.ring_sim import make_sim, rules
-from tests.vllm_plugin.test_kernels_cuda import contract  # noqa: F401  (fixture)
 
 SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moa_vllm.plan import PlanError
-from moa_vllm.vllm_plugin import patches, register
+from moa_vllm.vllm_plugin import hooks, patches, register
 from moa_vllm.vllm_plugin.moa.engine_context import EngineContext, engine_context
 from moa_vllm.vllm_plugin.moa.ring_state import RingState
 from tests.conftest import PLANS
@@ -41,10 +41,10 @@ def test_each_config_gets_its_own_context_and_a_pickled_one_starts_empty():
 def test_v2_hook_publishes_and_an_unpublished_step_is_refused():
     """The V2 runner cannot run on CPU (it needs Triton's CPU backend); its patched prepare_attn is called with a
     stand-in runner whose pcp_manager answers the original's first branch, so the wrapper itself runs as installed."""
-    runner_v2 = patches._v2_runner()
+    runner_v2 = hooks.v2_runner()
     if runner_v2 is None:
         pytest.skip("model runner V2 is not importable on this install")
-    assert getattr(runner_v2.__dict__["prepare_attn"], patches._MARK)
+    assert getattr(runner_v2.__dict__["prepare_attn"], hooks.MARK)
     runner = SimpleNamespace(
         vllm_config=_moa_config(),
         max_model_len=1000,
@@ -70,22 +70,22 @@ def test_v2_hook_publishes_and_an_unpublished_step_is_refused():
 
 def test_a_missing_v2_hook_is_refused_at_startup(monkeypatch):
     config = SimpleNamespace(use_v2_model_runner=True)
-    monkeypatch.setattr(patches, "_v2_runner", lambda: None)
+    monkeypatch.setattr(hooks, "v2_runner", lambda: None)
     with pytest.raises(PlanError, match="model runner V2 is selected but .* cannot be imported"):
-        patches.check_runner_hooks(config)
+        hooks.check_runner_hooks(config)
 
     class Unpatched:
         def prepare_attn(self, batch): ...
 
         def prepare_dummy_attn(self, batch): ...
 
-    monkeypatch.setattr(patches, "_v2_runner", lambda: Unpatched)
+    monkeypatch.setattr(hooks, "v2_runner", lambda: Unpatched)
     with pytest.raises(PlanError, match="prepare_attn/prepare_dummy_attn is not installed"):
-        patches.check_runner_hooks(config)
+        hooks.check_runner_hooks(config)
 
 
 def test_the_v1_hooks_are_installed():
-    patches.check_runner_hooks(SimpleNamespace(use_v2_model_runner=False))
+    hooks.check_runner_hooks(SimpleNamespace(use_v2_model_runner=False))
 
 
 @pytest.mark.engine
@@ -121,7 +121,7 @@ def test_v2_capture_batches_are_published_as_dummy_rows():
     """V2 builds capture batches (FULL and PIECEWISE) in cudagraph_utils.prepare_inputs_to_capture, past its
     prepare_attn hooks: the patched function publishes the capture's rows as dummy rows before vLLM's own code runs
     (which then fails here on the stand-in inputs, after the publication)."""
-    if patches._v2_runner() is None:
+    if hooks.v2_runner() is None:
         pytest.skip("model runner V2 is not importable on this install")
     from vllm.v1.worker.gpu import cudagraph_utils
 

@@ -20,56 +20,6 @@ from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels
 from tests.vllm_plugin.ring_sim import drive, make_sim, rules
 
 
-def unified_attention_contract(
-    q,
-    k,
-    v,
-    out,
-    cu_seqlens_q,
-    max_seqlen_q,
-    seqused_k,
-    max_seqlen_k,
-    softmax_scale,
-    causal,
-    window_size,
-    block_table,
-    softcap,
-    q_descale,
-    k_descale,
-    v_descale,
-    **split_kv,  # the split-KV scratch: a performance choice, same result
-):
-    """vLLM's paged varlen attention: sequence i's queries are its last tokens; k/v [pages, page, kv_heads, D]."""
-    assert causal and tuple(window_size) == (-1, -1) and softcap == 0
-    page = k.shape[1]
-    g = q.shape[1] // k.shape[2]
-    for i in range(block_table.shape[0]):
-        qs, qe = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
-        n_k = int(seqused_k[i])
-        pages = block_table[i, : -(-n_k // page)].long()
-        keys = k[pages].reshape(-1, k.shape[2], k.shape[3])[:n_k].float()
-        vals = v[pages].reshape(-1, v.shape[2], v.shape[3])[:n_k].float()
-        n_q = qe - qs
-        q_pos = torch.arange(n_k - n_q, n_k)[:, None]
-        visible = torch.arange(n_k)[None, :] <= q_pos
-        keys, vals = keys.repeat_interleave(g, 1), vals.repeat_interleave(g, 1)
-        scores = torch.einsum("thd,khd->htk", q[qs:qe].float(), keys) * softmax_scale
-        probs = torch.softmax(scores.masked_fill(~visible[None], float("-inf")), dim=-1)
-        out[qs:qe] = torch.einsum("htk,khd->thd", probs, vals).to(out.dtype)
-
-
-@pytest.fixture
-def contract(monkeypatch):
-    """Both Triton kernels replaced by their contracts: unified_attention by the torch code above, moa_kernels'
-    ring prefill by its reference (the kernels themselves run in the interpreter tests below and in tests/kernels)."""
-    import vllm.v1.attention.ops.triton_unified_attention as module
-
-    from moa_kernels import ring_prefill_reference
-
-    monkeypatch.setattr(module, "unified_attention", unified_attention_contract)
-    monkeypatch.setattr("moa_vllm.vllm_plugin.moa.kernels_cuda.ring_prefill", ring_prefill_reference)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_ring_path_arguments_match_the_reference(contract, dtype):
     alphas, betas = rules(2, 3, seed=11)

@@ -29,8 +29,17 @@ def _manager(num_blocks: int = 400):
         KVCacheGroupSpec(
             [f"model.layers.{i}.self_attn.attn"],
             MoARingSpec(
-                block_size=BLOCK, num_kv_heads=HEADS, head_size=8, dtype=torch.float32, layer_index=i,
-                sink_tokens=SINKS, min_span=MIN_SPAN, alphas=a, betas=b, span_grid=GRID, prefix_blocks=True,
+                block_size=BLOCK,
+                num_kv_heads=HEADS,
+                head_size=8,
+                dtype=torch.float32,
+                layer_index=i,
+                sink_tokens=SINKS,
+                min_span=MIN_SPAN,
+                alphas=a,
+                betas=b,
+                span_grid=GRID,
+                prefix_blocks=True,
             ),  # fmt: skip
         )
         for i, (a, b) in enumerate(RULES)

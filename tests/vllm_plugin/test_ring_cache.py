@@ -12,9 +12,9 @@ from moa_vllm.data import natural_prompt
 from moa_vllm.plan import Plan, PlanMetadata, Rule, fingerprint_from_hf_config, load_hf_config, save_plan
 from moa_vllm.plan.ring import layer_blocks
 from moa_vllm.plan.span import served_length
-from moa_vllm.vllm_plugin.moa.kv_spec import MoARingManager
 from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 from tests.vllm_plugin.conftest import close_llm, engine_core, make_llm
+from tests.vllm_plugin.engine_drive import block_pool, drive, held_ring_blocks, ring_managers
 from tests.vllm_plugin.hf_reference import ReferenceLM
 from tests.vllm_plugin.matching import assert_greedy_close
 
@@ -39,46 +39,8 @@ def narrow_plan(fp) -> Plan:
     return Plan(model=fp, sink_tokens=SINKS, min_span=16, rules=rules, metadata=meta)
 
 
-def _ring_managers(llm) -> list[MoARingManager]:
-    managers = engine_core(llm).scheduler.kv_cache_manager.coordinator.single_type_managers
-    return [m for m in managers if isinstance(m, MoARingManager)]
-
-
-def _pool(llm):
-    return engine_core(llm).scheduler.kv_cache_manager.block_pool
-
-
-def _held(llm, req_id: str) -> list[int]:
-    """Ring blocks per layer (prefix caching adds transient prefix columns after them: test_prefix_cache.py)."""
-    return [len(m.req_to_blocks[req_id][: m.ring_blocks(req_id)]) if m.req_to_blocks.get(req_id) else 0
-            for m in _ring_managers(llm)]  # fmt: skip
-
-
-def _params(max_tokens: int):
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=5, ignore_eos=True)
-
-
 def _top5(output) -> list[list[int]]:
     return [sorted(lp, key=lambda t: -lp[t].logprob)[:5] for lp in output.logprobs]
-
-
-def _drive(llm, prompts, tag: str, on_step=None) -> tuple[list[str], list[object]]:
-    """Add all requests, step the engine to the end; returns vLLM's internal ids and the final CompletionOutputs."""
-    engine = llm.llm_engine
-    names = [f"{tag}{i}" for i in range(len(prompts))]
-    ids = [engine.add_request(name, {"prompt_token_ids": p}, _params(m)) for name, (p, m) in zip(names, prompts)]
-    done: dict[str, object] = {}
-    step = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():  # outputs carry the caller's ids, the scheduler vLLM's internal ones
-            if out.finished:
-                done[out.request_id] = out.outputs[0]
-        if on_step is not None:
-            on_step(step, ids)
-        step += 1
-    return ids, [done[name] for name in names]
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +57,16 @@ def prompts(tokenizer):
 def runs(model_dir, plan, prompts, tmp_path_factory):
     path = save_plan(plan, tmp_path_factory.mktemp("plans") / "narrow.json")
     llm = make_llm(model_dir, path, max_model_len=MAX_MODEL_LEN, block_size=BLOCK)
-    res: dict[str, object] = {"free_at_start": _pool(llm).get_num_free_blocks()}
+    res: dict[str, object] = {"free_at_start": block_pool(llm).get_num_free_blocks()}
     traces: dict[str, list[list[int]]] = {}
 
     def record(step, ids):
         for rid in ids:
-            traces.setdefault(rid, []).append(_held(llm, rid))
+            traces.setdefault(rid, []).append(held_ring_blocks(llm, rid))
 
-    res["plain"] = _drive(llm, prompts, "plain", record)
+    res["plain"] = drive(llm, prompts, "plain", record)
     res["traces"] = traces
-    res["free_after_plain"] = _pool(llm).get_num_free_blocks()
+    res["free_after_plain"] = block_pool(llm).get_num_free_blocks()
 
     preempted: dict[str, object] = {}
 
@@ -112,20 +74,20 @@ def runs(model_dir, plan, prompts, tmp_path_factory):
         sched = engine_core(llm).scheduler
         victim = next((r for r in sched.running if r.request_id == ids[0]), None)
         if step == 30 and victim is not None and victim.num_output_tokens > 10:
-            held_before = sum(_held(llm, victim.request_id))
-            free_before = _pool(llm).get_num_free_blocks()
+            held_before = sum(held_ring_blocks(llm, victim.request_id))
+            free_before = block_pool(llm).get_num_free_blocks()
             sched.running.remove(victim)
             sched._preempt_request(victim, time.monotonic())  # what the scheduler itself does under pressure
             preempted.update(
                 held=held_before,
-                freed=_pool(llm).get_num_free_blocks() - free_before,
+                freed=block_pool(llm).get_num_free_blocks() - free_before,
                 tokens_before=victim.num_output_tokens,
             )
 
-    res["preempted_run"] = _drive(llm, prompts, "again", preempt_once)
+    res["preempted_run"] = drive(llm, prompts, "again", preempt_once)
     res["preempted"] = preempted
-    res["free_after_preempted"] = _pool(llm).get_num_free_blocks()
-    res["page_bytes"] = _ring_managers(llm)[0].kv_cache_spec.page_size_bytes
+    res["free_after_preempted"] = block_pool(llm).get_num_free_blocks()
+    res["page_bytes"] = ring_managers(llm)[0].kv_cache_spec.page_size_bytes
     close_llm(llm)
     return res
 

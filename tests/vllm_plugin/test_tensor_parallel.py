@@ -15,7 +15,7 @@ from moa_vllm.plan.span import served_length
 from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 from tests.conftest import PLANS
 from tests.vllm_plugin.conftest import close_llm, make_llm
-from tests.vllm_plugin.test_ring_cache import _drive, _held, _ring_managers
+from tests.vllm_plugin.engine_drive import drive, held_ring_blocks, ring_managers
 
 pytestmark = pytest.mark.engine
 
@@ -37,13 +37,13 @@ def _run(model_dir, prompts, tp: int):
     os.environ.update(env)
     try:
         llm = make_llm(model_dir, PLAN, max_model_len=MAX_MODEL_LEN, block_size=BLOCK, tensor_parallel_size=tp)
-        specs = [m.kv_cache_spec for m in _ring_managers(llm)]
+        specs = [m.kv_cache_spec for m in ring_managers(llm)]
 
         def record(step, ids):
             for rid in ids:
-                held.setdefault(rid, _held(llm, rid))
+                held.setdefault(rid, held_ring_blocks(llm, rid))
 
-        ids, outs = _drive(llm, prompts, f"tp{tp}-", record)
+        ids, outs = drive(llm, prompts, f"tp{tp}-", record)
         close_llm(llm)
     finally:
         for k, v in saved.items():

@@ -30,11 +30,11 @@ from moa_vllm.ops.page_format import cells
 from moa_vllm.ops.prefix_blocks import prefix_write_slots, restore_ring
 from moa_vllm.ops.ring_layout import slot_positions
 from moa_vllm.ops.ring_prefill import prefill_attention, survivors
+from moa_vllm.vllm_plugin.hooks import check_runner_hooks
 from moa_vllm.vllm_plugin.moa.engine_context import EngineContext, engine_context
 from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec, rank_heads
-from moa_vllm.vllm_plugin.moa.ring_kernels import ring_kernels
+from moa_vllm.vllm_plugin.moa.ring_kernels import RingKernels
 from moa_vllm.vllm_plugin.moa.ring_state import RingState, RingStep
-from moa_vllm.vllm_plugin.patches import check_runner_hooks
 from moa_vllm.vllm_plugin.settings import plan_from_vllm_config
 
 logger = init_logger("vllm.moa_vllm")
@@ -46,6 +46,23 @@ def layer_index(layer_name: str) -> int:
     if match is None:
         raise ValueError(f"moa-vllm: cannot find the layer index in attention layer name {layer_name!r}")
     return int(match.group(1))
+
+
+def ring_kernels(
+    device: torch.device, dtype: torch.dtype, page: int, head_dim: int, group: int, max_rows: int
+) -> RingKernels:
+    """The one switch: CUDA -> Triton decode + Triton ring prefill; anything else -> CPU_ATTN + torch prefill.
+    Buffers a captured CUDA graph reads are allocated here, outside any capture. Each device's kernels are
+    imported only where they serve."""
+    if device.type == "cuda":
+        from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels  # imports Triton: CUDA only
+
+        kernels = CudaRingKernels(dtype, page, head_dim, max_rows)
+        kernels.allocate(device, group)
+        return kernels
+    from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels  # CPU_ATTN's ops
+
+    return CpuRingKernels(dtype, page, head_dim, max_rows)
 
 
 class MoABackend(AttentionBackend):

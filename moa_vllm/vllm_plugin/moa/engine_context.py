@@ -12,34 +12,17 @@ request a row is (a guess would attend over another request's keys or over nothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moa_vllm.plan.span import request_length, span_length
+from moa_vllm.vllm_plugin.moa.published_batch import PublishedBatch
 
 if TYPE_CHECKING:
     from moa_vllm.vllm_plugin.moa.ring_state import RingState
 
 _ATTR = "_moa_engine_context"
-
-
-@dataclass(frozen=True)
-class PublishedBatch:
-    """What the runner knows and the builders do not: which request each row is (None: a padding or dummy row of
-    no request), and its N. `dummy` marks warm-up, profiling and CUDA-graph capture batches."""
-
-    serial: int
-    req_ids: tuple[str | None, ...]
-    lengths: np.ndarray  # [rows] N per row (rounded up to the span grid)
-    dummy: bool = False
-    prompts: np.ndarray | None = None  # [rows] prompt tokens (which positions have prefix blocks)
-    fresh: tuple[bool, ...] = ()  # rows whose block list the runner (re)assigned since their last publication
-
-    @property
-    def rows(self) -> int:
-        return len(self.req_ids)
 
 
 class EngineContext:

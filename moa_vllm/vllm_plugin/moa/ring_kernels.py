@@ -1,4 +1,5 @@
-"""What ring_forward needs from a device's paged attention kernels, and which kernels serve which device.
+"""What ring_forward needs from a device's paged attention kernels (kernels_cpu.py, kernels_cuda.py implement it;
+backend.ring_kernels picks one per device).
 
 Each (request, KV head) ring is a one-KV-head "virtual sequence" (page table of one-head page ids, seq_len =
 min(written, span)); `attend` is causal attention of each virtual sequence's last queries over its ring,
@@ -53,19 +54,3 @@ class RingKernels:
         if rows > self.max_rows:
             raise RuntimeError(f"moa-vllm: {rows} decode virtual sequences, more than max_num_seqs x KV heads")
         return self._qsl[: rows + 1]
-
-
-def ring_kernels(
-    device: torch.device, dtype: torch.dtype, page: int, head_dim: int, group: int, max_rows: int
-) -> RingKernels:
-    """The one switch: CUDA -> Triton decode + Triton ring prefill; anything else -> CPU_ATTN + torch prefill.
-    Buffers a captured CUDA graph reads are allocated here, outside any capture."""
-    if device.type == "cuda":
-        from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels
-
-        kernels = CudaRingKernels(dtype, page, head_dim, max_rows)
-        kernels.allocate(device, group)
-        return kernels
-    from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels
-
-    return CpuRingKernels(dtype, page, head_dim, max_rows)

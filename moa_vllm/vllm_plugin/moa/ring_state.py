@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moa_vllm.ops.ring_layout import blocks_needed, decode_slots, page_tables, ring_pages, ring_spans, visible_lengths
-from moa_vllm.vllm_plugin.moa.engine_context import PublishedBatch
+from moa_vllm.vllm_plugin.moa.published_batch import PublishedBatch
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""`moa-vllm serve` as a subprocess for tests: a free loopback port, start, wait for /health, stop; vLLM's KV usage
-gauge and the server's resident memory (the benchmarks' serving harness uses these too)."""
+"""`moa-vllm serve` as a subprocess on a free loopback port: start, wait for /health, stop; vLLM's KV usage gauge
+and the server's resident memory. Shared by the server tests and the benchmarks' serving harnesses; SERVER_ENV is
+the small CPU KV budget both run with. Linux only (process trees from /proc)."""
 
 from __future__ import annotations
 
