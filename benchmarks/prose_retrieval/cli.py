@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
     p.add_argument("--depths", nargs="+", type=float, default=list(DEFAULT_DEPTHS))
     p.add_argument("--seeds", type=int, default=1, help="prompts per cell")
-    p.add_argument("--answer-tokens", type=int, default=24)
+    p.add_argument("--answer-tokens", type=int, default=48, help="the model often restates the question first")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--summary-only", action="store_true", help="rebuild summary + figures from the results in --out")
     return p.parse_args(argv)
