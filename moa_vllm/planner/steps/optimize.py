@@ -38,7 +38,12 @@ class ParetoSet:
 
     @property
     def name(self) -> str:
-        return f"optimize-{density_tag(self.density)}{weight_suffix(self.retrieval_weight)}"
+        return set_name(self.density, self.retrieval_weight)
+
+
+def set_name(density: float, retrieval_weight: float) -> str:
+    """The optimize artefact's name (and its timings entry) for one density and retrieval weight."""
+    return f"optimize-{density_tag(density)}{weight_suffix(retrieval_weight)}"
 
 
 def candidate_weights(config: PlannerConfig) -> tuple[float, ...]:
@@ -119,7 +124,7 @@ def optimize(
     num_layers: int,
 ) -> ParetoSet:
     problem = planning_problem(profiles, retrieval, density, retrieval_weight, config, num_layers)
-    name = f"optimize-{density_tag(density)}{weight_suffix(retrieval_weight)}"
+    name = set_name(density, retrieval_weight)
     path, key = (
         work.path(f"{name}.json"),
         optimize_key(profiles, retrieval, density, retrieval_weight, config, num_layers),
