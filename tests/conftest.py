@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PLANS = REPO / "plans" / "SmolLM2-135M-Instruct"
@@ -20,6 +21,17 @@ SMALL_LLAMA = {
     "num_key_value_heads": 2,
     "hidden_size": 64,
 }
+
+
+# vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op once it binds its threads, so an
+# in-process engine would silently pin every later test module's thread count; each module gets the real one back.
+_SET_NUM_THREADS = torch.set_num_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _real_set_num_threads():
+    yield
+    torch.set_num_threads = _SET_NUM_THREADS
 
 
 @pytest.fixture(scope="session")
