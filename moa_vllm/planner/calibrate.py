@@ -5,7 +5,9 @@ project's story sentences) with a retrieval or recall target placed early, far f
 supervision is the dense model's own greedy answer: the profiled loss then measures how far a sparse head moves the
 model from what it would have said, not from a human answer. A sample whose dense answer misses the hidden target is
 redrawn (a few attempts, then its slot is dropped): a wrong answer teaches the planner nothing about retrieval.
-Task kinds go round-robin over a level's sample indices, so every level profiles every kind.
+Task kinds go round-robin over a level's sample indices, so every level profiles every kind: the passkey-style
+tasks below and the natural-text facts of prose_needles.py. Every sample records where its facts sit in the prompt
+(`fact_spans`), which the retrieval step reads.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moa_vllm.data.synthetic_text import SENTENCES
+from moa_vllm.planner.prose_needles import fact_depths, make_prose_needle, nearest, paragraph_starts
+from moa_vllm.planner.tasks import PROSE_TASKS, TASKS
 
-TASKS = ("passkey", "facts", "recall")
 CONTEXT_MARKER = "\x00MOA_CONTEXT\x00"
 NEEDLE_DEPTH = (0.05, 0.6)  # fraction of the context before the target: far from the question at the end
 
@@ -42,6 +45,7 @@ class Sample:
     expected: tuple[str, ...] = ()  # strings a correct answer contains
     index: int = 0  # slot within its level
     attempt: int = 0  # redraws before this sample's dense answer was correct
+    fact_spans: tuple[tuple[int, int], ...] = ()  # [start, end) of each hidden fact in prompt_ids
 
     @property
     def length(self) -> int:
@@ -52,7 +56,8 @@ class Sample:
 
     @classmethod
     def from_json(cls, data: dict) -> Sample:
-        return cls(**{**data, "expected": tuple(data.get("expected", ()))})
+        spans = tuple((int(a), int(b)) for a, b in data.get("fact_spans", ()))
+        return cls(**{**data, "expected": tuple(data.get("expected", ())), "fact_spans": spans})
 
 
 def docs_corpus() -> str:
@@ -120,26 +125,48 @@ def prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
     return encode(before), encode(after)
 
 
-def build_prompt(
-    tokenizer, level: int, max_new_tokens: int, rng: random.Random, corpus: str, task: str | None = None
-) -> dict:
-    """Prompt ids of at most level - max_new_tokens tokens with the target at a random early depth."""
-    task = task or TASKS[rng.randrange(len(TASKS))]
-    target, question, expected = make_target(task, rng)
-    before, after = prompt_parts(tokenizer, question)
-    needle = tokenizer.encode(target, add_special_tokens=False)
-    budget = level - max_new_tokens - len(before) - len(after) - len(needle)
+def context_budget(level: int, max_new_tokens: int, fixed: int) -> int:
+    budget = level - max_new_tokens - fixed
     if budget < 16:
         raise ValueError(f"length level {level} leaves no room for context ({budget} tokens); use a longer level")
+    return budget
+
+
+def filler_ids(tokenizer, rng: random.Random, corpus: str, budget: int, prose_only: bool = False) -> tuple[list, str]:
+    """`budget` tokens of natural text (Python's docs, or the story sentences) and the name of its source."""
     filler: list[int] = []
     source = "story"
     while len(filler) < budget:  # ~4 characters per token; loop in case the text is denser
-        text, source = filler_text(rng, corpus, 5 * (budget - len(filler)) + 64)
+        chars = 5 * (budget - len(filler)) + 64
+        text, source = (
+            filler_text(rng, corpus, chars) if not prose_only or not corpus else _docs_text(rng, corpus, chars)
+        )
         filler += tokenizer.encode(text, add_special_tokens=False)
-    filler = filler[:budget]
+    return filler[:budget], source
+
+
+def _docs_text(rng: random.Random, corpus: str, chars: int) -> tuple[str, str]:
+    start = rng.randrange(0, max(len(corpus) - chars, 1))
+    start = corpus.find("\n", start) + 1 or start
+    return corpus[start : start + chars], "python-docs"
+
+
+def build_prompt(
+    tokenizer, level: int, max_new_tokens: int, rng: random.Random, corpus: str, task: str | None = None
+) -> dict:
+    """Prompt ids of at most level - max_new_tokens tokens with the task's fact(s) in the context."""
+    task = task or TASKS[rng.randrange(len(TASKS))]
+    if task in PROSE_TASKS:
+        return _prose_prompt(tokenizer, level, max_new_tokens, rng, corpus, task)
+    target, question, expected = make_target(task, rng)
+    before, after = prompt_parts(tokenizer, question)
+    needle = tokenizer.encode(target, add_special_tokens=False)
+    budget = context_budget(level, max_new_tokens, len(before) + len(after) + len(needle))
+    filler, source = filler_ids(tokenizer, rng, corpus, budget)
     depth = rng.uniform(*NEEDLE_DEPTH)
     at = int(depth * budget)
     context = filler[:at] + needle + filler[at:]
+    start = len(before) + at
     return {
         "level": level,
         "task": task,
@@ -149,6 +176,41 @@ def build_prompt(
         "target": target,
         "question": question,
         "expected": expected,
+        "fact_spans": ((start, start + len(needle)),),
+    }
+
+
+def _prose_prompt(tokenizer, level: int, max_new_tokens: int, rng: random.Random, corpus: str, task: str) -> dict:
+    """A natural-text task: each fact its own paragraph, at the paragraph start nearest its depth."""
+    needle = make_prose_needle(task, rng)
+    before, after = prompt_parts(tokenizer, needle.question)
+    facts = [tokenizer.encode(f"{fact}\n\n", add_special_tokens=False) for fact in needle.facts]
+    budget = context_budget(level, max_new_tokens, len(before) + len(after) + sum(map(len, facts)))
+    filler, source = filler_ids(tokenizer, rng, corpus, budget, prose_only=True)
+    starts = paragraph_starts(filler, tokenizer.decode)
+    depths = fact_depths(len(facts), rng)
+    cuts = sorted(nearest(starts, int(d * budget)) for d in depths)
+    if len(set(cuts)) < len(cuts):  # both facts at one boundary: the second goes where its own depth says
+        cuts = sorted({cuts[0], int(depths[-1] * budget)})
+    context: list[int] = []
+    spans: list[tuple[int, int]] = []
+    last = 0
+    for cut, fact in zip(cuts, facts):
+        context += filler[last:cut]
+        spans.append((len(before) + len(context), len(before) + len(context) + len(fact)))
+        context += fact
+        last = cut
+    context += filler[last:]
+    return {
+        "level": level,
+        "task": task,
+        "source": source,
+        "depth": cuts[0] / budget,
+        "prompt_ids": before + context + after,
+        "target": needle.target,
+        "question": needle.question,
+        "expected": needle.expected,
+        "fact_spans": tuple(spans),
     }
 
 
@@ -183,9 +245,9 @@ def sample_rng(seed: int, level: int, index: int, attempt: int = 0) -> random.Ra
     return random.Random(f"{seed}:{level}:{index}" + (f":{attempt}" if attempt else ""))
 
 
-def slot_task(index: int) -> str:
+def slot_task(index: int, tasks: tuple[str, ...] = TASKS) -> str:
     """Round-robin task kind of a level's sample slot."""
-    return TASKS[index % len(TASKS)]
+    return tasks[index % len(tasks)]
 
 
 def make_sample(
@@ -229,11 +291,12 @@ def fill_slot(
     eos: set[int],
     attempts: int,
     check_answers: bool,
+    tasks: tuple[str, ...] = TASKS,
 ) -> SlotResult:
     """Draw samples of the slot's task until the dense model answers one correctly (or attempts run out)."""
     for attempt in range(attempts):
         sample = make_sample(
-            model, tokenizer, level, index, seed, max_new_tokens, corpus, eos, attempt, slot_task(index)
+            model, tokenizer, level, index, seed, max_new_tokens, corpus, eos, attempt, slot_task(index, tasks)
         )
         text = tokenizer.decode(sample.answer_ids, skip_special_tokens=True)
         if not check_answers or answer_is_correct(text, sample.expected):
@@ -250,8 +313,12 @@ def calibrate_slots(
     on_result: Callable[[SlotResult], None],
     attempts: int = 3,
     check_answers: bool = True,
+    tasks: tuple[str, ...] = TASKS,
 ) -> None:
     """Fill every (level, index) slot in order, reporting each result (the caller keeps and checkpoints them)."""
     corpus, eos = docs_corpus(), eos_token_ids(model, tokenizer)
     for level, index in slots:
-        on_result(fill_slot(model, tokenizer, level, index, seed, max_new_tokens, corpus, eos, attempts, check_answers))
+        result = fill_slot(
+            model, tokenizer, level, index, seed, max_new_tokens, corpus, eos, attempts, check_answers, tasks
+        )
+        on_result(result)

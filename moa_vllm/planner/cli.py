@@ -36,6 +36,10 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.replace(",", " ").split())
 
 
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.replace(",", " ").split())
+
+
 def _level_counts(text: str) -> dict[int, int]:
     pairs = (item.split("=") for item in text.replace(",", " ").split())
     return {int(level): int(count) for level, count in pairs}
@@ -48,6 +52,7 @@ _PARSERS: dict[Any, Any] = {
     Path: Path,
     tuple[int, ...]: _ints,
     tuple[float, ...]: _floats,
+    tuple[str, ...]: _words,
     dict[int, int]: _level_counts,
 }
 

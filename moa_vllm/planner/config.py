@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_vllm.planner.rules import DEFAULT_NUM_BETAS, RuleGrid
+from moa_vllm.planner.tasks import TASKS
 
 # The chain's steps (moa_vllm/planner/chain.py) and CLI subcommands; "run" = validate + export.
 STEPS = ("calibrate", "profile", "optimize", "validate", "run", "diagnose")
@@ -46,6 +47,12 @@ class PlannerConfig:
     answer_attempts: int = option(
         3, "redraws of a sample whose dense answer misses its target; then the slot is dropped"
     )
+    tasks: tuple[str, ...] = option(
+        TASKS,
+        "calibration task kinds, round-robin over each length's samples in this order: prose-number prose-name "
+        "prose-setting two-hop (facts in natural text, asked for by label) and passkey facts recall (a target in "
+        "filler)",
+    )
     check_answers: bool = option(True, "keep samples whose dense answer is wrong", flag="--keep-wrong-answers")
     context_weight: float = option(1.0, "loss = mean answer CE + this x mean context CE")
     seed: int = option(0, "seed of the calibration samples, the held-out texts and the solver")
@@ -74,7 +81,7 @@ class PlannerConfig:
         "Pareto set per w, e.g. '0.25 1' ('' for none; the influence-only set is always a candidate)",
     )
     hybrid_heads: tuple[int, ...] = option(
-        (2, 4, 8, 12),
+        (4, 8, 12, 16, 24),
         "hybrid candidates: the K heads of most retrieval mass at full span, the rest at one window, for each K "
         "('' for none)",
     )
@@ -102,6 +109,8 @@ class PlannerConfig:
             )
         if any(k < 1 for k in self.hybrid_heads) or len(set(self.hybrid_heads)) != len(self.hybrid_heads):
             raise ValueError(f"hybrid head counts must be distinct and >= 1, got {self.hybrid_heads}")
+        if not self.tasks or set(self.tasks) - set(TASKS):
+            raise ValueError(f"calibration tasks must be among {', '.join(TASKS)}, got {self.tasks}")
         if self.fidelity_texts < 0 or self.fidelity_length < 2:
             got = f"{self.fidelity_texts}, {self.fidelity_length}"
             raise ValueError(f"need fidelity_texts >= 0 and fidelity_length >= 2, got {got}")

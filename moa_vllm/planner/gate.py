@@ -1,9 +1,10 @@
 """The ship gate and the choice among candidate plans.
 
 A MoA plan ships only when it beats the uniform plan of its density on every held-out measure the planner has:
-the true task loss and, when measured, fidelity on held-out natural text (lower KL to dense and higher top-1
-agreement). Equal counts as a loss: a plan no better than uniform is not worth a MoA label. Among the candidates
-that pass, the lowest task loss wins.
+the true task loss, its share on the held-out natural-text retrieval samples (the answer loss there: the facts a
+user hides in prose, which passkey-style losses alone let plans lose) and, when measured, fidelity on held-out
+natural text (lower KL to dense and higher top-1 agreement). Equal counts as a loss: a plan no better than uniform
+is not worth a MoA label. Among the candidates that pass, the lowest task loss wins.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Scores:
     loss: float  # held-out true task loss
     kl: float | None = None  # held-out fidelity: KL(dense || plan), None when not measured
     top1: float | None = None  # held-out fidelity: top-1 agreement with dense
+    retrieval: float | None = None  # answer loss on the held-out natural-text retrieval samples; None without any
 
     def shortfalls(self, uniform: Scores) -> list[str]:
         """Where this plan does not beat `uniform`, with by how much; empty when it beats it everywhere."""
@@ -28,6 +30,9 @@ class Scores:
         if self.loss >= uniform.loss:
             rel = 100 * (self.loss / uniform.loss - 1)
             out.append(f"true loss {self.loss:.5f} vs {uniform.loss:.5f} ({rel:+.2f}%)")
+        if self.retrieval is not None and uniform.retrieval is not None and self.retrieval >= uniform.retrieval:
+            rel = 100 * (self.retrieval / max(uniform.retrieval, 1e-12) - 1)
+            out.append(f"natural-text retrieval loss {self.retrieval:.5f} vs {uniform.retrieval:.5f} ({rel:+.2f}%)")
         if self.kl is not None and uniform.kl is not None and self.kl >= uniform.kl:
             out.append(f"KL {self.kl:.5f} vs {uniform.kl:.5f} (+{self.kl - uniform.kl:.5f})")
         if self.top1 is not None and uniform.top1 is not None and self.top1 <= uniform.top1:

@@ -1,5 +1,5 @@
 """Retrieval mass: how much each KV head's attention, while the dense model writes its answer's target tokens,
-rests on the tokens of that target in the context (the pass key, the box number).
+rests on the hidden facts in the context (the pass key, the box number, the sentences of a natural-text fact).
 
 Why the planner needs it beside the influence profile: a few heads copy the target from far back, and the model
 has several such heads, so removing any ONE of them barely moves the loss (the first-order influence of each is
@@ -38,7 +38,9 @@ def _find(ids: list[int], pattern: list[int], start: int = 0, stop: int | None =
 
 
 def target_positions(sample: Sample, tokenizer) -> TargetPositions | None:
-    """Where the answer names its target and where that target sits in the context; None when the answer's
+    """Where the answer names its target and where the facts sit in the context: every occurrence of the target
+    and every token of the sample's hidden facts (a two-hop answer reads a fact that does not contain it, and a head
+    that reads a fact's label carries the answer as much as one that copies its value). None when the answer's
     tokens of the target cannot be matched in the prompt (then the sample carries no retrieval signal)."""
     ids = sample.prompt_ids + sample.answer_ids
     prompt = len(sample.prompt_ids)
@@ -51,9 +53,10 @@ def target_positions(sample: Sample, tokenizer) -> TargetPositions | None:
             in_prompt = _find(ids, pattern, stop=prompt)
             if in_answer and in_prompt:
                 first = in_answer[0]
+                facts = {k for a, b in sample.fact_spans for k in range(a, b)}
                 return TargetPositions(
                     queries=[first - 1 + j for j in range(len(pattern))],
-                    keys=sorted({at + j for at in in_prompt for j in range(len(pattern))}),
+                    keys=sorted({at + j for at in in_prompt for j in range(len(pattern))} | facts),
                 )
     return None
 

@@ -9,7 +9,6 @@ import torch
 from transformers import LlamaForCausalLM
 
 from moa_vllm.planner.calibrate import (
-    TASKS,
     answer_is_correct,
     build_prompt,
     docs_corpus,
@@ -20,6 +19,8 @@ from moa_vllm.planner.calibrate import (
     sample_rng,
     slot_task,
 )
+from moa_vllm.planner.prose_needles import FACT_DEPTH, make_prose_needle
+from moa_vllm.planner.tasks import KEY_TASKS, PROSE_TASKS, TASKS
 from tests.planner.tiny_llama import tiny_config, tiny_tokenizer
 
 
@@ -45,7 +46,8 @@ def _find(haystack: list[int], needle: list[int]) -> int:
 @pytest.mark.parametrize("index", range(6))
 def test_prompt_fits_its_level_and_hides_the_target_far_from_the_question(tokenizer, index: int):
     level, new = 400, 16
-    spec = build_prompt(tokenizer, level, new, sample_rng(3, level, index), docs_corpus())
+    task = KEY_TASKS[index % len(KEY_TASKS)]
+    spec = build_prompt(tokenizer, level, new, sample_rng(3, level, index), docs_corpus(), task)
     assert len(spec["prompt_ids"]) <= level - new
     assert len(spec["prompt_ids"]) >= level - new - 4  # the budget is used, not just respected
     # the target text, tokenised on its own, sits in the context
@@ -54,6 +56,38 @@ def test_prompt_fits_its_level_and_hides_the_target_far_from_the_question(tokeni
     distance = len(spec["prompt_ids"]) - at
     assert distance > 0.3 * len(spec["prompt_ids"])  # depth <= 0.6: far from the question at the end
     assert spec["question"] in tokenizer.decode(spec["prompt_ids"])
+    ((start, end),) = spec["fact_spans"]
+    assert start == at and tokenizer.decode(spec["prompt_ids"][start:end]) == spec["target"]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("task", PROSE_TASKS)
+@pytest.mark.parametrize("index", range(3))
+def test_a_natural_text_fact_is_its_own_paragraph_at_its_depth_and_holds_the_answer(tokenizer, task, index):
+    level, new, corpus = 600, 16, docs_corpus()
+    spec = build_prompt(tokenizer, level, new, sample_rng(5, level, index), corpus, task)
+    ids, spans = spec["prompt_ids"], spec["fact_spans"]
+    assert level - new - 4 <= len(ids) <= level - new and spec["source"] == "python-docs"
+    needle = make_prose_needle(task, sample_rng(5, level, index))  # the prompt's first draw is its needle
+    assert len(spans) == len(needle.facts) == (2 if task == "two-hop" else 1)
+    assert [a for a, _ in spans] == sorted(a for a, _ in spans)  # in depth order, apart
+    for (start, end), fact in zip(spans, needle.facts):
+        assert tokenizer.decode(ids[start:end]) == f"{fact}\n\n"
+        assert "\n" in tokenizer.decode(ids[start - 1 : start])  # set at a paragraph start
+    assert spec["expected"][0] in tokenizer.decode(ids[spans[-1][0] : spans[-1][1]])
+    context = len(ids)
+    assert FACT_DEPTH[0] * 0.5 < spans[0][0] / context < FACT_DEPTH[1] + 0.05
+    assert spec["question"] in tokenizer.decode(ids[spans[-1][1] :])
+
+
+def test_natural_text_needles_ask_for_their_label_and_differ_by_seed():
+    for task in PROSE_TASKS:
+        a, b = make_prose_needle(task, random.Random(1)), make_prose_needle(task, random.Random(2))
+        assert a != b and a.target in a.facts[-1] and a.expected == (a.target,)
+        project = next(w for w in a.question.split() if w[0].isupper() and w in a.facts[0])
+        assert project in a.facts[0]  # the label the question asks by is in the (first) fact
+    with pytest.raises(ValueError, match="unknown natural-text task"):
+        make_prose_needle("riddle", random.Random(0))
 
 
 @pytest.mark.model
@@ -96,7 +130,8 @@ def test_answer_is_the_dense_greedy_continuation_cut_after_the_end_token(model, 
 
 
 def test_tasks_go_round_robin_over_slots():
-    assert [slot_task(i) for i in range(6)] == [*TASKS, *TASKS]
+    assert [slot_task(i) for i in range(2 * len(TASKS))] == [*TASKS, *TASKS]
+    assert [slot_task(i, ("passkey", "two-hop")) for i in range(3)] == ["passkey", "two-hop", "passkey"]
 
 
 @pytest.mark.parametrize(

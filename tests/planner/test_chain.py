@@ -143,15 +143,24 @@ def test_layer_correction_rescales_each_layers_rule_losses(tiny_dir: Path, tmp_p
 def test_validate_measures_fidelity_of_every_candidate_and_chooses_by_the_gate(tiny_dir: Path, tmp_path: Path):
     from moa_vllm.planner.gate import Scores
 
-    run(_config(tiny_dir, tmp_path, retrieval_weights=(1.0,)), "validate", (0.5,))
+    config = _config(tiny_dir, tmp_path, retrieval_weights=(1.0,), tasks=("passkey", "prose-name"))
+    run(config, "validate", (0.5,))
     record = art.read_json(tmp_path / "validate-d0.50.json")
     losses = record["true_loss"]["candidates"]
     assert "hybrid-1" in losses and "r1-pareto-0" in losses and "pareto-0" in losses
     fidelity = record["fidelity"]["plans"]
     assert set(fidelity) == {*losses, "uniform"}
     assert all(0.0 <= f["top1"] <= 1.0 and f["kl"] >= 0.0 for f in fidelity.values())
-    uniform = Scores(record["true_loss"]["uniform"], fidelity["uniform"]["kl"], fidelity["uniform"]["top1"])
-    scores = {n: Scores(loss, fidelity[n]["kl"], fidelity[n]["top1"]) for n, loss in losses.items()}
+    # the held-out prose-name sample (slot 1 of 2) is the natural-text retrieval measure, its answer loss per plan
+    natural = record["natural_text_retrieval"]
+    assert natural["samples"] == 1 and set(natural["answer_loss"]) == {*losses, "uniform", "dense"}
+    truth = art.read_json(tmp_path / "truth-d0.50.json")["plans"]["uniform"]["samples"][1]["answer"]
+    assert natural["answer_loss"]["uniform"] == truth
+    retr = natural["answer_loss"]
+    uniform = Scores(
+        record["true_loss"]["uniform"], fidelity["uniform"]["kl"], fidelity["uniform"]["top1"], retr["uniform"]
+    )
+    scores = {n: Scores(loss, fidelity[n]["kl"], fidelity[n]["top1"], retr[n]) for n, loss in losses.items()}
     passing = [n for n in losses if not scores[n].shortfalls(uniform)]
     expected = min(passing or losses, key=lambda n: (losses[n], n))  # ship gate off in these tests
     assert record["chosen"] == expected and record["beats_uniform"] == bool(passing)
@@ -159,7 +168,7 @@ def test_validate_measures_fidelity_of_every_candidate_and_chooses_by_the_gate(t
     assert {r["name"] for r in report["candidates"]} == {*losses, "uniform"} and report["chosen"] == expected
     assert (tmp_path / "report-d0.50" / "candidates.png").stat().st_size > 0
     again = art.read_json(tmp_path / "fidelity-d0.50.json")
-    run(_config(tiny_dir, tmp_path, retrieval_weights=(1.0,)), "validate", (0.5,))
+    run(config, "validate", (0.5,))
     assert art.read_json(tmp_path / "fidelity-d0.50.json") == again  # measured once per plan
 
 

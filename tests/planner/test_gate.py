@@ -35,3 +35,15 @@ def test_equal_is_not_better_and_unmeasured_fidelity_is_loss_only():
     assert not Scores(2.0).shortfalls(Scores(3.0))
     with pytest.raises(ValueError):
         choose({}, UNIFORM, 0.5, "")
+
+
+def test_a_candidate_that_loses_natural_text_retrieval_to_uniform_does_not_ship():
+    uniform = Scores(3.0, 0.010, 0.970, retrieval=1.5)
+    candidates = {
+        "a": Scores(1.9, 0.005, 0.980, retrieval=1.6),  # best loss and fidelity, worse at finding facts in prose
+        "b": Scores(2.0, 0.006, 0.975, retrieval=0.7),
+    }
+    assert choose(candidates, uniform, 0.5, "here").name == "b"
+    verdict = choose({"a": candidates["a"]}, uniform, 0.5, "here").verdict
+    assert verdict is not None and "natural-text retrieval loss 1.60000 vs 1.50000" in verdict
+    assert not Scores(2.0, retrieval=None).shortfalls(uniform)  # unmeasured: the other measures decide

@@ -65,6 +65,22 @@ def test_target_positions_finds_every_occurrence_in_the_prompt_and_the_answer_qu
 
 
 @pytest.mark.model
+def test_target_keys_cover_every_token_of_the_hidden_facts(tokenizer):
+    """A two-hop answer reads a fact that does not contain it: every fact's tokens are keys."""
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    first, second = enc(" The folder went to Ada."), enc(" Ada keeps all in room 512.")
+    prompt = enc("text") + first + enc(" more text") + second + enc(" end")
+    a, b = len(enc("text")), len(enc("text")) + len(first) + len(enc(" more text"))
+    spans = ((a, a + len(first)), (b, b + len(second)))
+    sample = Sample(64, "two-hop", "python-docs", 0.1, prompt, enc(" Room 512."), expected=("512",), fact_spans=spans)
+    target = target_positions(sample, tokenizer)
+    assert target is not None and set(range(a, a + len(first))) | set(range(b, b + len(second))) <= set(target.keys)
+    assert set(target.keys) <= set(range(a, a + len(first))) | set(range(b, b + len(second)))
+    plain = Sample(64, "two-hop", "python-docs", 0.1, prompt, enc(" Room 512."), expected=("512",))
+    assert set(target_positions(plain, tokenizer).keys) < set(target.keys)  # without spans: the value only
+
+
+@pytest.mark.model
 def test_an_answer_without_the_target_gives_no_positions(tokenizer):
     assert target_positions(_sample(tokenizer, "I do not know."), tokenizer) is None
 

@@ -18,7 +18,9 @@ from moa_vllm.planner.model_inputs import ModelInputs
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 3  # bump when sample construction changes, so old calibrations are not reused
+CALIBRATION_VERSION = (
+    4  # 4: natural-text tasks, fact spans; bump when sample construction changes, so old calibrations are not reused
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ def calibration_key(config: PlannerConfig, model_identity: dict[str, Any]) -> di
         "max_new_tokens": c.max_new_tokens,
         "answer_attempts": c.answer_attempts,
         "check_answers": c.check_answers,
+        "tasks": list(c.tasks),
     }
 
 
@@ -91,7 +94,15 @@ def calibrate(model: ModelInputs, config: PlannerConfig, work: art.WorkDir) -> C
     ):
         torch.manual_seed(c.seed)
         calibrate_slots(
-            model.model, model.tokenizer, todo, c.seed, c.max_new_tokens, checkpoint, c.answer_attempts, c.check_answers
+            model.model,
+            model.tokenizer,
+            todo,
+            c.seed,
+            c.max_new_tokens,
+            checkpoint,
+            c.answer_attempts,
+            c.check_answers,
+            c.tasks,
         )
         order = {slot: i for i, slot in enumerate(slots)}
         samples.sort(key=lambda s: order[(s.level, s.index)])

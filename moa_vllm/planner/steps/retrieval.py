@@ -21,7 +21,7 @@ from moa_vllm.planner.steps.profile import profiled_count
 
 log = logging.getLogger(__name__)
 
-RETRIEVAL_VERSION = 3  # 2: rule loss from each head's mass at a uniform depth; 3: + extension lengths
+RETRIEVAL_VERSION = 4  # 2: rule loss from each head's mass at a uniform depth; 3: + extension lengths; 4: facts
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from moa_vllm.planner.steps.fidelity import HeldOutText, fidelity
 from moa_vllm.planner.steps.optimize import ParetoSet, weight_suffix
 from moa_vllm.planner.steps.profile import profiled_count
 from moa_vllm.planner.steps.retrieval import LevelRetrieval
+from moa_vllm.planner.tasks import PROSE_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -210,12 +211,16 @@ def validate(
     path, key = work.path(f"validate-{tag}.json"), validate_key(truths, hybrid_doc, density, fp, c, work)
     plan_path, report_dir = work.path(f"plan-{tag}.json"), work.path(f"report-{tag}")
 
+    natural = natural_text_losses(truths, hybrid_doc, calibration, c)
+
     def scores(name: str, loss: float) -> Scores:
         f = scored.get(name, {})
-        return Scores(loss, f.get("kl"), f.get("top1"))
+        return Scores(loss, f.get("kl"), f.get("top1"), natural.get(name))
 
     uniform = scores("uniform", base["plans"]["uniform"]["mean"]["total"])
     where = f"true loss at N={c.validation_length}"
+    if natural:
+        where += f" and its answer loss on {natural_count(calibration, c)} natural-text retrieval samples"
     if scored:
         where += f", fidelity on {c.fidelity_texts} x {c.fidelity_length} tokens of held-out text"
     choice = choose({x.name: scores(x.name, x.loss) for x in candidates}, uniform, density, where)
@@ -243,6 +248,9 @@ def validate(
             "dense": dense,
         },
         "fidelity": _fidelity_record(scored, c),
+        "natural_text_retrieval": {"samples": natural_count(calibration, c), "answer_loss": natural}
+        if natural
+        else None,
         "shipped": verdict is None,
         "beats_uniform": not shortfalls,
         "shortfalls": shortfalls,
@@ -272,6 +280,31 @@ def validate(
         save_plan(plan, plan_path)
         _write_reports(report_dir, pareto_sets[weight], best.index, plan, group, uniform.loss, retrieval, record, c)
     return plan_path
+
+
+def natural_count(calibration: Calibration, config: PlannerConfig) -> int:
+    return sum(s.task in PROSE_TASKS for s in calibration.at(config.validation_length))
+
+
+def natural_text_losses(
+    truths: dict[float, dict[str, Any]],
+    hybrid_doc: dict[str, Any] | None,
+    calibration: Calibration,
+    config: PlannerConfig,
+) -> dict[str, float]:
+    """Per candidate (named as pareto_candidates names them) and for uniform and dense: mean answer loss over the
+    held-out samples of the natural-text tasks; empty when the validation samples hold none."""
+    held_out = calibration.at(config.validation_length)
+    natural = [i for i, s in enumerate(held_out) if s.task in PROSE_TASKS]
+    if not natural:
+        return {}
+    entries: dict[str, dict[str, Any]] = {}
+    for w, doc in truths.items():
+        prefix = "" if w == 0 else f"r{w:g}-"
+        entries.update({(prefix + n if n.startswith("pareto-") else n): e for n, e in doc["plans"].items()})
+    if hybrid_doc is not None:
+        entries.update(hybrid_doc["plans"])
+    return {n: sum(e["samples"][i]["answer"] for i in natural) / len(natural) for n, e in entries.items()}
 
 
 def validate_key(
