@@ -47,21 +47,22 @@ def cmd_plan_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_plan_import(args: argparse.Namespace) -> None:
-    plan, report = import_reference_file(args.reference, _fingerprint(args.model))
+    from moa_vllm.plan.fingerprint import context_length
+    from moa_vllm.plan.reference import report_lengths
+
+    config = load_hf_config(_model_dir(args.model))
+    lengths = tuple(args.lengths) if args.lengths else report_lengths(context_length(config))
+    plan, report = import_reference_file(args.reference, fingerprint_from_hf_config(config), lengths, args.provenance)
     save_plan(plan, args.output)
     print(json.dumps(report, indent=1))
 
 
 def cmd_plan_show(args: argparse.Namespace) -> None:
+    from moa_vllm.plan.show import describe
+
     plan = load_plan(args.plan)
-    print(
-        f"{args.plan}: {plan.metadata.method}, {plan.model.num_layers} layers x {plan.model.num_kv_heads} KV heads, "
-        f"{plan.sink_tokens} sinks, min span {plan.min_span}"
-    )
-    for n in args.length:
-        spans = plan.spans(n)
-        flat = [s for layer in spans for s in layer]
-        print(f"  N={n}: density {plan.density(n):.3f}, spans min {min(flat)} max {max(flat)}")
+    picture = args.picture if args.picture is not None else max(args.length)
+    print("\n".join(describe(plan, args.plan, args.length, picture if picture > 0 else None)))
 
 
 def cmd_bst_train(args: argparse.Namespace) -> None:
@@ -181,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.set_defaults(func=cmd_plan_generate, kind=kind)
     imp = plan.add_parser("import-reference", help="convert a reference MoA {alphas, betas} plan to v1")
     imp.add_argument("reference")
-    imp.add_argument("--model", default="embedded")
+    imp.add_argument("--model", default="embedded", help="HF model folder, its config.json alone, or 'embedded'")
+    imp.add_argument("--provenance", help="JSON {repository, commit, path, licence} of the reference file")
+    imp.add_argument("--lengths", type=int, nargs="+",
+                     help="density report lengths (default: 8k, 32k, 128k within the model's context)")  # fmt: skip
     imp.add_argument("-o", "--output", required=True)
     imp.set_defaults(func=cmd_plan_import)
     att = plan.add_parser("attach", help="write a plan into a model folder (moa_plan.json beside config.json)")
@@ -191,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     att.set_defaults(func=cmd_plan_attach)
     show = plan.add_parser("show", help="summarise a plan")
     show.add_argument("plan")
-    show.add_argument("--length", type=int, nargs="*", default=[2048, 4096, 8192])
+    show.add_argument("--length", type=int, nargs="+", default=[2048, 8192, 32768, 131072],
+                      help="request lengths of the density table")  # fmt: skip
+    show.add_argument("--picture", type=int, default=None,
+                      help="length of the per-layer span picture (default: the longest --length; 0: none)")  # fmt: skip
     show.set_defaults(func=cmd_plan_show)
 
     bst = sub.add_parser("bst", help="Block-State Transformer tools").add_subparsers(dest="action", required=True)

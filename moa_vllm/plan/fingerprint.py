@@ -39,6 +39,23 @@ def fingerprint_from_hf_config(config: Mapping[str, Any]) -> ModelFingerprint:
     )
 
 
+# rope scalings whose factor stretches max_position_embeddings (vLLM's rule: llama3 / longrope configs already
+# state the stretched length)
+_STRETCHING_ROPE = ("linear", "dynamic", "yarn")
+
+
+def context_length(config: Mapping[str, Any]) -> int | None:
+    """The longest request the config allows: max_position_embeddings, times the rope factor where the rope type
+    stretches it (vicuna-16k: 4096 x linear 4 = 16384); None when the config states no length."""
+    text = config.get("text_config", config)
+    base = text.get("max_position_embeddings")
+    if base is None:
+        return None
+    scaling = text.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    return int(base * scaling.get("factor", 1.0)) if kind in _STRETCHING_ROPE else int(base)
+
+
 def check_plan_fits(plan: Plan, model: ModelFingerprint, plan_source: str = "plan") -> None:
     """Raise one PlanError listing every fingerprint field where plan and model disagree.
 

@@ -7,8 +7,9 @@ query head loses tokens; the price is a wider budget, reported by `widening_repo
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,37 @@ from moa_vllm.version import __version__
 REFERENCE_SINKS = 64
 REFERENCE_MIN_SPAN = 128
 REPORT_LENGTHS = (2048, 4096, 8192)
+SHIPPED_LENGTHS = (8192, 32768, 131072)  # the density table of a shipped reference plan (within its context)
+PROVENANCE_FIELDS = ("repository", "commit", "path", "licence")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a published reference plan came from: the plan's metadata records it with the file's sha256."""
+
+    repository: str  # e.g. github.com/thu-nics/MoA
+    commit: str
+    path: str  # inside the repository
+    licence: str
+    sha256: str = ""  # of the reference file as read
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def load_provenance(path: str | Path, reference_bytes: bytes) -> Provenance:
+    """A provenance file ({repository, commit, path, licence}) for a reference file whose bytes are given."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise PlanError(f"{path}: provenance file not found") from e
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    missing = [f for f in PROVENANCE_FIELDS if not isinstance(data.get(f), str) or not data[f]]
+    if missing:
+        raise PlanError(f"{path}: provenance needs non-empty string fields {', '.join(missing)}")
+    return Provenance(**{f: data[f] for f in PROVENANCE_FIELDS}, sha256=hashlib.sha256(reference_bytes).hexdigest())
 
 
 @dataclass(frozen=True)
@@ -73,7 +105,21 @@ def widening_report(ref: ReferencePlan, plan: Plan, lengths: tuple[int, ...] = R
     return {"lengths": rows}
 
 
-def import_reference(data: Any, model: ModelFingerprint, source: str = "<reference plan>") -> tuple[Plan, dict]:
+def report_lengths(max_context: int | None) -> tuple[int, ...]:
+    """SHIPPED_LENGTHS within the model's context, plus the context itself when it is shorter than the last."""
+    if max_context is None:
+        return SHIPPED_LENGTHS
+    inside = tuple(n for n in SHIPPED_LENGTHS if n <= max_context)
+    return inside + ((max_context,) if max_context < SHIPPED_LENGTHS[-1] else ())
+
+
+def import_reference(
+    data: Any,
+    model: ModelFingerprint,
+    source: str = "<reference plan>",
+    lengths: tuple[int, ...] = REPORT_LENGTHS,
+    provenance: Provenance | None = None,
+) -> tuple[Plan, dict]:
     ref = parse_reference(data, model, source)
     group = model.group_size
     rules = [[_envelope(ref, layer, h, group) for h in range(model.num_kv_heads)] for layer in range(model.num_layers)]
@@ -84,17 +130,33 @@ def import_reference(data: Any, model: ModelFingerprint, source: str = "<referen
         notes=f"imported from {source}; per KV head = envelope (max alpha, max beta) of its query group",
     )
     plan = Plan(model=model, sink_tokens=REFERENCE_SINKS, min_span=REFERENCE_MIN_SPAN, rules=rules, metadata=meta)
-    report = widening_report(ref, plan)
-    plan = plan.model_copy(update={"metadata": meta.model_copy(update={"extra": {"widening": report}})})
+    report = widening_report(ref, plan, lengths)
+    extra: dict[str, Any] = {"widening": report}
+    if provenance is not None:
+        extra["source"] = provenance.to_json()
+        meta = meta.model_copy(update={"notes": meta.notes.replace(f"from {source}", f"from {_cite(provenance)}")})
+    plan = plan.model_copy(update={"metadata": meta.model_copy(update={"extra": extra})})
     return plan, report
 
 
-def import_reference_file(path: str | Path, model: ModelFingerprint) -> tuple[Plan, dict]:
+def _cite(p: Provenance) -> str:
+    return f"{p.repository} {p.path} at {p.commit[:12]} ({p.licence})"
+
+
+def import_reference_file(
+    path: str | Path,
+    model: ModelFingerprint,
+    lengths: tuple[int, ...] = REPORT_LENGTHS,
+    provenance: str | Path | None = None,
+) -> tuple[Plan, dict]:
+    """Import a reference file; `provenance` names its provenance file (recorded with the file's sha256)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
+        data = json.loads(raw)
     except FileNotFoundError as e:
         raise PlanError(f"{path}: reference plan file not found") from e
     except json.JSONDecodeError as e:
         raise PlanError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-    return import_reference(data, model, str(path))
+    source = load_provenance(provenance, raw) if provenance is not None else None
+    return import_reference(data, model, str(path), lengths, source)

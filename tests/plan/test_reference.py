@@ -52,3 +52,31 @@ def test_shape_errors(tmp_path):
         import_reference_file(path, FP)
     with pytest.raises(PlanError, match="alphas"):
         import_reference({"betas": []}, FP)
+
+
+def test_provenance_is_recorded_with_the_files_sha256(tmp_path):
+    import hashlib
+
+    ref = tmp_path / "moa_alpha_beta.json"
+    ref.write_text(json.dumps(ref_data()))
+    source = tmp_path / "source.json"
+    source.write_text(
+        json.dumps({"repository": "github.com/o/r", "commit": "abc123", "path": "x/y.json", "licence": "MIT"})
+    )
+    plan, _ = import_reference_file(ref, FP, (4096,), source)
+    recorded = plan.metadata.extra["source"]
+    assert recorded["sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest() and recorded["commit"] == "abc123"
+    assert "github.com/o/r x/y.json" in plan.metadata.notes
+    assert [row["length"] for row in plan.metadata.extra["widening"]["lengths"]] == [4096]
+    source.write_text(json.dumps({"repository": "github.com/o/r", "commit": "", "path": "x"}))
+    with pytest.raises(PlanError, match="source.json: provenance needs non-empty string fields commit, licence"):
+        import_reference_file(ref, FP, (4096,), source)
+
+
+def test_report_lengths_stay_within_the_models_context():
+    from moa_vllm.plan.reference import report_lengths
+
+    assert report_lengths(131072) == (8192, 32768, 131072)
+    assert report_lengths(262144) == (8192, 32768, 131072)
+    assert report_lengths(16384) == (8192, 16384)
+    assert report_lengths(None) == (8192, 32768, 131072)
