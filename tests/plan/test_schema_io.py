@@ -116,3 +116,14 @@ def test_fuzzed_text_never_crashes(text):
         parse_plan(text, "t.json")
     except PlanError as e:
         assert str(e).startswith("t.json: ")
+
+
+def test_context_length_stretches_only_for_rope_types_that_stretch():
+    from moa_vllm.plan.fingerprint import context_length
+
+    assert context_length({"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 4.0}}) == 16384
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "original_max_position_embeddings": 8192}
+    assert context_length({"max_position_embeddings": 131072, "rope_scaling": llama3}) == 131072
+    assert context_length({"max_position_embeddings": 8192, "rope_scaling": None}) == 8192
+    assert context_length({"text_config": {"max_position_embeddings": 2048}}) == 2048
+    assert context_length({}) is None
