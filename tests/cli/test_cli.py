@@ -81,7 +81,7 @@ def test_plan_commands(model, tmp_path, capsys):
     plan = load_plan(out)
     assert (plan.sink_tokens, plan.min_span, plan.rules[1][1].beta) == (16, 32, 0.25)
     cli.main(["plan", "show", str(out), "--length", "4096"])
-    assert "N=4096: density 0.250" in capsys.readouterr().out
+    assert "| 4096 | 0.250 |" in capsys.readouterr().out  # the density table
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"alphas": [[0, 64, 0, 0]] * 2, "betas": [[0.5, 0.25, 0.1, 0.2]] * 2}))
     cli.main(["plan", "import-reference", str(ref), "--model", str(model), "-o", str(tmp_path / "imp.json")])
