@@ -79,9 +79,7 @@ def story_text(rng: random.Random, chars: int) -> str:
 def filler_text(rng: random.Random, corpus: str, chars: int) -> tuple[str, str]:
     """About `chars` characters of natural text and the name of its source."""
     if corpus and len(corpus) > chars and rng.random() < 0.7:
-        start = rng.randrange(0, len(corpus) - chars)
-        start = corpus.find("\n", start) + 1 or start  # begin at a line start
-        return corpus[start : start + chars], "python-docs"
+        return docs_text(rng, corpus, chars)
     return story_text(rng, chars), "story"
 
 
@@ -139,15 +137,16 @@ def filler_ids(tokenizer, rng: random.Random, corpus: str, budget: int, prose_on
     while len(filler) < budget:  # ~4 characters per token; loop in case the text is denser
         chars = 5 * (budget - len(filler)) + 64
         text, source = (
-            filler_text(rng, corpus, chars) if not prose_only or not corpus else _docs_text(rng, corpus, chars)
+            filler_text(rng, corpus, chars) if not prose_only or not corpus else docs_text(rng, corpus, chars)
         )
         filler += tokenizer.encode(text, add_special_tokens=False)
     return filler[:budget], source
 
 
-def _docs_text(rng: random.Random, corpus: str, chars: int) -> tuple[str, str]:
+def docs_text(rng: random.Random, corpus: str, chars: int) -> tuple[str, str]:
+    """About `chars` characters of the docs corpus from a random line start."""
     start = rng.randrange(0, max(len(corpus) - chars, 1))
-    start = corpus.find("\n", start) + 1 or start
+    start = corpus.find("\n", start) + 1 or start  # begin at a line start
     return corpus[start : start + chars], "python-docs"
 
 
