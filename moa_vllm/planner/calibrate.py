@@ -19,7 +19,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moa_vllm.data.synthetic_text import SENTENCES
-from moa_vllm.planner.prose_needles import fact_depths, make_prose_needle, nearest, paragraph_starts
+from moa_vllm.planner.prose_needles import (
+    FACT_DEPTH,
+    HELD_OUT_FACT_DEPTH,
+    fact_depths,
+    make_prose_needle,
+    nearest,
+    paragraph_starts,
+)
 from moa_vllm.planner.tasks import PROSE_TASKS, TASKS
 
 CONTEXT_MARKER = "\x00MOA_CONTEXT\x00"
@@ -151,12 +158,19 @@ def docs_text(rng: random.Random, corpus: str, chars: int) -> tuple[str, str]:
 
 
 def build_prompt(
-    tokenizer, level: int, max_new_tokens: int, rng: random.Random, corpus: str, task: str | None = None
+    tokenizer,
+    level: int,
+    max_new_tokens: int,
+    rng: random.Random,
+    corpus: str,
+    task: str | None = None,
+    fact_depth: tuple[float, float] = FACT_DEPTH,
 ) -> dict:
-    """Prompt ids of at most level - max_new_tokens tokens with the task's fact(s) in the context."""
+    """Prompt ids of at most level - max_new_tokens tokens with the task's fact(s) in the context; a natural-text
+    task's facts sit at depths within fact_depth."""
     task = task or TASKS[rng.randrange(len(TASKS))]
     if task in PROSE_TASKS:
-        return _prose_prompt(tokenizer, level, max_new_tokens, rng, corpus, task)
+        return _prose_prompt(tokenizer, level, max_new_tokens, rng, corpus, task, fact_depth)
     target, question, expected = make_target(task, rng)
     before, after = prompt_parts(tokenizer, question)
     needle = tokenizer.encode(target, add_special_tokens=False)
@@ -179,7 +193,9 @@ def build_prompt(
     }
 
 
-def _prose_prompt(tokenizer, level: int, max_new_tokens: int, rng: random.Random, corpus: str, task: str) -> dict:
+def _prose_prompt(
+    tokenizer, level: int, max_new_tokens: int, rng: random.Random, corpus: str, task: str, within: tuple[float, float]
+) -> dict:
     """A natural-text task: each fact its own paragraph, at the paragraph start nearest its depth."""
     needle = make_prose_needle(task, rng)
     before, after = prompt_parts(tokenizer, needle.question)
@@ -187,7 +203,7 @@ def _prose_prompt(tokenizer, level: int, max_new_tokens: int, rng: random.Random
     budget = context_budget(level, max_new_tokens, len(before) + len(after) + sum(map(len, facts)))
     filler, source = filler_ids(tokenizer, rng, corpus, budget, prose_only=True)
     starts = paragraph_starts(filler, tokenizer.decode)
-    depths = fact_depths(len(facts), rng)
+    depths = fact_depths(len(facts), rng, within)
     cuts = sorted(nearest(starts, int(d * budget)) for d in depths)
     if len(set(cuts)) < len(cuts):  # both facts at one boundary: the second goes where its own depth says
         cuts = sorted({cuts[0], int(depths[-1] * budget)})
@@ -260,9 +276,10 @@ def make_sample(
     eos: set[int],
     attempt: int = 0,
     task: str | None = None,
+    fact_depth: tuple[float, float] = FACT_DEPTH,
 ) -> Sample:
     rng = sample_rng(seed, level, index, attempt)
-    spec = build_prompt(tokenizer, level, max_new_tokens, rng, corpus, task)
+    spec = build_prompt(tokenizer, level, max_new_tokens, rng, corpus, task, fact_depth)
     answer = greedy_answer(model, spec["prompt_ids"], max_new_tokens, eos)
     if not answer:
         raise RuntimeError(f"the model produced no answer tokens for sample {index} at level {level}")
@@ -291,11 +308,13 @@ def fill_slot(
     attempts: int,
     check_answers: bool,
     tasks: tuple[str, ...] = TASKS,
+    fact_depth: tuple[float, float] = FACT_DEPTH,
 ) -> SlotResult:
     """Draw samples of the slot's task until the dense model answers one correctly (or attempts run out)."""
+    task = slot_task(index, tasks)
     for attempt in range(attempts):
         sample = make_sample(
-            model, tokenizer, level, index, seed, max_new_tokens, corpus, eos, attempt, slot_task(index, tasks)
+            model, tokenizer, level, index, seed, max_new_tokens, corpus, eos, attempt, task, fact_depth
         )
         text = tokenizer.decode(sample.answer_ids, skip_special_tokens=True)
         if not check_answers or answer_is_correct(text, sample.expected):
@@ -313,11 +332,14 @@ def calibrate_slots(
     attempts: int = 3,
     check_answers: bool = True,
     tasks: tuple[str, ...] = TASKS,
+    held_out_level: int | None = None,
 ) -> None:
-    """Fill every (level, index) slot in order, reporting each result (the caller keeps and checkpoints them)."""
+    """Fill every (level, index) slot in order, reporting each result (the caller keeps and checkpoints them).
+    Slots of held_out_level (the ship gate's samples) put natural-text facts within HELD_OUT_FACT_DEPTH."""
     corpus, eos = docs_corpus(), eos_token_ids(model, tokenizer)
     for level, index in slots:
+        depth = HELD_OUT_FACT_DEPTH if level == held_out_level else FACT_DEPTH
         result = fill_slot(
-            model, tokenizer, level, index, seed, max_new_tokens, corpus, eos, attempts, check_answers, tasks
+            model, tokenizer, level, index, seed, max_new_tokens, corpus, eos, attempts, check_answers, tasks, depth
         )
         on_result(result)

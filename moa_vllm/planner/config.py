@@ -85,6 +85,11 @@ class PlannerConfig:
         "hybrid candidates: the K heads of most retrieval mass at full span, the rest at one window, for each K "
         "('' for none)",
     )
+    max_candidates: int = option(
+        4,
+        "Pareto plans per candidate set that are validated: those of lowest predicted loss (0: all; every plan "
+        "validated costs a masked forward over the held-out samples and the fidelity texts)",
+    )
     fidelity_texts: int = option(
         2,
         "held-out natural texts on which every candidate's top-1 agreement and KL to dense are measured and "
@@ -107,6 +112,8 @@ class PlannerConfig:
             raise ValueError(
                 f"retrieval weights must be distinct and > 0 (0 is always a candidate), got {self.retrieval_weights}"
             )
+        if self.max_candidates < 0:
+            raise ValueError(f"max_candidates must be >= 0 (0: all), got {self.max_candidates}")
         if any(k < 1 for k in self.hybrid_heads) or len(set(self.hybrid_heads)) != len(self.hybrid_heads):
             raise ValueError(f"hybrid head counts must be distinct and >= 1, got {self.hybrid_heads}")
         if not self.tasks or set(self.tasks) - set(TASKS):

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from moa_vllm.planner.tasks import PROSE_TASKS
 
 FACT_DEPTH = (0.02, 0.9)  # anywhere but the last tenth: the answers lost in natural text sat at depths 0-0.5
+# Held-out samples (the ship gate's) keep their facts in the first half, where a window of half the context cannot
+# see them: with facts anywhere, most held-out facts fell inside uniform's window and the gate could not tell a plan
+# that retrieves from one that does not.
+HELD_OUT_FACT_DEPTH = (0.02, 0.5)
 
 _PROJECTS = ("Halcyon", "Brambling", "Corvid", "Dunlin", "Egret", "Fulmar", "Gadwall", "Hobby", "Ibis", "Jackdaw",
              "Kestrel", "Linnet")  # fmt: skip
@@ -71,9 +75,11 @@ def make_prose_needle(task: str, rng: random.Random) -> ProseNeedle:
     raise ValueError(f"unknown natural-text task {task!r}; one of {', '.join(PROSE_TASKS)}")
 
 
-def fact_depths(count: int, rng: random.Random) -> list[float]:
-    """Depths of the facts in order: one anywhere in FACT_DEPTH, or two at least a fifth of the context apart."""
-    lo, hi = FACT_DEPTH
+def fact_depths(count: int, rng: random.Random, within: tuple[float, float] = FACT_DEPTH) -> list[float]:
+    """Depths of the facts in order: one anywhere in `within`, or two at least a fifth of the context apart."""
+    lo, hi = within
+    if hi - lo < 0.2 * (count > 1):
+        raise ValueError(f"fact depth range {within} is too narrow for two facts a fifth of the context apart")
     if count == 1:
         return [rng.uniform(lo, hi)]
     first = rng.uniform(lo, hi - 0.2)

@@ -42,8 +42,9 @@ def write_report(
 ) -> ReportFiles:
     """Write the Pareto CSV, the span heatmap of `plan` at `span_length` and the Pareto-front plot into out_dir.
 
-    validation (one true held-out loss per solution, measured at validation_length) adds a column and colours the
-    front; uniform_loss (the uniform plan's, same samples) goes into the CSV and the plot title.
+    validation (one true held-out loss per solution, measured at validation_length; NaN for a plan that was not
+    validated) adds a column and colours the front; uniform_loss (the uniform plan's, same samples) goes into the
+    CSV and the plot title.
     span_length defaults to the largest constraint length. chosen_index None: the plan is not one of these
     solutions (a hybrid candidate won); the front is drawn without a chosen point.
     """
@@ -91,7 +92,7 @@ def write_pareto_csv(
                     int(i == chosen_index),
                     *(repr(s.objectives[n]) for n in problem.lengths),
                     *(repr(s.densities[n]) for n in problem.constraint_lengths),
-                    "" if validation is None else repr(float(validation[i])),
+                    "" if validation is None or np.isnan(validation[i]) else repr(float(validation[i])),
                     int(s.optimal),
                     repr(float(s.gap)),
                 ]
@@ -137,7 +138,11 @@ def plot_pareto_front(
     if validation is None:
         ax.scatter(xs, ys, color="tab:blue", zorder=2)
     else:
-        points = ax.scatter(xs, ys, c=np.asarray(validation, dtype=np.float64), cmap="plasma", zorder=2)
+        values = np.asarray(validation, dtype=np.float64)
+        measured = ~np.isnan(values)
+        if not measured.all():
+            ax.scatter(xs[~measured], ys[~measured], color="0.7", zorder=2, label="not validated")
+        points = ax.scatter(xs[measured], ys[measured], c=values[measured], cmap="plasma", zorder=2)
         at = f" at {validation_length}" if validation_length else ""
         fig.colorbar(points, ax=ax, label=f"held-out true loss{at}")
     if chosen_index is not None:
@@ -148,7 +153,7 @@ def plot_pareto_front(
     ax.set_ylabel(y_label)
     uniform = "" if uniform_loss is None else f"; uniform plan's held-out loss {uniform_loss:.4f}"
     ax.set_title(f"Pareto front ({len(solutions)} plans){uniform}", fontsize=9)
-    if chosen_index is not None:
+    if ax.get_legend_handles_labels()[1]:
         ax.legend(loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -19,7 +19,7 @@ from moa_vllm.planner.calibrate import (
     sample_rng,
     slot_task,
 )
-from moa_vllm.planner.prose_needles import FACT_DEPTH, make_prose_needle
+from moa_vllm.planner.prose_needles import FACT_DEPTH, HELD_OUT_FACT_DEPTH, fact_depths, make_prose_needle
 from moa_vllm.planner.tasks import KEY_TASKS, PROSE_TASKS, TASKS
 from tests.planner.tiny_llama import tiny_config, tiny_tokenizer
 
@@ -78,6 +78,26 @@ def test_a_natural_text_fact_is_its_own_paragraph_at_its_depth_and_holds_the_ans
     context = len(ids)
     assert FACT_DEPTH[0] * 0.5 < spans[0][0] / context < FACT_DEPTH[1] + 0.05
     assert spec["question"] in tokenizer.decode(ids[spans[-1][1] :])
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("task", ["prose-name", "two-hop"])
+def test_held_out_facts_sit_in_the_first_half(tokenizer, task):
+    level, new, corpus = 600, 16, docs_corpus()
+    for index in range(4):
+        spec = build_prompt(tokenizer, level, new, sample_rng(7, level, index), corpus, task, HELD_OUT_FACT_DEPTH)
+        assert all(end / len(spec["prompt_ids"]) < HELD_OUT_FACT_DEPTH[1] + 0.1 for _, end in spec["fact_spans"])
+
+
+def test_fact_depths_stay_in_their_range_and_two_facts_a_fifth_apart():
+    for seed in range(50):
+        for within in (FACT_DEPTH, HELD_OUT_FACT_DEPTH):
+            (one,) = fact_depths(1, random.Random(seed), within)
+            first, second = fact_depths(2, random.Random(seed), within)
+            assert within[0] <= one <= within[1] and within[0] <= first and second <= within[1]
+            assert second - first >= 0.2
+    with pytest.raises(ValueError, match="too narrow"):
+        fact_depths(2, random.Random(0), (0.1, 0.25))
 
 
 def test_natural_text_needles_ask_for_their_label_and_differ_by_seed():

@@ -187,3 +187,22 @@ def test_a_winning_hybrid_is_written_with_its_full_heads(tiny_dir: Path, tmp_pat
     spans = plan.spans(224)
     assert sum(s == 224 for layer in spans for s in layer) == 1  # the one head of most retrieval mass
     assert (tmp_path / "report-d0.50" / "pareto_front.png").stat().st_size > 0
+
+
+def test_max_candidates_validates_the_best_predicted_plans_only(tiny_dir: Path, tmp_path: Path):
+    config = _config(
+        tiny_dir, tmp_path, max_candidates=1, hybrid_heads=(), fidelity_texts=0, retrieval_weights=(),
+        lengths=(192, 256), validation_length=224, alphas=(-32.0, 0.0, 64.0),
+    )  # fmt: skip: the recorded run's grid, whose Pareto set at 0.50 holds two plans
+    run(config, "validate", (0.5,))
+    pareto = art.read_json(tmp_path / "optimize-d0.50.json")
+    assert len(pareto["solutions"]) > 1  # else nothing was left out
+    truth = art.read_json(tmp_path / "truth-d0.50.json")["plans"]
+    kept = [n for n in truth if n.startswith("pareto-")]
+    assert len(kept) == 1 and set(truth) == {"dense", "uniform", *kept}
+    record = art.read_json(tmp_path / "validate-d0.50.json")
+    assert set(record["true_loss"]["candidates"]) == set(kept) and list(record["true_loss"]["pareto"]) == [
+        kept[0].removeprefix("pareto-")
+    ]
+    rows = (tmp_path / "report-d0.50" / "pareto.csv").read_text().splitlines()[1:-1]  # without header and uniform
+    assert len(rows) == len(pareto["solutions"]) and sum(r.split(",")[-3] != "" for r in rows) == 1

@@ -92,3 +92,14 @@ def test_report_rejects_bad_index(problem: PlanningProblem, tmp_path) -> None:
     plan = solution_to_plan(solution, problem, MODEL)
     with pytest.raises(ValueError, match="chosen_index"):
         write_report(tmp_path, [solution], 1, problem, plan)
+
+
+def test_plans_that_were_not_validated_have_a_blank_validation_loss(problem: PlanningProblem, tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    solutions = [_solution(problem, rng.integers(0, len(GRID), size=(LAYERS, HEADS))) for _ in range(3)]
+    plan = solution_to_plan(solutions[1], problem, MODEL)
+    files = write_report(tmp_path, solutions, 1, problem, plan, [float("nan"), 0.5, float("nan")], 1536)
+    with files.csv.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["validation_loss"] for r in rows] == ["", "0.5", ""]
+    assert matplotlib.image.imread(files.front).ndim == 3

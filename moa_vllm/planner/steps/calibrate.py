@@ -18,9 +18,9 @@ from moa_vllm.planner.model_inputs import ModelInputs
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = (
-    4  # 4: natural-text tasks, fact spans; bump when sample construction changes, so old calibrations are not reused
-)
+# Bump when sample construction changes, so old calibrations are not reused.
+# 5: held-out natural-text facts in the first half; 4: natural-text tasks, fact spans.
+CALIBRATION_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,7 @@ def calibrate(model: ModelInputs, config: PlannerConfig, work: art.WorkDir) -> C
             c.answer_attempts,
             c.check_answers,
             c.tasks,
+            c.validation_length,
         )
         order = {slot: i for i, slot in enumerate(slots)}
         samples.sort(key=lambda s: order[(s.level, s.index)])

@@ -56,12 +56,27 @@ def plan_notes(config: PlannerConfig) -> str:
     )
 
 
+def kept_solutions(pareto: ParetoSet, limit: int) -> list[int]:
+    """Indices of the Pareto plans worth validating: all (limit 0), else the `limit` of lowest predicted loss.
+    Each profiled length's objective is scaled to the set's range at that length (0 = the set's best) and the
+    scaled objectives are summed, so no length dominates by its token count."""
+    solutions = pareto.solutions
+    if not limit or len(solutions) <= limit:
+        return list(range(len(solutions)))
+    lengths = list(solutions[0].objectives)
+    low = {n: min(s.objectives[n] for s in solutions) for n in lengths}
+    spread = {n: (max(s.objectives[n] for s in solutions) - low[n]) or 1.0 for n in lengths}
+    score = [sum((s.objectives[n] - low[n]) / spread[n] for n in lengths) for s in solutions]
+    return sorted(sorted(range(len(solutions)), key=lambda i: (score[i], i))[:limit])
+
+
 def candidate_plans(pareto: ParetoSet, fingerprint: ModelFingerprint, config: PlannerConfig) -> dict[str, Plan]:
-    """The Pareto plans of one candidate set (pareto-0, pareto-1, ...); the influence-only set (weight 0) adds
-    the uniform plan of the same density."""
+    """The Pareto plans of one candidate set that are validated (pareto-i, i the plan's index in the set; at most
+    max_candidates of them); the influence-only set (weight 0) adds the uniform plan of the same density."""
     notes = plan_notes(config)
     plans = {}
-    for i, solution in enumerate(pareto.solutions):
+    for i in kept_solutions(pareto, config.max_candidates):
+        solution = pareto.solutions[i]
         plan = solution_to_plan(solution, pareto.problem, fingerprint, config.sinks, notes)
         plan.metadata.extra["retrieval_weight"] = pareto.retrieval_weight
         plans[f"pareto-{i}"] = plan
@@ -95,6 +110,7 @@ def truth_key(pareto: ParetoSet, calibration: Calibration, config: PlannerConfig
         "context_weight": c.context_weight,
         "sinks": c.sinks,
         "min_span": c.min_span,
+        "max_candidates": c.max_candidates,
     }
 
 
@@ -170,12 +186,14 @@ def measure_truth(
 
 
 def pareto_candidates(plans_of: dict[float, dict[str, Plan]], truths: dict[float, dict[str, Any]]) -> list[Candidate]:
-    """Each Pareto plan of each retrieval weight with its held-out true loss, named [r{w}-]pareto-{i}."""
+    """Each validated Pareto plan of each retrieval weight with its held-out true loss, named [r{w}-]pareto-{i}."""
     out = []
     for w, plans in plans_of.items():
         prefix = "" if w == 0 else f"r{w:g}-"
-        for i, plan in enumerate(p for n, p in plans.items() if n != "uniform"):
-            out.append(Candidate(f"{prefix}pareto-{i}", plan, truths[w]["plans"][f"pareto-{i}"]["mean"]["total"], w, i))
+        for name, plan in plans.items():
+            if name.startswith("pareto-"):
+                loss = truths[w]["plans"][name]["mean"]["total"]
+                out.append(Candidate(prefix + name, plan, loss, w, int(name.removeprefix("pareto-"))))
     return out
 
 
@@ -243,7 +261,7 @@ def validate(
         "validation_length": c.validation_length,
         "true_loss": {
             "candidates": {x.name: x.loss for x in candidates},
-            "pareto": [x.loss for x in group],
+            "pareto": {str(x.index): x.loss for x in group},
             "uniform": uniform.loss,
             "dense": dense,
         },
@@ -349,7 +367,8 @@ def _write_reports(
     and every candidate's measures (when fidelity was measured)."""
     from moa_vllm.planner.report import write_candidates_report, write_report, write_retrieval_report  # matplotlib
 
-    losses = [x.loss for x in group]
+    measured = {x.index: x.loss for x in group}
+    losses = [measured.get(i, float("nan")) for i in range(len(pareto.solutions))]
     write_report(
         out, pareto.solutions, chosen, pareto.problem, plan, losses, config.validation_length, uniform_loss=uniform_loss
     )
