@@ -51,6 +51,11 @@ def cases() -> dict[str, float]:
                 spans, computed, chunks = random_rows(seed, sinks, heads=2)
                 batch = make_batch(spans, computed, chunks, group=group, sinks=sinks, dtype=dtype, seed=seed)
                 out[f"random-{dname}-g{group}-s{sinks}"] = error(batch)
+    # The geometry of the models people serve: 8 KV heads of 128 dims, GQA 4 (Llama-3-8B) and 8 (Llama-3-70B).
+    for group in (4, 8):
+        spans, computed, chunks = random_rows(40 + group, 4, heads=8)
+        batch = make_batch(spans, computed, chunks, group=group, head_dim=128, page=16, seed=40 + group)
+        out[f"geometry-h8-g{group}-d128"] = error(batch)
     # The chunk starts below the sinks: sink keys come from the fresh K/V; one ring never wraps (span > seq).
     batch = make_batch([[40, 200]], [2], [60], group=3, sinks=8, seed=5)
     out["sinks-in-chunk"] = error(batch)

@@ -1,6 +1,7 @@
 """moa_kernels.ring_prefill (Triton) against its torch reference in Triton's interpreter: random spans, sinks 0 and 4,
 windows smaller and larger than the chunk, empty / wrapped / many-times-wrapped rings, shuffled pages from a pool
-whose stale pages hold NaN, GQA 1/3/8, float32/float16/bfloat16, rows left alone; a window off by one fails."""
+whose stale pages hold NaN, GQA 1/3/8, float32/float16/bfloat16, rows left alone; a window off by one fails; 8 KV
+heads of 128 dims at GQA 4 and 8 (the geometry of Llama-3-8B / 70B)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def test_random_rings_match_the_reference(errors, dtype, group, sinks):
 @pytest.mark.parametrize("case", ["sinks-in-chunk", "head-dim-48", "row-subset"])
 def test_edge_cases_match_the_reference(errors, case):
     assert errors[case] < TOL["float32"]
+
+
+@pytest.mark.parametrize("group", [4, 8])
+def test_eight_kv_heads_of_128_dims_match_the_reference(errors, group):
+    assert errors[f"geometry-h8-g{group}-d128"] < TOL["float32"]
 
 
 def test_rows_not_asked_for_are_left_alone(errors):

@@ -116,9 +116,12 @@ def rules(layers: int, heads: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return alphas, betas
 
 
-def make_sim(kernels_cls, dtype, alphas, betas, lengths, *, seed, sinks=4, min_span=20, g=3) -> RingSim:
+def make_sim(
+    kernels_cls, dtype, alphas, betas, lengths, *, seed, sinks=4, min_span=20, g=3, d=D, scale=0.125
+) -> RingSim:
+    """A RingSim with kernels of this class; rules [L, H] give the KV heads, g the query heads per KV head."""
     return RingSim(
-        kernels_cls(dtype, PAGE, D),
+        kernels_cls(dtype, PAGE, d),
         alphas,
         betas,
         lengths,
@@ -126,16 +129,17 @@ def make_sim(kernels_cls, dtype, alphas, betas, lengths, *, seed, sinks=4, min_s
         min_span=min_span,
         page=PAGE,
         g=g,
-        d=D,
+        d=d,
         dtype=dtype,
         seed=seed,
+        scale=scale,
     )
 
 
-def drive(sim: RingSim, chunk: int) -> float:
-    """Prompts (N - 90 tokens) in chunks, interleaved with other requests' decodes, until every request reaches N;
+def drive(sim: RingSim, chunk: int, tail: int = 90) -> float:
+    """Prompts (N - tail tokens) in chunks, interleaved with other requests' decodes, until every request reaches N;
     the largest error of any step against the reference."""
-    prompts = [n - 90 for n in sim.lengths]
+    prompts = [n - tail for n in sim.lengths]
     err = 0.0
     while any(sim.done[r] < sim.lengths[r] for r in range(len(sim.lengths))):
         counts = {}

@@ -27,6 +27,13 @@ def test_cuda_ring_path_arguments_match_the_reference(contract, dtype):
     assert drive(sim, chunk=60) < {torch.float32: 2e-5, torch.bfloat16: 4e-2}[dtype]
 
 
+@pytest.mark.parametrize("g", [4, 8])
+def test_cuda_ring_path_at_eight_kv_heads_and_head_dim_128(contract, g):
+    alphas, betas = rules(2, 8, seed=13 + g)
+    sim = make_sim(CudaRingKernels, torch.bfloat16, alphas, betas, [230, 160], seed=9, g=g, d=128, scale=128**-0.5)
+    assert drive(sim, chunk=60) < 4e-2
+
+
 def test_cuda_ring_path_fails_on_a_wrong_window(contract):
     alphas, betas = rules(1, 3, seed=12)
     sim = make_sim(CudaRingKernels, torch.float32, alphas, betas, [220, 200], seed=7)
@@ -56,6 +63,13 @@ def _interpret(*args: str) -> float:
 @pytest.mark.parametrize("dtype, tol", [("float32", 2e-5), ("float16", 6e-3)])
 def test_real_triton_kernel_in_the_interpreter_matches_the_reference(dtype, tol):
     assert _interpret(dtype) < tol
+
+
+@pytest.mark.compute
+def test_real_triton_kernel_in_the_interpreter_at_eight_kv_heads_and_head_dim_128():
+    """vLLM's real decode kernel and our prefill kernel at 8 KV heads, GQA 4, head dim 128 (one layer, short
+    requests: the interpreter runs every program in numpy)."""
+    assert _interpret("float32", "0", "8x4x128") < 2e-5
 
 
 @pytest.mark.compute

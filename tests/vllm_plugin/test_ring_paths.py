@@ -1,7 +1,8 @@
 """The plugin's ring paths without an engine: decode through vLLM's own CPU_ATTN kernel as per-KV-head virtual
 sequences and the torch ring prefill, against the token-exact reference, for random spans, shuffled pages, stale
 NaN pages, wrapped rings, mixed decode + chunk steps, fp32/bf16/fp16; persistent metadata equals a fresh build;
-a window off by one fails; a row with fewer blocks than its rings need is refused."""
+a window off by one fails; a row with fewer blocks than its rings need is refused; the same at the geometry of the
+models people serve (8 KV heads, GQA 4 and 8, head dim 128)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,24 @@ def test_ring_paths_match_the_token_exact_reference(dtype, g, q_tile, monkeypatc
     sim = make_sim(CpuRingKernels, dtype, alphas, betas, [200, 290, 150], seed=1, g=g)
     assert bool((sim.spans < torch.tensor(sim.lengths)[None, :, None] - 60).any())  # some rings wrap
     assert drive(sim, chunk=70) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("g", [4, 8])
+def test_ring_paths_at_eight_kv_heads_and_head_dim_128(dtype, g):
+    """Llama-3-8B / 70B attention geometry (8 KV heads of 128 dims, 32 or 64 query heads): 8 virtual sequences
+    per layer per request, a 128-wide cell, vLLM's kernel at GQA 4 / 8."""
+    alphas, betas = rules(2, 8, seed=20 + g)
+    sim = make_sim(CpuRingKernels, dtype, alphas, betas, [260, 170], seed=21, g=g, d=128, scale=128**-0.5)
+    assert bool((sim.spans < torch.tensor(sim.lengths)[None, :, None] - 60).any())  # some rings wrap
+    assert drive(sim, chunk=70) < TOL[dtype]
+
+
+def test_a_window_off_by_one_fails_at_eight_kv_heads():
+    alphas, betas = rules(1, 8, seed=22)
+    sim = make_sim(CpuRingKernels, torch.float32, alphas, betas, [220, 200], seed=23, g=4, d=128, scale=128**-0.5)
+    sim.reference_window_delta = 1
+    assert drive(sim, chunk=64) > 1e-3
 
 
 def test_rings_wrapped_many_times_and_no_sinks(monkeypatch):

@@ -1,0 +1,137 @@
+"""Bytes of the per-request metadata a served model carries: moa-vllm's ring metadata (RingState's persistent
+buffers, as the worker allocates them) against vLLM's own block tables (vLLM's MultiGroupBlockTable, built as the
+GPU model runner builds it: one group for stock vLLM, one group per MoA layer with the ring spec's widths).
+
+Both are the real classes, allocated on PyTorch's meta device where they would live on the GPU (no memory is
+taken; nbytes is exact); vLLM's host-side mirrors are real CPU tensors and are counted separately.
+
+Usage:
+  python benchmarks/metadata_bytes.py [--model-dir plans/Llama-3-8B-Instruct-262k] [--max-model-len 131072]
+      [--max-num-seqs 256] [--block-size 16]
+Result: benchmarks/results/metadata_bytes.json, with its command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+MODELS = ["Llama-3.2-1B-Instruct", "Llama-3-8B-Instruct-262k"]
+
+
+def device_bytes(obj: object) -> int:
+    """Bytes of the meta-device tensors an object holds as attributes (what a class allocates on the device in
+    __init__; its host-side rules are not counted)."""
+    return sum(v.nbytes for v in vars(obj).values() if isinstance(v, torch.Tensor) and v.device.type == "meta")
+
+
+def ring_metadata_bytes(plan, max_model_len: int, max_num_seqs: int, block_size: int) -> dict[str, int]:
+    from moa_vllm.vllm_plugin.moa.ring_state import RingState
+
+    alphas = torch.tensor([[r.alpha for r in layer] for layer in plan.rules], dtype=torch.float64)
+    betas = torch.tensor([[r.beta for r in layer] for layer in plan.rules], dtype=torch.float64)
+    state = RingState(
+        alphas, betas, plan.min_span, plan.sink_tokens, block_size, max_model_len, torch.device("meta"), max_num_seqs
+    )
+    return {"device": device_bytes(state), "ring_pages_widest_head": state.max_pages}
+
+
+def block_table_bytes(widths: list[int], max_num_seqs: int, block_size: int) -> dict[str, int]:
+    """vLLM's MultiGroupBlockTable for these per-group widths (max_num_blocks_per_req of each group's spec)."""
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
+
+    tables = MultiGroupBlockTable(
+        max_num_reqs=max_num_seqs,
+        max_num_batched_tokens=2048,
+        pin_memory=False,
+        device=torch.device("meta"),
+        block_sizes=[block_size] * len(widths),
+        max_num_blocks=widths,
+    )
+    groups = tables.block_tables
+    return {
+        "groups": len(groups),
+        "widths": sorted({g.max_num_blocks_per_req for g in groups}),
+        "device": sum(g.block_table.gpu.nbytes for g in groups),
+        "host": sum(g.block_table.cpu.nbytes for g in groups),
+    }
+
+
+def measure(model_dir: Path, plan_path: Path, max_model_len: int, max_num_seqs: int, block_size: int) -> dict:
+    from moa_vllm.plan import dense_plan, fingerprint_from_hf_config, load_hf_config, load_plan
+    from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec
+
+    fp = fingerprint_from_hf_config(load_hf_config(model_dir))
+    out = {"model": model_dir.name, "fingerprint": fp.model_dump(), "plans": {}}
+    stock = block_table_bytes([-(-max_model_len // block_size)], max_num_seqs, block_size)
+    out["stock_vllm_block_tables"] = stock
+    for name, plan in (("reference", load_plan(plan_path)), ("dense", dense_plan(fp))):
+        specs = [
+            MoARingSpec(
+                block_size=block_size,
+                num_kv_heads=fp.num_kv_heads,
+                head_size=fp.head_dim,
+                dtype=torch.bfloat16,
+                layer_index=i,
+                sink_tokens=plan.sink_tokens,
+                min_span=plan.min_span,
+                alphas=tuple(r.alpha for r in rules),
+                betas=tuple(r.beta for r in rules),
+            )
+            for i, rules in enumerate(plan.rules)
+        ]
+        widths = [s.max_num_blocks_per_req(None, max_model_len) for s in specs]
+        vllm_moa = block_table_bytes(widths, max_num_seqs, block_size)
+        ring = ring_metadata_bytes(plan, max_model_len, max_num_seqs, block_size)
+        out["plans"][name] = {
+            "plan": str(plan_path.relative_to(REPO)) if name == "reference" else "dense (generated)",
+            "vllm_block_tables_moa_config": vllm_moa,
+            "ring_metadata": ring,
+            "ring_over_vllm_moa_device": ring["device"] / vllm_moa["device"],
+            "ring_over_stock_device": ring["device"] / stock["device"],
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=MODELS, help="folders under plans/ with config.json + moa-reference")
+    p.add_argument("--max-model-len", type=int, default=131072)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=16, help="vLLM's default on CUDA")
+    p.add_argument("--out", type=Path, default=RESULTS / "metadata_bytes.json")
+    a = p.parse_args(argv)
+    rows = []
+    for name in a.models:
+        folder = REPO / "plans" / name
+        rows.append(measure(folder, folder / "moa-reference.json", a.max_model_len, a.max_num_seqs, a.block_size))
+    doc = {
+        "command": "python benchmarks/metadata_bytes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "max_model_len": a.max_model_len,
+        "max_num_seqs": a.max_num_seqs,
+        "block_size": a.block_size,
+        "note": "device bytes; vLLM also mirrors each block table on the host (host)",
+        "results": rows,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    for r in rows:
+        print(f"{r['model']}: stock vLLM block tables {r['stock_vllm_block_tables']['device'] / 2**20:.1f} MiB")
+        for name, x in r["plans"].items():
+            print(
+                f"  {name}: vLLM block tables (moa, {x['vllm_block_tables_moa_config']['groups']} groups) "
+                f"{x['vllm_block_tables_moa_config']['device'] / 2**20:.1f} MiB, ring metadata "
+                f"{x['ring_metadata']['device'] / 2**20:.1f} MiB = {x['ring_over_vllm_moa_device']:.2f}x / "
+                f"{x['ring_over_stock_device']:.1f}x stock"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

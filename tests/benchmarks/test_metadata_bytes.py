@@ -1,0 +1,25 @@
+"""benchmarks/metadata_bytes.py counts what the real classes allocate: the ring metadata's persistent buffers and
+vLLM's block tables, stock (one group) and under moa (one group per layer)."""
+
+from __future__ import annotations
+
+from benchmarks.metadata_bytes import REPO, measure
+from moa_vllm.plan.ring import cdiv
+
+
+def test_bytes_follow_the_buffers_shapes():
+    folder = REPO / "plans" / "Llama-3.2-1B-Instruct"
+    out = measure(folder, folder / "moa-reference.json", max_model_len=4096, max_num_seqs=4, block_size=16)
+    fp = out["fingerprint"]
+    layers, heads = fp["num_layers"], fp["num_kv_heads"]
+    assert out["stock_vllm_block_tables"]["groups"] == 1
+    assert out["stock_vllm_block_tables"]["device"] == 4 * cdiv(4096, 16) * 4
+    dense = out["plans"]["dense"]
+    pages = dense["ring_metadata"]["ring_pages_widest_head"]
+    assert pages == cdiv(4096, 16)
+    # page tables [L, R, H, P] int32 + spans [L, R, H] int64
+    assert dense["ring_metadata"]["device"] == layers * 4 * heads * (pages * 4 + 8)
+    vllm_moa = dense["vllm_block_tables_moa_config"]
+    assert vllm_moa["groups"] == layers and vllm_moa["device"] == layers * out["stock_vllm_block_tables"]["device"]
+    reference = out["plans"]["reference"]
+    assert reference["vllm_block_tables_moa_config"]["device"] < vllm_moa["device"]  # sparse rings: fewer columns
