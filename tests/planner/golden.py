@@ -3,6 +3,10 @@
 JSON artefacts (plans, keys, Pareto sets, true losses, reports) are digested as bytes; .npz archives by their arrays
 (their zip entries carry write times); a plan's `metadata.created` is blanked (the time it was written);
 timings.json and images are left out (wall times, renderer versions).
+
+Float kernels differ across CPUs (PyTorch picks its kernels by the host's instruction set), so the digests are
+recorded per host signature: a run must equal one recorded set; a host whose own set is recorded must equal that one;
+a host with none cannot be judged (the test skips and says how to record it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,21 @@ RUN_ARGS = [
     "--validation-samples", "2", "--keep-wrong-answers", "--fidelity-texts", "1", "--fidelity-length", "224",
     "--retrieval-weights", "1", "--hybrid-heads", "1 2", "--density", "0.5 0.25", "--no-ship-gate", "--seed", "0",
 ]  # fmt: skip
+
+
+def host_signature() -> str:
+    """CPU vendor, family / model and the instruction set PyTorch dispatches to: what decides float results here."""
+    import torch
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cpu = " ".join(fields.get(k, "?") for k in ("vendor_id", "cpu family", "model", "model name"))
+    return f"{cpu} | torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _sha(data: bytes) -> str:
@@ -59,10 +78,20 @@ def run_recorded(model_parent: Path, work: Path) -> dict[str, str]:
     return artefact_digests(work)
 
 
-if __name__ == "__main__":  # record: python -m tests.planner.golden
+def record(keep_other_hosts: bool) -> None:
+    """This host's digests into the fixture. A change meant to alter artefacts drops every other host's set (they
+    are stale); --add-host keeps them (the same code, one more host)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         digests = run_recorded(Path(tmp) / "model", Path(tmp) / "work")
-    FIXTURE.write_text(json.dumps({"args": RUN_ARGS, "artefacts": digests}, indent=1) + "\n")
-    print(f"{len(digests)} artefacts recorded in {FIXTURE}")
+    hosts = json.loads(FIXTURE.read_text())["hosts"] if keep_other_hosts and FIXTURE.exists() else {}
+    hosts[host_signature()] = digests
+    FIXTURE.write_text(json.dumps({"args": RUN_ARGS, "hosts": hosts}, indent=1, sort_keys=True) + "\n")
+    print(f"{len(digests)} artefacts recorded for {host_signature()!r} in {FIXTURE} ({len(hosts)} hosts)")
+
+
+if __name__ == "__main__":  # record: python -m tests.planner.golden [--add-host]
+    import sys
+
+    record(keep_other_hosts="--add-host" in sys.argv[1:])
