@@ -7,21 +7,12 @@ import pytest
 from moa_vllm.data import natural_prompt
 from moa_vllm.plan import dense_plan, fingerprint_from_hf_config, load_hf_config, save_plan
 from tests.vllm_plugin.conftest import close_llm, make_llm
-from tests.vllm_plugin.matching import assert_greedy_close
+from tests.vllm_plugin.matching import assert_greedy_close, greedy_top5
 
 pytestmark = pytest.mark.engine
 
 LENGTHS = [12, 150, 700, 1300, 2300]  # one batch of mixed lengths, one over 2k tokens
 MAX_TOKENS = 24
-
-
-def _run(llm, prompts):
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=5, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    top5 = [[sorted(lp, key=lambda t: -lp[t].logprob)[:5] for lp in o.outputs[0].logprobs] for o in outs]
-    return [(list(o.outputs[0].token_ids), t5) for o, t5 in zip(outs, top5)]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +26,7 @@ def _stock_vs_moa(model_dir, plan, prompts, **engine_kwargs) -> dict:
     results = {}
     for name, plan_path in (("stock", None), ("moa", plan)):
         llm = make_llm(model_dir, plan_path, **engine_kwargs)
-        results[name] = _run(llm, prompts)
+        results[name] = greedy_top5(llm, prompts, MAX_TOKENS)
         close_llm(llm)
     return results
 

@@ -18,7 +18,7 @@ from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 from tests.planner.tiny_llama import tiny_tokenizer
 from tests.vllm_plugin.conftest import close_llm, make_llm
 from tests.vllm_plugin.hf_reference import ReferenceLM
-from tests.vllm_plugin.matching import assert_greedy_close
+from tests.vllm_plugin.matching import assert_greedy_close, greedy_top5
 from tests.vllm_plugin.plans import heterogeneous_plan
 
 pytestmark = pytest.mark.engine
@@ -71,22 +71,13 @@ def prompts(gqa4_dir):
     return [natural_prompt(tokenizer, n, seed=70 + i) for i, n in enumerate(PROMPT_LENGTHS)]
 
 
-def _generate(llm, prompts):
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=5, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    top5 = [[sorted(lp, key=lambda t: -lp[t].logprob)[:5] for lp in o.outputs[0].logprobs] for o in outs]
-    return [(list(o.outputs[0].token_ids), t5) for o, t5 in zip(outs, top5)]
-
-
 @pytest.fixture(scope="module")
 def runs(gqa4_dir, plans, prompts):
     """Stock, dense plan, heterogeneous plan: one engine at a time."""
     res = {}
     for name, plan in (("stock", None), ("dense", plans["dense"]), ("hetero", plans["hetero"])):
         llm = make_llm(gqa4_dir, plan, max_model_len=MAX_MODEL_LEN)
-        res[name] = _generate(llm, prompts)
+        res[name] = greedy_top5(llm, prompts, MAX_TOKENS)
         close_llm(llm)
     return res
 
