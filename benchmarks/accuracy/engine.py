@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,11 @@ def run_plan(
     settings: EngineSettings,
     plan: Path,
     passkey_prompts: list[list[int]],
-    answer_tokens: int,
+    answer_tokens: int | Sequence[int],
     fidelity_prompts: list[list[int]],
 ) -> PlanRun:
-    """Greedy answers to the passkey prompts and top-k prompt logprobs of the fidelity texts under one plan."""
+    """Greedy answers to the passkey prompts (`answer_tokens` for all, or one budget per prompt) and top-k prompt
+    logprobs of the fidelity texts under one plan."""
     configure_environment(settings)
     from vllm import LLM, SamplingParams
     from vllm.distributed import cleanup_dist_env_and_memory
@@ -62,11 +64,13 @@ def run_plan(
         additional_config={"moa": {"plan": str(plan)}},
     )
     engine_start_s = time.perf_counter() - start
-    answer = SamplingParams(max_tokens=answer_tokens, temperature=0.0)
+    budgets = [answer_tokens] * len(passkey_prompts) if isinstance(answer_tokens, int) else list(answer_tokens)
+    if len(budgets) != len(passkey_prompts):
+        raise ValueError(f"{len(budgets)} answer budgets for {len(passkey_prompts)} prompts")
     # max_tokens=1 sets N = prompt + 1 for the spans; only the prompt logprobs are used.
     score = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=settings.topk)
     prompts = [{"prompt_token_ids": p} for p in passkey_prompts + fidelity_prompts]
-    params = [answer] * len(passkey_prompts) + [score] * len(fidelity_prompts)
+    params = [SamplingParams(max_tokens=b, temperature=0.0) for b in budgets] + [score] * len(fidelity_prompts)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     generate_s = time.perf_counter() - start

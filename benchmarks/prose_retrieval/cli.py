@@ -1,6 +1,7 @@
 """`python -m benchmarks.prose_retrieval`: needle retrieval in natural prose for a list of plans, one engine per
-plan, every plan on the same prompts; results per plan (resumable: a plan whose result matches the grid is not
-run again), a summary with each plan's accuracy relative to the reference plan, and figures."""
+plan, every plan on the same prompts; results per plan (resumable per prompt: an answer stored for the same plan
+file, prompt ids, answer budget and engine settings is kept, only the other prompts run), a summary with each
+plan's accuracy relative to the reference plan, and figures."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from benchmarks.accuracy.engine import EngineSettings, run_plan
 from benchmarks.prose_retrieval import corpora as corpora_
 from benchmarks.prose_retrieval.plots import plot_cells, plot_forms
-from benchmarks.prose_retrieval.results import SPAN_GRID, case_record, ratios_by, summary
+from benchmarks.prose_retrieval.results import SPAN_GRID, case_record, prompt_sha, ratios_by, summary
 from benchmarks.prose_retrieval.tasks import DEFAULT_DEPTHS, DEFAULT_PAIRS, ProseCase, build_grid
 from moa_vllm.plan import load_plan
 
@@ -38,22 +39,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
     p.add_argument("--depths", nargs="+", type=float, default=list(DEFAULT_DEPTHS))
     p.add_argument("--seeds", type=int, default=1, help="prompts per cell")
-    p.add_argument("--answer-tokens", type=int, default=48, help="the model often restates the question first")
+    p.add_argument("--answer-tokens", type=int, default=24,
+                   help="answer budget per value asked for (the model often restates the question first)")  # fmt: skip
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--summary-only", action="store_true", help="rebuild summary + figures from the results in --out")
     return p.parse_args(argv)
 
 
 def grid_digest(cases: list[ProseCase]) -> str:
-    return hashlib.sha256(json.dumps([c.prompt_ids for c in cases]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([[c.prompt_ids, c.max_tokens] for c in cases]).encode()).hexdigest()[:16]
 
 
-def evaluate(args, settings: EngineSettings, path: Path, cases: list[ProseCase], digest: str) -> dict:
+def stored_answers(old: dict, plan_sha: str, model: str, max_model_len: int) -> dict[tuple[str, int], dict]:
+    """Records of an earlier result that still hold: same plan file, model and engine settings; keyed by what
+    generated each answer (prompt ids, answer budget)."""
+    same = (
+        old.get("kind") == RESULT_KIND
+        and old.get("plan", {}).get("sha256") == plan_sha
+        and old.get("model") == model
+        and old.get("settings", {}).get("max_model_len") == max_model_len
+        and old.get("settings", {}).get("span_grid") == SPAN_GRID
+    )
+    return {(r["prompt_sha"], r["max_tokens"]): r for r in old.get("cases", []) if same and "prompt_sha" in r}
+
+
+def evaluate(args, settings: EngineSettings, path: Path, cases: list[ProseCase], digest: str, old: dict) -> dict:
     import vllm
 
     plan = load_plan(path)
-    run = run_plan(settings, path, [c.prompt_ids for c in cases], args.answer_tokens, [])
-    records = [case_record(c, a, plan, args.answer_tokens, args.max_model_len) for c, a in zip(cases, run.answers)]
+    plan_sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    stored = stored_answers(old, plan_sha, settings.model_dir.name, args.max_model_len)
+    todo = [c for c in cases if (prompt_sha(c), c.max_tokens) not in stored]
+    wall = {"engine_start": 0.0, "generate": 0.0}
+    if todo:
+        run = run_plan(settings, path, [c.prompt_ids for c in todo], [c.max_tokens for c in todo], [])
+        wall = {"engine_start": run.engine_start_s, "generate": run.generate_s}
+        for c, a in zip(todo, run.answers):
+            stored[(prompt_sha(c), c.max_tokens)] = case_record(c, a, plan, args.max_model_len)
+    records = [stored[(prompt_sha(c), c.max_tokens)] for c in cases]
     return {
         "kind": RESULT_KIND,
         "command": "python -m benchmarks.prose_retrieval " + shlex.join(sys.argv[1:]),
@@ -61,7 +84,7 @@ def evaluate(args, settings: EngineSettings, path: Path, cases: list[ProseCase],
         "device": f"CPU ({os.cpu_count()} cores, {platform.machine()})",
         "vllm_version": vllm.__version__,
         "model": settings.model_dir.name,
-        "plan": {"name": path.stem, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()},
+        "plan": {"name": path.stem, "sha256": plan_sha},
         "grid": {
             "digest": digest,
             "lengths": args.lengths,
@@ -72,13 +95,15 @@ def evaluate(args, settings: EngineSettings, path: Path, cases: list[ProseCase],
             "prompts": len(cases),
         },
         "settings": {
-            "answer_tokens": args.answer_tokens,
+            "answer_tokens": args.answer_tokens,  # per value asked for; each case's budget is in its record
             "max_model_len": args.max_model_len,
             "dtype": "float32",
             "span_grid": SPAN_GRID,  # prefix caching on, as served
             "sampling": "greedy",
         },
-        "wall_s": {"engine_start": run.engine_start_s, "generate": run.generate_s},
+        "wall_s": wall,  # of this invocation's prompts only
+        "prompts_run": len(todo),
+        "prompts_reused": len(cases) - len(todo),
         "summary": summary(records),
         "cases": records,
     }
@@ -146,11 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path.stem}: up to date, skipped", flush=True)
                 continue
             start = time.perf_counter()
-            result = evaluate(args, settings, path.resolve(), cases, digest)
+            result = evaluate(args, settings, path.resolve(), cases, digest, old)
             target.write_text(json.dumps(result, indent=1) + "\n")
             acc = result["summary"]["all"]
             print(
-                f"{path.stem}: {acc['accuracy']:.3f} {acc['ci95']} in {time.perf_counter() - start:.0f} s", flush=True
+                f"{path.stem}: {acc['accuracy']:.3f} {acc['ci95']} ({result['prompts_run']} prompts run, "
+                f"{result['prompts_reused']} kept) in {time.perf_counter() - start:.0f} s",
+                flush=True,
             )
     doc = write_summary(args.out, args.reference.stem)
     print((args.out / "summary.md").read_text())

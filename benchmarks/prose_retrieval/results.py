@@ -3,6 +3,8 @@ each plan's accuracy relative to the reference plan's on the same prompts (paire
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -29,9 +31,14 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def heads_seeing_facts(plan: Plan, case: ProseCase, max_tokens: int, max_model_len: int) -> float:
+def prompt_sha(case: ProseCase) -> str:
+    """What a stored answer was generated from: the prompt's ids (a result is reused only for the same prompt)."""
+    return hashlib.sha256(json.dumps(case.prompt_ids).encode()).hexdigest()[:16]
+
+
+def heads_seeing_facts(plan: Plan, case: ProseCase, max_model_len: int) -> float:
     """Share of (layer, KV head) whose span lets the last prompt token see a token of every fact."""
-    n = served_length(case.prompt_tokens, max_tokens, max_model_len, SPAN_GRID)
+    n = served_length(case.prompt_tokens, case.max_tokens, max_model_len, SPAN_GRID)
     query = case.prompt_tokens - 1
     windows = [w for layer in plan.windows(n) for w in layer]
     sees = sum(
@@ -41,7 +48,7 @@ def heads_seeing_facts(plan: Plan, case: ProseCase, max_tokens: int, max_model_l
     return sees / len(windows)
 
 
-def case_record(case: ProseCase, answer: str, plan: Plan, max_tokens: int, max_model_len: int) -> dict:
+def case_record(case: ProseCase, answer: str, plan: Plan, max_model_len: int) -> dict:
     return {
         "form": case.form,
         "corpus": case.corpus,
@@ -49,11 +56,13 @@ def case_record(case: ProseCase, answer: str, plan: Plan, max_tokens: int, max_m
         "depths": list(case.depths),
         "seed": case.seed,
         "prompt_tokens": case.prompt_tokens,
+        "prompt_sha": prompt_sha(case),
+        "max_tokens": case.max_tokens,
         "fact_spans": [list(s) for s in case.fact_spans],
         "expected": list(case.needle.expected),
         "answer": answer,
         "correct": is_correct(case.needle, answer),
-        "heads_seeing_facts": round(heads_seeing_facts(plan, case, max_tokens, max_model_len), 4),
+        "heads_seeing_facts": round(heads_seeing_facts(plan, case, max_model_len), 4),
     }
 
 

@@ -1,6 +1,7 @@
 """Prompts: a stretch of one corpus's prose filled to a request length, the needle's facts inserted at paragraph
 boundaries at their depths, then the question. Built in token ids, so every fact's position is exact; `length` is
-the request length N = prompt tokens + max_tokens <= length."""
+the request length N = prompt tokens + max_tokens <= length, where a case's answer budget max_tokens is
+`answer_tokens` per value the question asks for (the model restates the question before each value)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class ProseCase:
     needle: Needle
     prompt_ids: list[int] = field(repr=False)
     fact_spans: tuple[tuple[int, int], ...]  # [start, end) prompt positions of each fact's tokens
+    max_tokens: int  # the answer budget: answer_tokens per expected value
 
     @property
     def prompt_tokens(self) -> int:
@@ -64,7 +66,7 @@ def prose_ids(tokenizer, corpus: Corpus, tokens: int, rng: random.Random) -> tup
 
 
 def build_case(
-    tokenizer, corpus: Corpus, form: str, length: int, depths: tuple[float, ...], seed: int, max_tokens: int
+    tokenizer, corpus: Corpus, form: str, length: int, depths: tuple[float, ...], seed: int, answer_tokens: int
 ) -> ProseCase:
     if any(not 0.0 <= d <= 1.0 for d in depths) or list(depths) != sorted(depths):
         raise ValueError(f"depths must be ascending in [0, 1], got {depths}")
@@ -72,6 +74,7 @@ def build_case(
     needle = make_needle(form, key)
     if len(needle.facts) != len(depths):
         raise ValueError(f"form {form} has {len(needle.facts)} facts, got {len(depths)} depths")
+    max_tokens = answer_tokens * len(needle.expected)
     head, tail = frame_ids(tokenizer, needle.question)
     facts = [_encode(tokenizer, f.strip() + "\n\n") for f in needle.facts]  # a paragraph of its own
     room = length - max_tokens - len(head) - len(tail) - sum(map(len, facts))
@@ -86,7 +89,7 @@ def build_case(
         prompt += fact
         at = cut
     prompt += prose[at:] + tail
-    return ProseCase(form, corpus.name, length, tuple(depths), seed, needle, prompt, tuple(spans))
+    return ProseCase(form, corpus.name, length, tuple(depths), seed, needle, prompt, tuple(spans), max_tokens)
 
 
 def build_grid(
@@ -96,14 +99,14 @@ def build_grid(
     depths: tuple[float, ...] = DEFAULT_DEPTHS,
     pairs: tuple[tuple[float, float], ...] = DEFAULT_PAIRS,
     seeds: int = 1,
-    max_tokens: int = 24,
+    answer_tokens: int = 24,
 ) -> list[ProseCase]:
     """Every single-fact form at every (length, depth) and every multi-fact form at every (length, depth pair),
     `seeds` prompts each; the corpus rotates over the cells so each form and length meets every corpus."""
     cells = [(f, n, (d,)) for n in lengths for d in depths for f in SINGLE_FORMS]
     cells += [(f, n, pair) for n in lengths for pair in pairs for f in MULTI_FORMS]
     return [
-        build_case(tokenizer, corpora[(i + s) % len(corpora)], form, n, ds, s, max_tokens)
+        build_case(tokenizer, corpora[(i + s) % len(corpora)], form, n, ds, s, answer_tokens)
         for i, (form, n, ds) in enumerate(cells)
         for s in range(seeds)
     ]

@@ -82,10 +82,39 @@ def test_two_facts_come_in_depth_order(tiny_tok, corpus):
 
 def test_the_grid_has_every_form_at_every_cell_and_rotates_the_corpora(tiny_tok, corpus):
     other = corpora.Corpus("copy", corpus.paragraphs[::-1])
-    cases = build_grid(tiny_tok, [corpus, other], [400, 600], (0.0, 1.0), ((0.2, 0.7),), seeds=1, max_tokens=16)
+    cases = build_grid(tiny_tok, [corpus, other], [400, 600], (0.0, 1.0), ((0.2, 0.7),), seeds=1, answer_tokens=16)
     assert len(cases) == len(SINGLE_FORMS) * 2 * 2 + len(MULTI_FORMS) * 2
     assert {c.form for c in cases} == set(FORMS) and {c.corpus for c in cases} == {"stdlib-docstrings", "copy"}
     assert len({tuple(c.prompt_ids) for c in cases}) == len(cases)
+
+
+def test_the_answer_budget_is_per_value_asked_for(tiny_tok, corpus):
+    one, two = (
+        build_case(tiny_tok, corpus, f, 900, d, 0, 16)
+        for f, d in (("two-hop", (0.1, 0.8)), ("two-needles", (0.1, 0.8)))
+    )
+    assert (one.max_tokens, two.max_tokens) == (16, 32)  # two codes come back, each after its restated label
+    assert one.prompt_tokens <= 900 - 16 and two.prompt_tokens <= 900 - 32
+
+
+def test_a_stored_answer_is_kept_only_for_the_same_plan_prompt_budget_and_settings(tiny_tok, corpus):
+    from benchmarks.prose_retrieval.cli import RESULT_KIND, stored_answers
+    from benchmarks.prose_retrieval.results import prompt_sha
+
+    case = build_case(tiny_tok, corpus, "number", 600, (0.5,), 0, 24)
+    record = {"prompt_sha": prompt_sha(case), "max_tokens": case.max_tokens, "answer": "x"}
+    old = {
+        "kind": RESULT_KIND,
+        "plan": {"sha256": "p"},
+        "model": "m",
+        "settings": {"max_model_len": 2048, "span_grid": 8},
+        "cases": [record],
+    }
+    assert stored_answers(old, "p", "m", 2048) == {(prompt_sha(case), 24): record}
+    assert stored_answers(old, "other plan", "m", 2048) == {}
+    assert stored_answers(old, "p", "other model", 2048) == {}
+    assert stored_answers(old, "p", "m", 4096) == {}
+    assert prompt_sha(build_case(tiny_tok, corpus, "number", 600, (0.5,), 1, 24)) != prompt_sha(case)
 
 
 def test_intervals_and_paired_ratios():
@@ -111,8 +140,8 @@ def test_the_span_grid_is_the_servers():
 def test_heads_seeing_facts_follows_the_plans_windows(tmp_path: Path, tiny_tok, corpus):
     fp = fingerprint_from_hf_config(load_hf_config(save_tiny_llama(tmp_path)))
     case = build_case(tiny_tok, corpus, "number", 600, (0.0,), 0, 24)
-    assert heads_seeing_facts(dense_plan(fp), case, 24, 2048) == 1.0
-    assert heads_seeing_facts(window_plan(fp, 64), case, 24, 2048) == 0.0  # the fact is far behind
+    assert heads_seeing_facts(dense_plan(fp), case, 2048) == 1.0
+    assert heads_seeing_facts(window_plan(fp, 64), case, 2048) == 0.0  # the fact is far behind
 
 
 @pytest.mark.engine
@@ -133,3 +162,13 @@ def test_a_small_run_through_the_engine_writes_results_summary_and_figures(tmp_p
     assert set(summary["plans"]) == {"dense", "uniform-d0.25"} and summary["reference"] == "dense"
     assert (out / "forms.png").stat().st_size > 0 and (out / "cells.png").stat().st_size > 0
     main([*argv, "--summary-only"])  # the summary rebuilds from the results alone
+
+    # resume per prompt: drop one stored answer; a rerun runs that prompt alone and finds the same answer
+    dropped = dense["cases"].pop(1)
+    (out / "dense.json").write_text(json.dumps({**dense, "grid": {**dense["grid"], "digest": "stale"}}))
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.prose_retrieval", *argv[:1], plans[0], *argv[3:]], check=True, cwd=REPO
+    )
+    again = json.loads((out / "dense.json").read_text())
+    assert (again["prompts_run"], again["prompts_reused"]) == (1, len(again["cases"]) - 1)
+    assert again["cases"][1] == dropped
