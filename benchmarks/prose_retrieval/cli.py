@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.accuracy.engine import EngineSettings, run_plan
 from benchmarks.prose_retrieval import corpora as corpora_
 from benchmarks.prose_retrieval.plots import plot_cells, plot_forms
-from benchmarks.prose_retrieval.results import SPAN_GRID, case_record, prompt_sha, ratios_by, summary
+from benchmarks.prose_retrieval.results import SPAN_GRID, answer_key, case_record, ratios_by, summary
 from benchmarks.prose_retrieval.tasks import DEFAULT_DEPTHS, DEFAULT_PAIRS, ProseCase, build_grid
 from moa_vllm.plan import load_plan
 
@@ -69,14 +69,14 @@ def evaluate(args, settings: EngineSettings, path: Path, cases: list[ProseCase],
     plan = load_plan(path)
     plan_sha = hashlib.sha256(path.read_bytes()).hexdigest()
     stored = stored_answers(old, plan_sha, settings.model_dir.name, args.max_model_len)
-    todo = [c for c in cases if (prompt_sha(c), c.max_tokens) not in stored]
+    todo = [c for c in cases if answer_key(c) not in stored]
     wall = {"engine_start": 0.0, "generate": 0.0}
     if todo:
         run = run_plan(settings, path, [c.prompt_ids for c in todo], [c.max_tokens for c in todo], [])
         wall = {"engine_start": run.engine_start_s, "generate": run.generate_s}
         for c, a in zip(todo, run.answers):
-            stored[(prompt_sha(c), c.max_tokens)] = case_record(c, a, plan, args.max_model_len)
-    records = [stored[(prompt_sha(c), c.max_tokens)] for c in cases]
+            stored[answer_key(c)] = case_record(c, a, plan, args.max_model_len)
+    records = [stored[answer_key(c)] for c in cases]
     return {
         "kind": RESULT_KIND,
         "command": "python -m benchmarks.prose_retrieval " + shlex.join(sys.argv[1:]),

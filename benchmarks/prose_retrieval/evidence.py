@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.prose_retrieval import corpora as corpora_
 from benchmarks.prose_retrieval.cli import PLANS, REPO
-from benchmarks.prose_retrieval.results import SPAN_GRID, prompt_sha
+from benchmarks.prose_retrieval.results import SPAN_GRID, answer_key
 from benchmarks.prose_retrieval.tasks import DEFAULT_PAIRS, ProseCase, build_grid
 from moa_vllm.plan import Plan, load_plan, visible
 from moa_vllm.plan.span import served_length
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     by_prompt = {
         n: {(r["prompt_sha"], r["max_tokens"]): r for r in doc["cases"]} for n, doc in (("dense", dense), ("plan", run))
     }
-    keys = [(prompt_sha(c), c.max_tokens) for c in cases]
+    keys = [answer_key(c) for c in cases]
     missing = [n for n, recs in by_prompt.items() for k in keys if k not in recs]
     if missing:
         raise SystemExit(f"{len(missing)} rebuilt prompts are not in the results ({sorted(set(missing))}): rerun them")

@@ -36,6 +36,11 @@ def prompt_sha(case: ProseCase) -> str:
     return hashlib.sha256(json.dumps(case.prompt_ids).encode()).hexdigest()[:16]
 
 
+def answer_key(case: ProseCase) -> tuple[str, int]:
+    """What generated a stored answer: the prompt's ids and the answer budget."""
+    return prompt_sha(case), case.max_tokens
+
+
 def heads_seeing_facts(plan: Plan, case: ProseCase, max_model_len: int) -> float:
     """Share of (layer, KV head) whose span lets the last prompt token see a token of every fact."""
     n = served_length(case.prompt_tokens, case.max_tokens, max_model_len, SPAN_GRID)
