@@ -25,12 +25,6 @@ RESULTS = REPO / "benchmarks" / "results"
 MODELS = ["Llama-3.2-1B-Instruct", "Llama-3-8B-Instruct-262k"]
 
 
-def device_bytes(obj: object) -> int:
-    """Bytes of the meta-device tensors an object holds as attributes (what a class allocates on the device in
-    __init__; its host-side rules are not counted)."""
-    return sum(v.nbytes for v in vars(obj).values() if isinstance(v, torch.Tensor) and v.device.type == "meta")
-
-
 def ring_metadata_bytes(plan, max_model_len: int, max_num_seqs: int, block_size: int) -> dict[str, int]:
     from moa_vllm.vllm_plugin.moa.ring_state import RingState
 
@@ -39,7 +33,12 @@ def ring_metadata_bytes(plan, max_model_len: int, max_num_seqs: int, block_size:
     state = RingState(
         alphas, betas, plan.min_span, plan.sink_tokens, block_size, max_model_len, torch.device("meta"), max_num_seqs
     )
-    return {"device": device_bytes(state), "ring_pages_widest_head": state.max_pages}
+    return {
+        "device": state.buffers.nbytes,
+        "spans": state.buffers.spans.nbytes,
+        "page_table_scratch": state.buffers.tables.nbytes,
+        "ring_pages_widest_head": state.max_pages,
+    }
 
 
 def block_table_bytes(widths: list[int], max_num_seqs: int, block_size: int) -> dict[str, int]:

@@ -1,10 +1,10 @@
 """How a one-KV-head page cell stores its tokens, and reading whole rings back out of it (plain torch).
 
 The layer's cache [num_blocks, H, page, 2D] is viewed as cells [num_blocks * H, 2 * page, D]: a K page then a V
-page (vLLM CPU_ATTN's in-cell layout; on GPU the same view split in two is what paged kernels read). V is always
-token-major [page, D]. K is in the attention kernel's own order: token-major for GPU kernels, dimension-major
-([D, page]) for CPU_ATTN's vector ISA. `key_index` records that order as a permutation, so prefill can read rings
-written by any kernel.
+page (vLLM CPU_ATTN's in-cell layout; on GPU the same view split in two is what paged kernels read). Each page is
+in the attention kernel's own order: both token-major for GPU kernels; for CPU_ATTN K is dimension-major ([D, page])
+on the vector ISA, and with bf16 on AMX both K and V are packed in tiles. `key_index` / `value_index` record each
+order as a permutation, so prefill can read rings written by any kernel.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class PageFormat:
     page: int
     head_dim: int
     key_index: torch.Tensor | None = None  # [page * D]: flat K-page index of logical (token, dim); None = token-major
+    value_index: torch.Tensor | None = None  # the same for the V page
 
     @classmethod
     def token_major(cls, page: int, head_dim: int) -> PageFormat:
@@ -46,12 +47,17 @@ class PageFormat:
         """K and V of the pages page_ids [H, P] as [H, P * page, D] each (a gather copy, in the cache dtype)."""
         h, p = page_ids.shape
         raw = cell_view[page_ids.long()]  # [H, P, 2 * page, D]
-        k_raw, v = raw[:, :, : self.page], raw[:, :, self.page :]
-        if self.key_index is None:
-            k = k_raw
-        else:
-            k = k_raw.reshape(h, p, -1)[:, :, self.key_index.to(k_raw.device)].view(h, p, self.page, self.head_dim)
+        k = _logical(raw[:, :, : self.page], self.key_index, self.page, self.head_dim)
+        v = _logical(raw[:, :, self.page :], self.value_index, self.page, self.head_dim)
         return k.reshape(h, p * self.page, self.head_dim), v.reshape(h, p * self.page, self.head_dim)
+
+
+def _logical(pages: torch.Tensor, index: torch.Tensor | None, page: int, head_dim: int) -> torch.Tensor:
+    """Pages [H, P, page, D] as stored -> [H, P, page, D] token-major."""
+    if index is None:
+        return pages
+    h, p = pages.shape[:2]
+    return pages.reshape(h, p, -1)[:, :, index.to(pages.device)].view(h, p, page, head_dim)
 
 
 def write_token_major(cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:

@@ -45,6 +45,26 @@ def page_tables(spans: torch.Tensor, block_tables: torch.Tensor, page: int, max_
     return torch.where(valid, blocks * heads + flat % heads, 0).to(torch.int32)
 
 
+def layer_page_table(spans: torch.Tensor, block_table: torch.Tensor, page: int, out: torch.Tensor) -> torch.Tensor:
+    """One layer's ring page tables written into `out` [R, H, P] (int32) and returned: the rows of `page_tables` for
+    spans [R, H] and the layer's block table [R, B]; entries past a ring's pages are 0.
+
+    The forward derives each layer's tables here, from vLLM's own block table, into one scratch every layer shares
+    (RingState), instead of keeping [L, max_rows, H, P] tables: H one-head page ids per vLLM block id are the
+    kernels' input, so a persistent copy per layer would cost H x vLLM's block tables. Only torch ops of fixed shape:
+    safe inside a captured CUDA graph."""
+    heads, width = spans.shape[-1], out.shape[-1]
+    pages = ring_pages(spans, page)
+    first = torch.cumsum(pages, dim=-1) - pages
+    j = torch.arange(width, device=spans.device)
+    flat = first[..., None] + j  # [R, H, P] page index in the request's flat page list of this layer
+    valid = j < pages[..., None]
+    blk_index = torch.where(valid, torch.div(flat, heads, rounding_mode="floor"), 0)
+    blocks = torch.gather(block_table.long(), 1, blk_index.view(spans.shape[0], -1)).view_as(flat)
+    out.copy_(torch.where(valid, blocks * heads + flat % heads, 0))
+    return out
+
+
 def ring_slot_of(pos: torch.Tensor, spans: torch.Tensor, sinks: int) -> torch.Tensor:
     """Ring slot of position pos (broadcast against spans): pos while pos < sinks, else sinks + (pos - sinks) % w."""
     window = torch.clamp(spans - sinks, min=1)

@@ -17,8 +17,9 @@ def test_bytes_follow_the_buffers_shapes():
     dense = out["plans"]["dense"]
     pages = dense["ring_metadata"]["ring_pages_widest_head"]
     assert pages == cdiv(4096, 16)
-    # page tables [L, R, H, P] int32 + spans [L, R, H] int64
-    assert dense["ring_metadata"]["device"] == layers * 4 * heads * (pages * 4 + 8)
+    # one page-table scratch [R * H * P] int32 for all layers + spans [L, R, H] int64
+    assert dense["ring_metadata"]["page_table_scratch"] == 4 * heads * pages * 4
+    assert dense["ring_metadata"]["device"] == 4 * heads * pages * 4 + layers * 4 * heads * 8
     vllm_moa = dense["vllm_block_tables_moa_config"]
     assert vllm_moa["groups"] == layers and vllm_moa["device"] == layers * out["stock_vllm_block_tables"]["device"]
     reference = out["plans"]["reference"]

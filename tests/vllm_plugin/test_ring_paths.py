@@ -13,7 +13,7 @@ import torch
 
 from moa_vllm.vllm_plugin.moa.engine_context import EngineContext
 from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels, probe_page_format
-from moa_vllm.vllm_plugin.moa.ring_state import RingState
+from moa_vllm.vllm_plugin.moa.ring_state import RingBuffers, RingState, widest_pages
 from tests.vllm_plugin.ring_sim import PAGE, D, drive, make_sim, rules
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 6e-3}
@@ -83,8 +83,10 @@ def test_persistent_metadata_equals_a_fresh_build():
         fresh.fill_layer(layer, sim.tables[layer, [0, 1]])
     kept.finalize(4, PAGE)
     new.finalize(4, PAGE)
-    assert torch.equal(kept.tables, new.tables) and torch.equal(kept.spans, new.spans)
-    assert torch.equal(kept.visible, new.visible) and torch.equal(kept.slots, new.slots)
+    assert torch.equal(kept.spans, new.spans) and torch.equal(kept.visible, new.visible)
+    for layer in range(2):
+        assert torch.equal(kept.table(layer, fresh=True), new.table(layer, fresh=True))
+        assert torch.equal(kept.decode_slots(layer, 4), new.decode_slots(layer, 4))
 
 
 def test_rows_with_missing_blocks_are_refused():
@@ -108,3 +110,14 @@ def test_probed_key_layout_reads_back_what_the_kernel_wrote(dtype):
     kernels.write(view, torch.arange(PAGE) + 3 * PAGE, key, value)
     k, v = fmt.read(view, torch.tensor([[3]]))
     assert torch.equal(k[0], key) and torch.equal(v[0], value)
+
+
+def test_ring_state_uses_reserved_buffers_and_refuses_short_ones():
+    alphas, betas = rules(2, 3, seed=11)
+    pages = widest_pages(alphas, betas, 4096, 20, PAGE)
+    reserved = RingBuffers.allocate(2, 8, 3, pages, torch.device("cpu"))
+    state = RingState(alphas, betas, 20, 4, PAGE, 4096, torch.device("cpu"), max_rows=8, buffers=reserved)
+    assert state.buffers is reserved and state._spans_buf.data_ptr() == reserved.spans.data_ptr()
+    short = RingBuffers.allocate(2, 8, 3, pages - 1, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="ring buffers reserved"):
+        RingState(alphas, betas, 20, 4, PAGE, 4096, torch.device("cpu"), max_rows=8, buffers=short)

@@ -34,7 +34,7 @@ from moa_vllm.vllm_plugin.hooks import check_runner_hooks
 from moa_vllm.vllm_plugin.moa.engine_context import EngineContext, engine_context
 from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec, rank_heads
 from moa_vllm.vllm_plugin.moa.ring_kernels import RingKernels
-from moa_vllm.vllm_plugin.moa.ring_state import RingState, RingStep
+from moa_vllm.vllm_plugin.moa.ring_state import RingBuffers, RingState, RingStep, widest_pages
 from moa_vllm.vllm_plugin.settings import plan_from_vllm_config
 
 logger = init_logger("vllm.moa_vllm")
@@ -118,6 +118,11 @@ def _rank_heads(spec: MoARingSpec) -> range:
 def ring_state(context: EngineContext, vllm_config: VllmConfig, spec: MoARingSpec, device: torch.device) -> RingState:
     """The engine's RingState (made by its first builder), holding every layer's rules for this rank's KV heads."""
     if context.ring_state is None:
+        if context.ring_buffers is None:  # allocating them now would be after vLLM's memory profiling
+            raise RuntimeError(
+                "moa-vllm: no MoA attention layer reserved the ring buffers while the model was built "
+                "(MoAImpl.__init__); refusing to allocate them after vLLM profiled memory"
+            )
         plan = plan_from_vllm_config(vllm_config)
         heads = _rank_heads(spec)
         alphas = torch.tensor([[layer[h].alpha for h in heads] for layer in plan.rules], dtype=torch.float64)
@@ -132,8 +137,30 @@ def ring_state(context: EngineContext, vllm_config: VllmConfig, spec: MoARingSpe
             device,
             max_rows=vllm_config.scheduler_config.max_num_seqs,
             prefix=spec.prefix_blocks,
+            buffers=context.ring_buffers,
         )
     return context.ring_state
+
+
+def reserve_ring_buffers(context: EngineContext, vllm_config: VllmConfig, num_kv_heads: int) -> RingBuffers:
+    """The ring metadata's device buffers, allocated once per engine while the model is built (the first MoA
+    layer's impl), i.e. before vLLM profiles memory: they count as model memory, not as free KV cache space. Sized
+    for every plan head's widest ring at max_model_len (this rank's heads are a subset)."""
+    if context.ring_buffers is None:
+        plan = plan_from_vllm_config(vllm_config)
+        alphas = torch.tensor([[r.alpha for r in layer] for layer in plan.rules], dtype=torch.float64)
+        betas = torch.tensor([[r.beta for r in layer] for layer in plan.rules], dtype=torch.float64)
+        page = vllm_config.cache_config.block_size
+        max_len = vllm_config.model_config.max_model_len
+        pages = widest_pages(alphas, betas, max_len, plan.min_span, page)
+        device = torch.device(vllm_config.device_config.device)
+        rows = vllm_config.scheduler_config.max_num_seqs
+        context.ring_buffers = RingBuffers.allocate(len(plan.rules), rows, num_kv_heads, pages, device)
+        logger.info(
+            "moa-vllm: ring metadata buffers %.1f MiB (%d rows x %d KV heads x %d pages at %d tokens, page %d)",
+            context.ring_buffers.nbytes / 2**20, rows, num_kv_heads, pages, max_len, page,
+        )  # fmt: skip
+    return context.ring_buffers
 
 
 class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
@@ -240,6 +267,7 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         self.plan = plan_from_vllm_config(vllm_config)
         self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         _check_cache_dtype(kv_cache_dtype, vllm_config)
+        reserve_ring_buffers(engine_context(vllm_config), vllm_config, self.num_kv_heads)
         self._kernels = None
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -310,17 +338,18 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
     view = cells(kv_cache)
     page = kv_cache.shape[2]
     step.finalize(sinks, page)
+    table = step.table(layer, fresh=True)  # this layer's ring page tables, into the scratch all layers share
     if step.prefix_ids.get(layer):
         _prefix_blocks(k, v, view, kernels, step, layer, sinks)
     nd = step.num_decodes
     if nd:
         g = q.shape[1] // h
         # Write first: the new token's slot held the one key its query may no longer see.
-        kernels.write(view, step.slots[layer], k[:nd].reshape(nd * h, d), v[:nd].reshape(nd * h, d))
+        kernels.write(view, step.decode_slots(layer, sinks), k[:nd].reshape(nd * h, d), v[:nd].reshape(nd * h, d))
         kernels.decode(
             q[:nd].reshape(nd * h, g, d),
             view,
-            step.tables[layer, :nd].view(nd * h, -1),
+            table[:nd].view(nd * h, -1),
             step.visible[layer, : nd * h],
             scale,
             out[:nd].view(nd * h, g, d),
@@ -346,7 +375,7 @@ def _prefix_blocks(k, v, view, kernels, step: RingStep, layer: int, sinks: int) 
             kernels.write(view, slots, k[token, head], v[token, head])
     for r in step.restore:
         restore_ring(
-            view, kernels.format, kernels.write, rows[r], step.tables[layer, r], step.spans[layer, r], sinks,
+            view, kernels.format, kernels.write, rows[r], step.table(layer)[r], step.spans[layer, r], sinks,
             step.computed[r],
         )  # fmt: skip
 
@@ -378,7 +407,7 @@ def _prefill_ring(
     qs, qe = step.query_start_loc[r], step.query_start_loc[r + 1]
     computed = step.computed[r]
     spans = step.spans[layer, r]  # [H]
-    tables = step.tables[layer, r]  # [H, P]
+    tables = step.table(layer)[r]  # [H, P]
     ring_k = ring_v = ring_pos = None
     if computed > 0:
         held = int(torch.clamp(spans, max=computed).max())

@@ -20,18 +20,20 @@ from moa_vllm.plan.span import request_length, span_length
 from moa_vllm.vllm_plugin.moa.published_batch import PublishedBatch
 
 if TYPE_CHECKING:
-    from moa_vllm.vllm_plugin.moa.ring_state import RingState
+    from moa_vllm.vllm_plugin.moa.ring_state import RingBuffers, RingState
 
 _ATTR = "_moa_engine_context"
 
 
 class EngineContext:
-    """One engine's worker-side hand-off. `published` is replaced by every publish; `ring_state` is made by the
-    first builder (backend.ring_state) and shared by all layers."""
+    """One engine's worker-side hand-off. `published` is replaced by every publish; `ring_buffers` are allocated by
+    the first MoA layer's impl while the model is built (before memory profiling); `ring_state` is made by the
+    first builder (backend.ring_state) on those buffers and shared by all layers."""
 
     def __init__(self, span_grid: int = 0) -> None:
         self.published: PublishedBatch | None = None
         self.ring_state: RingState | None = None
+        self.ring_buffers: RingBuffers | None = None
         self.dummy_runs = 0  # > 0 while the V1 runner is inside _dummy_run (warm-up, profiling)
         self.span_grid = span_grid  # steps per octave N is rounded up to (settings.span_grid)
         self.fresh_ids: set[str] = set()  # requests whose block lists the runner (re)assigned, until published

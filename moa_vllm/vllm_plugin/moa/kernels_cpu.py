@@ -3,7 +3,8 @@
 Every (request, KV head) ring is a one-KV-head virtual sequence: query rows [R*H, G, D], page table [R*H, P] of
 one-head page ids, seq_len = min(written, span). The step's token is written first (its slot held the one key
 the query may no longer see), so decode is plain unmasked attention over the ring, which is what the stock kernel
-computes. K pages are in the kernel's own order; `page_format` probes it once so ring prefill can read them.
+computes. Pages are in the kernel's own order (K dimension-major on the vector ISA; K and V packed on AMX for bf16);
+`probe_page_format` probes both once so ring prefill can read them.
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ class CpuRingKernels(RingKernels):
 
 @functools.cache
 def probe_page_format(dtype: torch.dtype, page: int, head_dim: int, isa: str) -> PageFormat:
-    """Where cpu_attn_reshape_and_cache puts K[token, dim] inside a page: write small exact integers, read back."""
+    """Where cpu_attn_reshape_and_cache puts K[token, dim] and V[token, dim] inside a page: write small exact
+    integers, read back (the vector ISA keeps K dimension-major; AMX packs both pages of a bf16 cache in tiles)."""
     t = torch.arange(page)[:, None].expand(page, head_dim)
     d = torch.arange(head_dim)[None, :].expand(page, head_dim)
-    digits = []
+    digits: list[tuple[torch.Tensor, torch.Tensor]] = []
     for value in (t // 16, t % 16, d // 16, d % 16):  # small integers are exact in every dtype
         cell = torch.zeros(1, 2 * page, head_dim, dtype=dtype)
         ops.cpu_attn_reshape_and_cache(
@@ -103,13 +105,19 @@ def probe_page_format(dtype: torch.dtype, page: int, head_dim: int, isa: str) ->
             torch.arange(page),
             isa,
         )
-        digits.append(cell[0, :page].reshape(-1).long())
+        digits.append((cell[0, :page].reshape(-1).long(), cell[0, page:].reshape(-1).long()))
+    key_index, value_index = (
+        _page_index([x[half] for x in digits], page, head_dim, isa, name) for half, name in ((0, "K"), (1, "V"))
+    )
+    return PageFormat(page, head_dim, key_index, value_index)
+
+
+def _page_index(digits: list[torch.Tensor], page: int, head_dim: int, isa: str, name: str) -> torch.Tensor | None:
+    """The flat page index of each logical (token, dim) from the probe's four digit planes; None if token-major."""
     token, dim = digits[0] * 16 + digits[1], digits[2] * 16 + digits[3]
     logical = token * head_dim + dim  # logical (token, dim) stored at each physical index
     if not torch.equal(torch.sort(logical).values, torch.arange(page * head_dim)):
-        raise RuntimeError(f"moa-vllm: CPU_ATTN ({isa}) K page layout is not a permutation of [page, head_dim]")
-    key_index = torch.empty_like(logical)
-    key_index[logical] = torch.arange(page * head_dim)
-    if torch.equal(key_index, torch.arange(page * head_dim)):
-        return PageFormat.token_major(page, head_dim)
-    return PageFormat(page, head_dim, key_index)
+        raise RuntimeError(f"moa-vllm: CPU_ATTN ({isa}) {name} page layout is not a permutation of [page, head_dim]")
+    index = torch.empty_like(logical)
+    index[logical] = torch.arange(page * head_dim)
+    return None if torch.equal(index, torch.arange(page * head_dim)) else index

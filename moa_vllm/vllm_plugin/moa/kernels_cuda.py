@@ -105,7 +105,7 @@ class CudaRingKernels(RingKernels):
         rows = [r for r in range(step.num_decodes, len(step.computed)) if qsl[r + 1] > qsl[r]]
         if not rows:
             return
-        tables, spans = step.tables[layer], step.spans[layer]
+        tables, spans = step.table(layer), step.spans[layer]
         blocks = pick_blocks(self.head_dim, q.shape[1] // k.shape[1], interpret=interpreting())
         if step.prefill_launch is None:  # the step's first layer: its tiles, shared by every layer
             step.prefill_launch = plan_launch(step.computed, qsl, rows, blocks.block_t, q.device)

@@ -3,18 +3,23 @@
 Per step the model runner publishes the batch's request ids and lengths N into the engine's context
 (engine_context.py; patches.py, for runner V1 and V2), and each builder passes it to `step_for`. The first MoA
 metadata builder called in a step makes the step's `RingStep` for every layer at once: spans [L, R, H] (recomputed
-only when the batch's requests change), the rows' ring page tables [L, R, H, P] (a request's tables are computed
-when it is first scheduled, from each layer's block table as that layer's builder passes it, checked against the
-blocks the scheduler gave it, and reused until it leaves the batch or restarts from position 0), and, at the first
-attention call, the decode tensors of all layers: visible lengths [L, R*H] and the slots of the new tokens
-[L, R_decode*H]. Builders of later layers only hand out the same step.
+only when the batch's requests change) and, at the first attention call, the visible lengths of all layers
+[L, R*H]. Each layer's builder hands the step that layer's vLLM block table; a request's blocks are checked against
+what its rings need when it is first scheduled (and again after a restart or a change of N).
+
+Page tables are not kept. The kernels read a ring through its one-head page ids [R*H, P], which cost H x vLLM's
+block tables per layer; keeping them for every layer and max_num_seqs rows was ~2 GiB at 8B / 128k / 256 seqs
+(benchmarks/metadata_bytes.py). Each layer's forward derives its tables from its vLLM block table into one scratch
+all layers share (`RingStep.table`), and the decode slots from those. The scratch ([max_rows * H * P_widest]
+int32) and the spans buffer are `RingBuffers`, allocated while the model is built (backend.MoAImpl), so vLLM's
+memory profiling counts them as model memory.
 
 CUDA graphs (decode-only batches): a captured graph replays the kernels with the addresses it saw at capture, so
-everything the decode path reads lives in buffers allocated once, [L, max_rows, ...], and each build rewrites
-them in place; rows past the batch (and padding rows, which have no request) hold spans 0 and page tables of
-zeros, so a padded row's write lands in the null block. The decode tensors are derived inside the forward from
-those buffers and the runner's own persistent seq_lens, and nothing on the decode path reads a value back to
-the host (the build takes lengths from the runner's CPU copies).
+everything the decode path reads lives in buffers allocated once: the spans buffer, the scratch, vLLM's persistent
+block tables and seq_lens; each build rewrites the spans in place; rows past the batch (and padding rows, which
+have no request) hold spans 0, so their tables are zeros and a padded row's write lands in the null block. Tables,
+visible lengths and slots are derived inside the forward with fixed shapes, and nothing on the decode path reads
+a value back to the host (the build takes lengths from the runner's CPU copies).
 """
 
 from __future__ import annotations
@@ -23,8 +28,42 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moa_vllm.ops.ring_layout import blocks_needed, decode_slots, page_tables, ring_pages, ring_spans, visible_lengths
+from moa_vllm.ops.ring_layout import (
+    blocks_needed,
+    decode_slots,
+    layer_page_table,
+    ring_pages,
+    ring_spans,
+    visible_lengths,
+)
 from moa_vllm.vllm_plugin.moa.published_batch import PublishedBatch
+
+
+@dataclass
+class RingBuffers:
+    """The ring metadata's persistent device memory for one engine: spans [L, max_rows, H] int64 and the page-table
+    scratch [max_rows * H * max_pages] int32 that every layer's forward reuses."""
+
+    spans: torch.Tensor
+    tables: torch.Tensor
+    max_pages: int
+
+    @classmethod
+    def allocate(cls, layers: int, max_rows: int, heads: int, max_pages: int, device: torch.device) -> RingBuffers:
+        return cls(
+            torch.zeros(layers, max_rows, heads, dtype=torch.int64, device=device),
+            torch.zeros(max_rows * heads * max_pages, dtype=torch.int32, device=device),
+            max_pages,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.spans.nbytes + self.tables.nbytes
+
+
+def widest_pages(alphas: torch.Tensor, betas: torch.Tensor, max_model_len: int, min_span: int, page: int) -> int:
+    """Pages of the widest ring any request can have (N = max_model_len): the scratch's row width."""
+    return int(ring_pages(ring_spans(alphas, betas, torch.tensor([max_model_len]), min_span), page).max())
 
 
 @dataclass
@@ -37,11 +76,13 @@ class RingStep:
     query_start_loc: list[int]  # [R + 1] host
     computed: list[int]  # [R] host: tokens already in each request's rings before the step
     spans: torch.Tensor  # [L, R, H] int64 (device)
-    tables: torch.Tensor  # [L, R, H, P] int32 one-head page ids (device)
     seq_lens: torch.Tensor  # [R] device
+    page: int
+    widths: list[int]  # [L] host: page-table width per layer (the widest ring of the step's rows at that layer)
+    scratch: torch.Tensor  # flat int32 (device): the one layer's tables `table` derives
+    block_tables: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> vLLM's block table [R, B]
     filled_layers: set[int] = field(default_factory=set)
     visible: torch.Tensor | None = None  # [L, R*H] int32
-    slots: torch.Tensor | None = None  # [L, num_decodes*H] int64
     prefill_launch: object | None = None  # the device prefill kernel's launch data, made by the step's first layer
     lengths: list[int] = field(default_factory=list)  # [R] N per row (grid-rounded)
     prompts: list[int] | None = None  # [R] prompt tokens per row (None: the runner did not publish them)
@@ -49,15 +90,34 @@ class RingStep:
     prefix_ids: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # layer -> row -> prefix block ids
     prefix_rows: list[int] = field(default_factory=list)  # rows with prompt tokens to write or a ring to restore
 
+    _table_layer: int | None = None  # the layer whose tables the scratch holds
+
     def finalize(self, sinks: int, page: int) -> None:
-        """Decode tensors of all layers in one go (once per step, at the first attention call)."""
-        if self.visible is not None:
-            return
-        self.visible = visible_lengths(self.seq_lens, self.spans)
+        """Visible lengths of all layers in one go (once per step, at the first attention call)."""
+        if self.visible is None:
+            self.visible = visible_lengths(self.seq_lens, self.spans)
+
+    def table(self, layer: int, fresh: bool = False) -> torch.Tensor:
+        """The layer's ring page tables [R, H, P] (one-head page ids), derived from its vLLM block table into the
+        shared scratch; valid until another layer's tables are asked for (layers run one after another). `fresh`
+        derives them even if the scratch holds them: a layer's forward starts so, so that a captured graph always
+        records the derivation."""
+        rows, heads = self.spans.shape[1], self.spans.shape[2]
+        width = self.widths[layer]
+        out = self.scratch[: rows * heads * width].view(rows, heads, width)
+        if self._table_layer != layer or fresh:
+            if layer not in self.block_tables:
+                raise RuntimeError(f"moa-vllm: layer {layer} attends but its builder passed no block table")
+            layer_page_table(self.spans[layer], self.block_tables[layer], self.page, out)
+            self._table_layer = layer
+        return out
+
+    def decode_slots(self, layer: int, sinks: int) -> torch.Tensor:
+        """Flat one-head slots [num_decodes*H] of the decode rows' new tokens at this layer."""
         nd = self.num_decodes
-        positions = self.seq_lens[:nd].to(torch.int64) - 1
-        positions = torch.clamp(positions, min=0)  # padding rows (seq_len 0) write position 0 of a null table
-        self.slots = decode_slots(self.tables[:, :nd], self.spans[:, :nd], positions, sinks, page)
+        positions = torch.clamp(self.seq_lens[:nd].to(torch.int64) - 1, min=0)  # padding rows: position 0, null table
+        table = self.table(layer)[:nd]
+        return decode_slots(table[None], self.spans[layer : layer + 1, :nd], positions, sinks, self.page)[0]
 
 
 class RingState:
@@ -74,21 +134,27 @@ class RingState:
         device: torch.device,
         max_rows: int = 256,
         prefix: bool = False,
+        buffers: RingBuffers | None = None,
     ) -> None:
         self.alphas, self.betas = alphas, betas  # [L, H] float64 (CPU)
         self.min_span, self.sinks, self.page = min_span, sinks, page
         self.prefix = prefix  # prefix caching: prefill rows also write position-ordered prefix blocks
         self.heads = alphas.shape[1]
         self.max_model_len = max_model_len
-        self.device = device
-        widest = ring_spans(alphas, betas, torch.tensor([max_model_len]), min_span)
-        self.max_pages = int(ring_pages(widest, page).max())
+        self.device = device = torch.device(device)
+        self.max_pages = widest_pages(alphas, betas, max_model_len, min_span, page)
+        # Table widths per layer where a CUDA graph may replay a step: fixed (the layer's widest ring), since a
+        # captured graph keeps the shapes of its (dummy) capture batch. On CPU each batch's own widest is enough.
+        widest = ring_pages(ring_spans(alphas, betas, torch.tensor([max_model_len]), min_span), page)
+        self._fixed_widths = None if device.type == "cpu" else [int(w) for w in widest.amax(dim=(1, 2)).tolist()]
         self.max_rows = max_rows
         layers = alphas.shape[0]
-        self._spans_buf = torch.zeros(layers, max_rows, self.heads, dtype=torch.int64, device=device)
-        self._tables_buf = torch.zeros(layers, max_rows, self.heads, self.max_pages, dtype=torch.int32, device=device)
-        self._tables: dict[str, torch.Tensor] = {}  # req_id -> [L, H, P] (device)
-        self._lengths: dict[str, int] = {}
+        if buffers is None:
+            buffers = RingBuffers.allocate(layers, max_rows, self.heads, self.max_pages, device)
+        _check_buffers(buffers, layers, max_rows, self.heads, self.max_pages, device)
+        self.buffers = buffers
+        self._spans_buf = buffers.spans
+        self._checked: dict[str, int] = {}  # req_id -> the N its blocks were checked at (host)
         self._batch_key: tuple | None = None
         self._spans: torch.Tensor | None = None
         self.step: RingStep | None = None
@@ -165,8 +231,10 @@ class RingState:
                 qsl,
                 computed,
                 self._spans,
-                self.step.tables,
                 seq_lens,
+                self.page,
+                self._widths,
+                self.buffers.tables,
                 filled_layers=set(range(self.alphas.shape[0])),
                 **rows_info,
             )
@@ -174,23 +242,22 @@ class RingState:
             return self.step
         spans = ring_spans(self.alphas, self.betas, torch.tensor(lengths, dtype=torch.int64), self.min_span)
         spans[:, [r for r, rid in enumerate(req_ids) if rid is None]] = 0  # padding rows: no ring
-        self._spans_buf.zero_()
+        self._spans_buf.zero_()  # rows past the batch and padding rows: no ring, tables of the null block
         self._spans_buf[:, :rows].copy_(spans)
         self._spans = self._spans_buf[:, :rows]
+        # Each layer's table width: its widest ring in this batch (a capture's dummy rows: the widest at all).
+        self._widths = self._fixed_widths or [
+            max(int(w), 1) for w in ring_pages(spans, self.page).amax(dim=(1, 2)).tolist()
+        ]
         self._batch_key = key
         live = set(req_ids)
-        for rid in [r for r in self._tables if r not in live]:
-            del self._tables[rid]
-            self._lengths.pop(rid, None)
-        self._tables_buf.zero_()  # rows past the batch and padding rows point at the null block
-        tables = self._tables_buf[:, :rows]
+        for rid in [r for r in self._checked if r not in live]:
+            del self._checked[rid]
         pending: list[int] = []
         for r, rid in enumerate(req_ids):
-            cached = self._tables.get(rid) if rid is not None else None
-            if cached is not None and computed[r] > 0 and self._lengths.get(rid) == lengths[r] and not fresh[r]:
-                tables[:, r].copy_(cached)
-            elif rid is not None:
-                pending.append(r)  # new, resumed after preemption, N changed or left the batch: lay out again
+            known = rid is not None and self._checked.get(rid) == lengths[r]
+            if rid is not None and not (known and computed[r] > 0 and not fresh[r]):
+                pending.append(r)  # new, resumed after preemption, N changed or left the batch: check again
         self.step = RingStep(
             batch.serial,
             req_ids,
@@ -198,8 +265,10 @@ class RingState:
             qsl,
             computed,
             self._spans,
-            tables,
             seq_lens,
+            self.page,
+            self._widths,
+            self.buffers.tables,
             restore=restore,
             **rows_info,
         )
@@ -207,8 +276,10 @@ class RingState:
         return self.step
 
     def fill_layer(self, layer: int, block_table: torch.Tensor) -> None:
-        """Lay out this layer's rings for the step's new rows from the layer's block table (once per request)."""
+        """Keep this layer's block table for the forward; check it against the rings of the step's new rows (once
+        per request and N)."""
         step = self.step
+        step.block_tables[layer] = block_table
         if layer in step.filled_layers:
             return
         step.filled_layers.add(layer)
@@ -232,7 +303,6 @@ class RingState:
                 f"moa-vllm: layer {layer}: requests {bad} hold fewer blocks than their rings need "
                 f"({need.tolist()} blocks); refusing to read another request's pages"
             )
-        step.tables[layer, rows] = page_tables(spans[None], table[None], self.page, self.max_pages)[0].to(self.device)
         if len(step.filled_layers) == self.alphas.shape[0]:
             self._commit_pending()
 
@@ -270,12 +340,23 @@ class RingState:
         step.prefix_ids[layer] = rows
 
     def _commit_pending(self) -> None:
-        step = self.step
         for r in self._pending:
-            rid = step.req_ids[r]
-            self._tables[rid] = step.tables[:, r].clone()
-            self._lengths[rid] = int(self._batch_key[r][1])
+            self._checked[self.step.req_ids[r]] = int(self._batch_key[r][1])
         self._pending = []
+
+
+def _check_buffers(buffers: RingBuffers, layers: int, rows: int, heads: int, pages: int, device) -> None:
+    """Buffers reserved before the KV cache spec was known must fit it: a short scratch would make one layer's
+    tables overwrite another request's."""
+    want = (layers, rows, heads)
+    if tuple(buffers.spans.shape) != want or buffers.tables.numel() < rows * heads * pages:
+        raise RuntimeError(
+            f"moa-vllm: ring buffers reserved for spans {tuple(buffers.spans.shape)} and "
+            f"{buffers.tables.numel()} page ids, but the KV cache needs {want} and {rows * heads * pages} "
+            f"(max_num_seqs {rows}, {heads} KV heads, {pages} pages at max_model_len)"
+        )
+    if buffers.spans.device.type != torch.device(device).type:
+        raise RuntimeError(f"moa-vllm: ring buffers on {buffers.spans.device}, the KV cache on {device}")
 
 
 def _named(batch: PublishedBatch) -> str:

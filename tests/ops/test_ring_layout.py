@@ -1,0 +1,43 @@
+"""One layer's ring page tables derived from its block table (what each forward does) equal the all-layer tables."""
+
+from __future__ import annotations
+
+import torch
+
+from moa_vllm.ops.ring_layout import blocks_needed, layer_page_table, page_tables, ring_pages
+
+
+def _case(seed: int, heads: int, rows: int, page: int):
+    g = torch.Generator().manual_seed(seed)
+    spans = torch.randint(0, 9 * page, (rows, heads), generator=g)
+    spans[0] = 0  # a padding row: no ring
+    need = blocks_needed(spans, page, heads)
+    width = int(need.max()) + 2
+    pool = torch.randperm(rows * width, generator=g).to(torch.int32) + 1
+    table = pool.view(rows, width).clone()
+    table[torch.arange(width)[None, :] >= need[:, None]] = 0  # columns past a row's blocks: vLLM leaves 0
+    return spans, table
+
+
+def test_layer_tables_equal_the_batched_tables_and_land_in_the_scratch():
+    for seed, heads in ((0, 8), (1, 3), (2, 1)):
+        spans, table = _case(seed, heads, rows=5, page=16)
+        pages = int(ring_pages(spans, 16).max())
+        scratch = torch.full((5 * heads * (pages + 3),), -7, dtype=torch.int32)
+        out = scratch[: 5 * heads * pages].view(5, heads, pages)
+        got = layer_page_table(spans, table, 16, out)
+        assert got.data_ptr() == scratch.data_ptr()
+        assert torch.equal(got, page_tables(spans[None], table[None], 16, pages)[0])
+        assert int(got[0].abs().sum()) == 0  # the padding row points at the null block only
+        # every page of every ring is distinct: no two rings share a cell
+        valid = torch.arange(pages)[None, None, :] < ring_pages(spans, 16)[..., None]
+        ids = got[valid]
+        assert ids.unique().numel() == ids.numel()
+
+
+def test_a_wider_scratch_row_only_adds_zero_columns():
+    spans, table = _case(3, 8, rows=4, page=16)
+    pages = int(ring_pages(spans, 16).max())
+    narrow = layer_page_table(spans, table, 16, torch.empty(4, 8, pages, dtype=torch.int32))
+    wide = layer_page_table(spans, table, 16, torch.empty(4, 8, pages + 5, dtype=torch.int32))
+    assert torch.equal(wide[..., :pages], narrow) and int(wide[..., pages:].abs().sum()) == 0
