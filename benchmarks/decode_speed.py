@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -60,35 +61,47 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-H, G, D, PAGE, SINKS = 3, 3, 64, 128, 64  # the embedded model's attention shapes, vLLM's CPU block size
+@dataclass(frozen=True)
+class AttentionShape:
+    """One attention layer's geometry: KV heads, query heads per KV head, head dim, page (block) size, sinks."""
+
+    heads: int
+    group: int
+    head_dim: int
+    page: int = 128  # vLLM's CPU block size
+    sinks: int = 64
 
 
-def _stock_step(requests: int, ctx: int):
+EMBEDDED = AttentionShape(3, 3, 64)  # the embedded model's attention shapes
+
+
+def _stock_step(shape: AttentionShape, requests: int, ctx: int):
     """Stock CPU_ATTN for one layer's decode step: cache write + scheduler metadata + attention, dense cache."""
     import torch
     from vllm import _custom_ops as ops
     from vllm import envs
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    isa = _get_attn_isa(torch.float32, PAGE, D)
+    h, g, d, page = shape.heads, shape.group, shape.head_dim, shape.page
+    isa = _get_attn_isa(torch.float32, page, d)
     split = bool(envs.VLLM_CPU_ATTN_SPLIT_KV)
-    q, k, v = torch.randn(requests, H * G, D), torch.randn(requests, H, D), torch.randn(requests, H, D)
+    q, k, v = torch.randn(requests, h * g, d), torch.randn(requests, h, d), torch.randn(requests, h, d)
     out = torch.empty_like(q)
-    blocks = -(-(ctx + 1) // PAGE)
-    cache = torch.randn(requests * blocks + 1, H, PAGE, 2 * D)
-    kc, vc = cache.view(cache.shape[0], H, 2 * PAGE, D).chunk(2, dim=2)
+    blocks = -(-(ctx + 1) // page)
+    cache = torch.randn(requests * blocks + 1, h, page, 2 * d)
+    kc, vc = cache.view(cache.shape[0], h, 2 * page, d).chunk(2, dim=2)
     table = torch.arange(1, requests * blocks + 1, dtype=torch.int32).view(requests, blocks)
     seq = torch.full((requests,), ctx + 1, dtype=torch.int32)
     qsl = torch.arange(requests + 1, dtype=torch.int32)
-    slots = table[:, -1].long() * PAGE + ctx % PAGE
+    slots = table[:, -1].long() * page + ctx % page
 
     def step() -> None:
         ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
         md = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=requests,
-            num_heads=H * G,
-            num_kv_heads=H,
-            head_dim=D,
+            num_heads=h * g,
+            num_kv_heads=h,
+            head_dim=d,
             seq_lens=seq,
             dtype=torch.float32,
             query_start_loc=qsl,
@@ -104,7 +117,7 @@ def _stock_step(requests: int, ctx: int):
             output=out,
             query_start_loc=qsl,
             seq_lens=seq,
-            scale=0.125,
+            scale=d**-0.5,
             causal=True,
             alibi_slopes=None,
             sliding_window=-1,
@@ -117,9 +130,10 @@ def _stock_step(requests: int, ctx: int):
     return step
 
 
-def _moa_step(requests: int, ctx: int, span: int, layers: int):
-    """The moa path for one layer's decode step (ring write + virtual-sequence attention), with the per-step
-    metadata of all `layers` layers charged 1/layers to each layer as in the engine."""
+def _moa_step(shape: AttentionShape, requests: int, ctx: int, span: int, layers: int):
+    """The moa path for one layer's decode step (ring write + virtual-sequence attention, the layer's page tables
+    derived from its block table), with the per-step metadata of all `layers` layers charged 1/layers to each layer
+    as in the engine."""
     from types import SimpleNamespace
 
     import torch
@@ -129,15 +143,16 @@ def _moa_step(requests: int, ctx: int, span: int, layers: int):
     from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels
     from moa_vllm.vllm_plugin.moa.ring_state import RingState
 
-    kernels = CpuRingKernels(torch.float32, PAGE, D)
-    q, k, v = torch.randn(requests, H * G, D), torch.randn(requests, H, D), torch.randn(requests, H, D)
+    h, g, d, page, sinks = shape.heads, shape.group, shape.head_dim, shape.page, shape.sinks
+    kernels = CpuRingKernels(torch.float32, page, d)
+    q, k, v = torch.randn(requests, h * g, d), torch.randn(requests, h, d), torch.randn(requests, h, d)
     out = torch.empty_like(q)
-    alphas = torch.full((layers, H), float(span)).double()
+    alphas = torch.full((layers, h), float(span)).double()
     state = RingState(
-        alphas, torch.zeros(layers, H).double(), SINKS, SINKS, PAGE, 1 << 20, torch.device("cpu"), max_rows=requests
+        alphas, torch.zeros(layers, h).double(), sinks, sinks, page, 1 << 20, torch.device("cpu"), max_rows=requests
     )
-    blocks = -(-span // PAGE)  # H rings of `blocks` pages each = `blocks` blocks of H head pages
-    cache = torch.randn(requests * blocks + 1, H, PAGE, 2 * D)
+    blocks = -(-span // page)  # H rings of `blocks` pages each = `blocks` blocks of H head pages
+    cache = torch.randn(requests * blocks + 1, h, page, 2 * d)
     table = torch.arange(1, requests * blocks + 1, dtype=torch.int32).view(requests, blocks)
     batch = EngineContext().publish([f"r{i}" for i in range(requests)], [1 << 19] * requests)
     common = SimpleNamespace(
@@ -152,32 +167,49 @@ def _moa_step(requests: int, ctx: int, span: int, layers: int):
 
     def step() -> None:
         if calls[0] % layers == 0:  # a new engine step: the all-layer part of the metadata again
-            state.step.visible = state.step.slots = None
+            state.step.visible = None
+        ring_forward(q, k, v, out, cache, kernels, state.step, calls[0] % layers, sinks, d**-0.5)
         calls[0] += 1
-        ring_forward(q, k, v, out, cache, kernels, state.step, 0, SINKS, 0.125)
 
     return step
 
 
-def attention_part(contexts: list[int], requests: int, repeats: int, layers: int = 30) -> list[dict]:
-    """Per-layer decode attention of `requests` rows at each context, embedded model's shapes (3 KV heads, 9 query
-    heads, head_dim 64, fp32, page 128)."""
+def attention_rows(
+    shape: AttentionShape,
+    contexts: list[int],
+    requests: int,
+    repeats: int,
+    layers: int,
+    fractions: dict[int, float],
+    label: str = "plan",
+) -> list[dict]:
+    """Per-layer decode attention of `requests` rows at each context: stock, the moa path over the same bytes, and
+    the moa path with spans = fraction x context (at least 2 x sinks)."""
     rows = []
     for ctx in contexts:
         row = {
             "context": ctx,
             "requests": requests,
-            "stock_ms": round(_time(_stock_step(requests, ctx), repeats) * 1e3, 4),
+            "kv_heads": shape.heads,
+            "group": shape.group,
+            "head_dim": shape.head_dim,
+            "stock_ms": round(_time(_stock_step(shape, requests, ctx), repeats) * 1e3, 4),
         }
-        for name, fraction in (("moa_same_bytes", 1.0), ("moa_quarter_bytes", 0.25)):
-            span = max(int((ctx + 1) * fraction), 2 * SINKS)
-            row[f"{name}_ms"] = round(_time(_moa_step(requests, ctx, span, layers), repeats * layers) * 1e3, 4)
+        for name, fraction in (("moa_same_bytes", 1.0), (f"moa_{label}_bytes", fractions[ctx])):
+            span = max(int((ctx + 1) * fraction), 2 * shape.sinks)
+            row[f"{name}_ms"] = round(_time(_moa_step(shape, requests, ctx, span, layers), repeats * layers) * 1e3, 4)
             row[f"{name}_tokens_per_head"] = span
         row["ratio_same_bytes"] = round(row["moa_same_bytes_ms"] / row["stock_ms"], 3)
-        row["ratio_quarter_bytes"] = round(row["moa_quarter_bytes_ms"] / row["stock_ms"], 3)
+        row[f"ratio_{label}_bytes"] = round(row[f"moa_{label}_bytes_ms"] / row["stock_ms"], 3)
         print(row, flush=True)
         rows.append(row)
     return rows
+
+
+def attention_part(contexts: list[int], requests: int, repeats: int, layers: int = 30) -> list[dict]:
+    """Per-layer decode attention at the embedded model's shapes (3 KV heads, 9 query heads, head_dim 64, fp32,
+    page 128), the moa path at the same bytes and at a quarter of them."""
+    return attention_rows(EMBEDDED, contexts, requests, repeats, layers, {c: 0.25 for c in contexts}, "quarter")
 
 
 # ---- engine parts ---------------------------------------------------------------------------------------------------

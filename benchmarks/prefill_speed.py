@@ -202,11 +202,14 @@ def _label(plan: str) -> str:
     return "stock vLLM (CPU_ATTN)" if plan == STOCK else Path(plan).stem
 
 
-def prefill_times(model_dir: Path, plan: str, lengths: list[int], repeats: int, batched: int) -> dict[int, float]:
-    """Median seconds to prefill one prompt alone (time to its first token), per length."""
+def prefill_times(
+    model_dir: Path, plan: str, lengths: list[int], repeats: int, batched: int, make=None
+) -> dict[int, float]:
+    """Median seconds to prefill one prompt alone (time to its first token), per length. `make` builds the engine
+    (default: ring_cache.make_llm, the embedded model's settings)."""
     from vllm import SamplingParams
 
-    llm = make_llm(
+    llm = (make or make_llm)(
         model_dir, plan, kv_gib=4, max_num_seqs=1, max_num_batched_tokens=batched, enable_chunked_prefill=True
     )
     engine = llm.llm_engine

@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine core: its scheduler is readable
@@ -143,13 +144,16 @@ def plot_bytes(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def measure_concurrency(model_dir: Path, plan: str, kv_gib: float, requests: int, prompt: int, gen: int) -> dict:
+def measure_concurrency(
+    model_dir: Path, plan: str, kv_gib: float, requests: int, prompt: int, gen: int, make=None
+) -> dict:
     """Submit `requests` 8k-token requests at once; record vLLM's own max-concurrency figure, the most requests
-    it actually ran at once, and decode throughput while that many were decoding."""
+    it actually ran at once, and decode throughput while that many were decoding. `make` builds the engine
+    (default: make_llm, the embedded model's settings)."""
     from vllm import SamplingParams
     from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
 
-    llm = make_llm(
+    llm = (make or make_llm)(
         model_dir,
         plan,
         kv_gib=kv_gib,
@@ -210,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-gib", type=float, default=0.4)
     ap.add_argument("--requests", type=int, default=6, help="at most this many, and one more than vLLM says fit")
     ap.add_argument("--block-size", type=int, default=BLOCK)
+    ap.add_argument(
+        "--kv-cache-dtype",
+        nargs="+",
+        default=["auto"],
+        help="concurrency: run every configuration at each of these (auto, fp8, fp8_e4m3, fp8_e5m2); "
+        "--requests 0 reports vLLM's max concurrency only",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     BLOCK = args.block_size
@@ -233,11 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prompt = MAX_MODEL_LEN - args.max_tokens
         rows = []
-        for plan in [STOCK, *plans]:
-            rows.append(measure_concurrency(model_dir, plan, args.kv_gib, args.requests, prompt, args.max_tokens))
-            print(rows[-1], flush=True)
+        for kv in args.kv_cache_dtype:
+            make = partial(make_llm, kv_cache_dtype=kv)
+            for plan in [STOCK, *plans]:
+                row = measure_concurrency(model_dir, plan, args.kv_gib, args.requests, prompt, args.max_tokens, make)
+                rows.append(row | {"kv_cache_dtype": kv})
+                print(rows[-1], flush=True)
         meta |= {"prompt_tokens": prompt, "max_tokens": args.max_tokens}
-        (args.out / "ring_cache_concurrency.json").write_text(json.dumps(meta | {"results": rows}, indent=1))
+        name = "ring_cache_concurrency" + ("" if args.kv_cache_dtype == ["auto"] else "_kv_dtypes")
+        (args.out / f"{name}.json").write_text(json.dumps(meta | {"results": rows}, indent=1))
     return 0
 
 

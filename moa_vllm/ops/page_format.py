@@ -32,6 +32,7 @@ class PageFormat:
     head_dim: int
     key_index: torch.Tensor | None = None  # [page * D]: flat K-page index of logical (token, dim); None = token-major
     value_index: torch.Tensor | None = None  # the same for the V page
+    quant: torch.dtype | None = None  # fp8 caches: the float8 type the cache's bytes hold (values are x / scale)
 
     @classmethod
     def token_major(cls, page: int, head_dim: int) -> PageFormat:
@@ -43,13 +44,29 @@ class PageFormat:
         d = torch.arange(head_dim)[None, :]
         return cls(page, head_dim, (d * page + t).reshape(-1))
 
-    def read(self, cell_view: torch.Tensor, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the pages page_ids [H, P] as [H, P * page, D] each (a gather copy, in the cache dtype)."""
+    def read(
+        self,
+        cell_view: torch.Tensor,
+        page_ids: torch.Tensor,
+        scales: tuple[float, float] = (1.0, 1.0),
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the pages page_ids [H, P] as [H, P * page, D] each (a gather copy, in the cache dtype; an fp8
+        cache's values dequantized with the (k, v) scales into `dtype`)."""
         h, p = page_ids.shape
         raw = cell_view[page_ids.long()]  # [H, P, 2 * page, D]
         k = _logical(raw[:, :, : self.page], self.key_index, self.page, self.head_dim)
         v = _logical(raw[:, :, self.page :], self.value_index, self.page, self.head_dim)
-        return k.reshape(h, p * self.page, self.head_dim), v.reshape(h, p * self.page, self.head_dim)
+        k, v = k.reshape(h, p * self.page, self.head_dim), v.reshape(h, p * self.page, self.head_dim)
+        if self.quant is None:
+            return k, v
+        out = dtype or torch.float32
+        return dequantize(k, self.quant, scales[0], out), dequantize(v, self.quant, scales[1], out)
+
+
+def dequantize(raw: torch.Tensor, quant: torch.dtype, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 cache bytes -> values: float8(raw) * scale (the kernels store x / scale)."""
+    return (raw.contiguous().view(quant).to(torch.float32) * scale).to(dtype)
 
 
 def _logical(pages: torch.Tensor, index: torch.Tensor | None, page: int, head_dim: int) -> torch.Tensor:

@@ -43,9 +43,12 @@ def restore_ring(
     spans: torch.Tensor,
     sinks: int,
     hit: int,
+    scales: tuple[float, float] = (1.0, 1.0),
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Fill a fresh ring (tables [H, P] one-head page ids, spans [H]) with what it holds after positions 0..hit-1,
-    read from the hit's prefix blocks prefix_ids[: hit / page]."""
+    read from the hit's prefix blocks prefix_ids[: hit / page] (an fp8 cache's with its (k, v) scales, into dtype,
+    which `write` quantizes again: fp8 -> value -> fp8 is exact at the same scale)."""
     page = fmt.page
     heads = spans.shape[0]
     if hit % page:
@@ -62,7 +65,7 @@ def restore_ring(
     position = pos[head, slot]
     blocks = torch.unique(torch.div(position, page, rounding_mode="floor"))  # sorted: the blocks actually read
     pages = ids[blocks][None, :] * heads + torch.arange(heads, device=ids.device)[:, None]  # [H, nb]
-    k, v = fmt.read(cell_view, pages)  # [H, nb * page, D]
+    k, v = fmt.read(cell_view, pages, scales, dtype)  # [H, nb * page, D]
     local = torch.searchsorted(blocks, torch.div(position, page, rounding_mode="floor")) * page + position % page
     flat = tables[head, torch.div(slot, page, rounding_mode="floor")].long() * page + slot % page
     write(cell_view, flat, k[head, local], v[head, local])

@@ -20,6 +20,8 @@ class RingSim:
     def __init__(
         self, kernels, alphas, betas, lengths, *, sinks, min_span, page, g, d, dtype, seed, max_len=4096, scale=0.125
     ):
+        """dtype: the model's (q/k/v); the cache holds it too, or fp8 bytes where the kernels quantize
+        (kernels.quant): then stale pages hold fp8 NaN and the reference sees K/V as the cache gives them back."""
         self.gen = torch.Generator().manual_seed(seed)
         self.kernels, self.sinks, self.page, self.g, self.d, self.dtype, self.scale = (
             kernels,
@@ -46,8 +48,12 @@ class RingSim:
                 n = int(need[layer, r])
                 self.tables[layer, r, :n] = pool[used : used + n]
                 used += n
+        quant = getattr(kernels, "quant", None)
         self.caches = [
-            torch.full((total + 8, self.h, page, 2 * d), float("nan"), dtype=dtype) for _ in range(self.layers)
+            torch.full((total + 8, self.h, page, 2 * d), 0x7F, dtype=torch.uint8)  # 0x7F: NaN in e4m3fn and e5m2
+            if quant is not None
+            else torch.full((total + 8, self.h, page, 2 * d), float("nan"), dtype=dtype)
+            for _ in range(self.layers)
         ]
         hq = self.h * g
         self.q = [[torch.randn(n, hq, d, generator=self.gen).to(dtype) for n in lengths] for _ in range(self.layers)]
@@ -57,6 +63,9 @@ class RingSim:
         self.v = [
             [torch.randn(n, self.h, d, generator=self.gen).to(dtype) for n in lengths] for _ in range(self.layers)
         ]
+        # what the reference attends over: K/V as the cache gives them back (fp8: quantized at the kernels' scales)
+        self.k_seen = [[kernels.as_cached(k, k)[0] for k in layer] for layer in self.k]
+        self.v_seen = [[kernels.as_cached(v, v)[1] for v in layer] for layer in self.v]
         self.done = [0] * len(lengths)
         self.state = RingState(alphas, betas, min_span, sinks, page, max_len, torch.device("cpu"))
         self.context = EngineContext()  # what the runner patches publish into
@@ -92,8 +101,8 @@ class RingSim:
                 ref = reference_attention(
                     self.q[layer][r][self.done[r] : end],
                     torch.arange(self.done[r], end),
-                    self.k[layer][r][:end].transpose(0, 1),
-                    self.v[layer][r][:end].transpose(0, 1),
+                    self.k_seen[layer][r][:end].transpose(0, 1),
+                    self.v_seen[layer][r][:end].transpose(0, 1),
                     windows,
                     self.sinks,
                     self.scale,
@@ -117,11 +126,12 @@ def rules(layers: int, heads: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def make_sim(
-    kernels_cls, dtype, alphas, betas, lengths, *, seed, sinks=4, min_span=20, g=3, d=D, scale=0.125
+    kernels_cls, dtype, alphas, betas, lengths, *, seed, sinks=4, min_span=20, g=3, d=D, scale=0.125, kv="auto"
 ) -> RingSim:
-    """A RingSim with kernels of this class; rules [L, H] give the KV heads, g the query heads per KV head."""
+    """A RingSim with kernels of this class; rules [L, H] give the KV heads, g the query heads per KV head; kv an
+    fp8 cache dtype for quantized rings (dtype is then the model's)."""
     return RingSim(
-        kernels_cls(dtype, PAGE, d),
+        kernels_cls(dtype, PAGE, d, kv_cache_dtype=kv) if kv != "auto" else kernels_cls(dtype, PAGE, d),
         alphas,
         betas,
         lengths,

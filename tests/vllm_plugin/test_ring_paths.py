@@ -17,6 +17,11 @@ from moa_vllm.vllm_plugin.moa.ring_state import RingBuffers, RingState, widest_p
 from tests.vllm_plugin.ring_sim import PAGE, D, drive, make_sim, rules
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 6e-3}
+# vLLM's CPU fp8 KV cache needs AVX-512 or AMX (vllm/v1/attention/backends/cpu_attn.py, _get_attn_isa)
+fp8_cpu = pytest.mark.skipif(
+    not (torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()),
+    reason="vLLM's CPU fp8 KV cache needs AVX-512 or AMX",
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -39,6 +44,57 @@ def test_ring_paths_at_eight_kv_heads_and_head_dim_128(dtype, g):
     sim = make_sim(CpuRingKernels, dtype, alphas, betas, [260, 170], seed=21, g=g, d=128, scale=128**-0.5)
     assert bool((sim.spans < torch.tensor(sim.lengths)[None, :, None] - 60).any())  # some rings wrap
     assert drive(sim, chunk=70) < TOL[dtype]
+
+
+FP8_TOL = {"fp8_e4m3": 2e-4, "fp8_e5m2": 2e-4}  # fp32 arithmetic over the same quantized values
+
+
+@fp8_cpu
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("d, heads, g", [(64, 3, 3), (128, 8, 4)])
+def test_fp8_rings_match_the_reference_over_the_same_quantized_keys(kv, d, heads, g):
+    """Decode, prefill, chunked prefill over fp8 rings (scales != 1) against the token-exact reference over K/V as
+    the cache gives them back; the unquantized values would differ by far more than the tolerance."""
+    alphas, betas = rules(2, heads, seed=30 + g)
+    sim = make_sim(CpuRingKernels, torch.float32, alphas, betas, [230, 170], seed=31, g=g, d=d, scale=d**-0.5, kv=kv)
+    sim.kernels.set_scales(0.5, 0.25)
+    sim.k_seen = [[sim.kernels.as_cached(k, k)[0] for k in layer] for layer in sim.k]
+    sim.v_seen = [[sim.kernels.as_cached(v, v)[1] for v in layer] for layer in sim.v]
+    assert float((sim.k_seen[0][0] - sim.k[0][0]).abs().max()) > 1e-2  # quantization is not a no-op here
+    assert bool((sim.spans < torch.tensor(sim.lengths)[None, :, None] - 60).any())  # some rings wrap
+    assert drive(sim, chunk=70) < FP8_TOL[kv]
+
+
+@fp8_cpu
+def test_fp8_rings_against_unquantized_keys_fail():
+    alphas, betas = rules(1, 3, seed=33)
+    sim = make_sim(CpuRingKernels, torch.float32, alphas, betas, [200], seed=34, kv="fp8_e4m3")
+    sim.k_seen, sim.v_seen = sim.k, sim.v  # a reference that forgets the quantization
+    assert drive(sim, chunk=64) > 1e-2
+
+
+@fp8_cpu
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
+def test_probed_fp8_pages_read_back_what_the_kernel_attends_over(kv):
+    """The probe's page order and dequantization: values read back are value / scale in the float8 type (exactly
+    representable, within its rounding of the input), and the kernel's own attention over the page is torch's
+    attention over those values."""
+    quant = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[kv]
+    kernels = CpuRingKernels(torch.float32, PAGE, D, kv_cache_dtype=kv)
+    kernels.set_scales(0.5, 2.0)
+    view = torch.zeros(5, 2 * PAGE, D, dtype=torch.uint8)
+    key, value = torch.randn(PAGE, D), torch.randn(PAGE, D)
+    kernels.write(view, torch.arange(PAGE) + 3 * PAGE, key, value)
+    k, v = kernels.read(view, torch.tensor([[3]]))
+    for got, raw, scale in ((k[0], key, 0.5), (v[0], value, 2.0)):
+        assert torch.equal((got / scale).to(quant).float() * scale, got)  # on the fp8 grid
+        assert float(((got - raw).abs() / raw.abs().clamp(min=scale * 2**-6)).max()) < 0.26  # one step of rounding
+    q = torch.randn(1, 3, D)
+    out = torch.zeros(1, 3, D)
+    table, seq = torch.tensor([[3]], dtype=torch.int32), torch.tensor([PAGE], dtype=torch.int32)
+    kernels.decode(q, view, table, seq, 0.125, out)
+    ref = torch.softmax(q[0] @ k[0].T * 0.125, dim=-1) @ v[0]
+    assert float((out[0] - ref).abs().max()) < 1e-5
 
 
 def test_a_window_off_by_one_fails_at_eight_kv_heads():

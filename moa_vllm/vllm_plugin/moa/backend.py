@@ -49,7 +49,13 @@ def layer_index(layer_name: str) -> int:
 
 
 def ring_kernels(
-    device: torch.device, dtype: torch.dtype, page: int, head_dim: int, group: int, max_rows: int
+    device: torch.device,
+    dtype: torch.dtype,
+    page: int,
+    head_dim: int,
+    group: int,
+    max_rows: int,
+    kv_cache_dtype: str = "auto",
 ) -> RingKernels:
     """The one switch: CUDA -> Triton decode + Triton ring prefill; anything else -> CPU_ATTN + torch prefill.
     Buffers a captured CUDA graph reads are allocated here, outside any capture. Each device's kernels are
@@ -62,13 +68,16 @@ def ring_kernels(
         return kernels
     from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels  # CPU_ATTN's ops
 
-    return CpuRingKernels(dtype, page, head_dim, max_rows)
+    return CpuRingKernels(dtype, page, head_dim, max_rows, kv_cache_dtype)
 
 
 class MoABackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = True  # forward() writes the step's surviving K/V into the rings
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", "float32"]
+    # fp8 rings on CPU (CPU_ATTN with per-layer k/v scales); CUDA refuses them (_check_cache_dtype)
+    supported_kv_cache_dtypes: ClassVar[list] = [
+        "auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2"
+    ]  # fmt: skip
 
     @staticmethod
     def get_name() -> str:
@@ -222,7 +231,7 @@ def _check_cache_dtype(kv_cache_dtype: str, vllm_config: VllmConfig) -> None:
     if current_platform.is_cuda() and kv_cache_dtype not in ("auto", model_dtype):
         raise NotImplementedError(
             f"moa-vllm on CUDA: --kv-cache-dtype {kv_cache_dtype} differs from the model dtype {model_dtype}; "
-            "use --kv-cache-dtype auto"
+            "use --kv-cache-dtype auto (fp8 rings run on CPU only: the Triton ring kernels take no scales yet)"
         )
 
 
@@ -273,15 +282,17 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         raise RuntimeError("moa-vllm: K/V are written by forward() (forward_includes_kv_cache_update)")
 
-    def _kernels_for(self, kv_cache: torch.Tensor):
+    def _kernels_for(self, kv_cache: torch.Tensor, model_dtype: torch.dtype):
         if self._kernels is None:
+            quantized = self.kv_cache_dtype.startswith("fp8")
             self._kernels = ring_kernels(
                 kv_cache.device,
-                kv_cache.dtype,
+                model_dtype if quantized else kv_cache.dtype,  # an fp8 cache holds bytes
                 kv_cache.shape[2],
                 self.head_size,
                 self.num_heads // self.num_kv_heads,
                 self.max_num_seqs * self.num_kv_heads,
+                self.kv_cache_dtype if quantized else "auto",
             )
             if self._kernels.name not in _logged_kernels:
                 _logged_kernels.add(self._kernels.name)
@@ -314,13 +325,16 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         k = key[:n].view(n, h, d)
         v = value[:n].view(n, h, d)
         out = output[:n].view(n, self.num_heads, d)
+        kernels = self._kernels_for(kv_cache, query.dtype)
+        if kernels.quant is not None:  # the layer's fp8 scales (set after the weights load; 1.0 without any)
+            kernels.set_scales(layer._k_scale_float, layer._v_scale_float)
         ring_forward(
             q,
             k,
             v,
             out,
             kv_cache,
-            self._kernels_for(kv_cache),
+            kernels,
             attn_metadata.step,
             attn_metadata.layer,
             self.plan.sink_tokens,
@@ -376,7 +390,7 @@ def _prefix_blocks(k, v, view, kernels, step: RingStep, layer: int, sinks: int) 
     for r in step.restore:
         restore_ring(
             view, kernels.format, kernels.write, rows[r], step.table(layer)[r], step.spans[layer, r], sinks,
-            step.computed[r],
+            step.computed[r], scales=(kernels.k_scale, kernels.v_scale), dtype=kernels.dtype,
         )  # fmt: skip
 
 
@@ -411,13 +425,14 @@ def _prefill_ring(
     ring_k = ring_v = ring_pos = None
     if computed > 0:
         held = int(torch.clamp(spans, max=computed).max())
-        ring_k, ring_v = kernels.format.read(view, tables[:, : -(-held // page)])
+        ring_k, ring_v = kernels.read(view, tables[:, : -(-held // page)])
         ring_k, ring_v = ring_k[:, :held], ring_v[:, :held]
         ring_pos = slot_positions(torch.tensor([computed]), spans[None], sinks, held)[0]
+    chunk_k, chunk_v = kernels.as_cached(k[qs:qe], v[qs:qe])  # fp8: the values the cache will give back
     prefill_attention(
         q[qs:qe],
-        k[qs:qe],
-        v[qs:qe],
+        chunk_k,
+        chunk_v,
         ring_k,
         ring_v,
         ring_pos,

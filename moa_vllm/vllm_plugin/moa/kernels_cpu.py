@@ -17,17 +17,29 @@ from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from moa_vllm.ops.page_format import PageFormat
-from moa_vllm.vllm_plugin.moa.ring_kernels import RingKernels
+from moa_vllm.vllm_plugin.moa.ring_kernels import FP8_TYPES, RingKernels
 
 
 class CpuRingKernels(RingKernels):
     name = "CPU_ATTN (vLLM cpu_attention_with_kv_cache)"
 
-    def __init__(self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024) -> None:
-        super().__init__(dtype, page, head_dim, max_rows)
-        self.isa = _get_attn_isa(dtype, page, head_dim)
-        self.format = probe_page_format(dtype, page, head_dim, self.isa)
+    def __init__(
+        self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024, kv_cache_dtype: str = "auto"
+    ) -> None:
+        """dtype: the cache's element type, or for an fp8 cache (kv_cache_dtype fp8 / fp8_e4m3 / fp8_e5m2, bytes
+        in the cache) the model's dtype, which K/V and queries arrive in."""
+        super().__init__(dtype, page, head_dim, max_rows, kv_cache_dtype)
+        self.isa = _get_attn_isa(dtype, page, head_dim, kv_cache_dtype if self.quant else None)
+        self.format = probe_page_format(dtype, page, head_dim, self.isa, kv_cache_dtype if self.quant else "auto")
         self._split_kv = bool(envs.VLLM_CPU_ATTN_SPLIT_KV)  # read once: vLLM's envs re-parse on every access
+        self._quant_args = (
+            dict(k_scale=1.0, v_scale=1.0, kv_cache_dtype=kv_cache_dtype) if self.quant else {}
+        )  # fmt: skip
+
+    def set_scales(self, k_scale: float, v_scale: float) -> None:
+        super().set_scales(k_scale, v_scale)
+        if self.quant:
+            self._quant_args = dict(k_scale=k_scale, v_scale=v_scale, kv_cache_dtype=self.kv_cache_dtype)
 
     def _split(self, cell_view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return cell_view[:, None, : self.page], cell_view[:, None, self.page :]
@@ -37,8 +49,9 @@ class CpuRingKernels(RingKernels):
         if slots.numel() == 0:
             return
         kc, vc = self._split(cell_view)
+        into = self.dtype if self.quant else cell_view.dtype  # an fp8 cache quantizes from the model's dtype
         ops.cpu_attn_reshape_and_cache(
-            key[:, None].to(cell_view.dtype), value[:, None].to(cell_view.dtype), kc, vc, slots.long(), self.isa
+            key[:, None].to(into), value[:, None].to(into), kc, vc, slots.long(), self.isa, **self._quant_args
         )
 
     def attend(
@@ -68,6 +81,7 @@ class CpuRingKernels(RingKernels):
             sliding_window_size=-1,
             isa=self.isa,
             enable_kv_split=self._split_kv,
+            **({"kv_cache_dtype": self.kv_cache_dtype} if self.quant else {}),
         )
         kc, vc = self._split(cell_view)
         ops.cpu_attention_with_kv_cache(
@@ -85,18 +99,25 @@ class CpuRingKernels(RingKernels):
             softcap=0.0,
             scheduler_metadata=metadata,
             s_aux=None,
+            **self._quant_args,
         )
 
 
 @functools.cache
-def probe_page_format(dtype: torch.dtype, page: int, head_dim: int, isa: str) -> PageFormat:
+def probe_page_format(
+    dtype: torch.dtype, page: int, head_dim: int, isa: str, kv_cache_dtype: str = "auto"
+) -> PageFormat:
     """Where cpu_attn_reshape_and_cache puts K[token, dim] and V[token, dim] inside a page: write small exact
-    integers, read back (the vector ISA keeps K dimension-major; AMX packs both pages of a bf16 cache in tiles)."""
+    integers (base-8 digits, exact even in fp8 e5m2), read back (the vector ISA keeps K dimension-major; AMX packs
+    both pages of a bf16 cache in tiles). For an fp8 cache the pages hold bytes; they are read as its float8 type."""
+    quant = FP8_TYPES.get(kv_cache_dtype)
     t = torch.arange(page)[:, None].expand(page, head_dim)
     d = torch.arange(head_dim)[None, :].expand(page, head_dim)
+    places = max(1, (max(page, head_dim) - 1).bit_length() + 2) // 3  # base-8 digits covering both
+    planes = [(t // 8**i) % 8 for i in range(places)] + [(d // 8**i) % 8 for i in range(places)]
     digits: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for value in (t // 16, t % 16, d // 16, d % 16):  # small integers are exact in every dtype
-        cell = torch.zeros(1, 2 * page, head_dim, dtype=dtype)
+    for value in planes:
+        cell = torch.zeros(1, 2 * page, head_dim, dtype=torch.uint8 if quant else dtype)
         ops.cpu_attn_reshape_and_cache(
             value[:, None].to(dtype),
             value[:, None].to(dtype),
@@ -104,17 +125,23 @@ def probe_page_format(dtype: torch.dtype, page: int, head_dim: int, isa: str) ->
             cell[:, None, page:],
             torch.arange(page),
             isa,
+            **({"kv_cache_dtype": kv_cache_dtype} if quant else {}),
         )
-        digits.append((cell[0, :page].reshape(-1).long(), cell[0, page:].reshape(-1).long()))
+        stored = cell[0].contiguous().view(quant).float() if quant else cell[0]
+        digits.append((stored[:page].reshape(-1).long(), stored[page:].reshape(-1).long()))
     key_index, value_index = (
-        _page_index([x[half] for x in digits], page, head_dim, isa, name) for half, name in ((0, "K"), (1, "V"))
+        _page_index([x[half] for x in digits], places, page, head_dim, isa, name)
+        for half, name in ((0, "K"), (1, "V"))
     )
-    return PageFormat(page, head_dim, key_index, value_index)
+    return PageFormat(page, head_dim, key_index, value_index, quant)
 
 
-def _page_index(digits: list[torch.Tensor], page: int, head_dim: int, isa: str, name: str) -> torch.Tensor | None:
-    """The flat page index of each logical (token, dim) from the probe's four digit planes; None if token-major."""
-    token, dim = digits[0] * 16 + digits[1], digits[2] * 16 + digits[3]
+def _page_index(
+    digits: list[torch.Tensor], places: int, page: int, head_dim: int, isa: str, name: str
+) -> torch.Tensor | None:
+    """The flat page index of each logical (token, dim) from the probe's digit planes; None if token-major."""
+    token = sum(digits[i] * 8**i for i in range(places))
+    dim = sum(digits[places + i] * 8**i for i in range(places))
     logical = token * head_dim + dim  # logical (token, dim) stored at each physical index
     if not torch.equal(torch.sort(logical).values, torch.arange(page * head_dim)):
         raise RuntimeError(f"moa-vllm: CPU_ATTN ({isa}) {name} page layout is not a permutation of [page, head_dim]")

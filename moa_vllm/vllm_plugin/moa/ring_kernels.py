@@ -15,6 +15,13 @@ import torch
 
 from moa_vllm.ops.page_format import PageFormat
 
+# vLLM's fp8 KV cache dtypes ("fp8" is e4m3) -> the float8 type the cache bytes hold
+FP8_TYPES: dict[str, torch.dtype] = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
 
 class RingKernels:
     name: str
@@ -22,10 +29,40 @@ class RingKernels:
     format: PageFormat
     prefill = None  # or a method (q, k, v, out, cell_view, step, layer, sinks, scale) -> None
 
-    def __init__(self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024) -> None:
+    def __init__(
+        self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024, kv_cache_dtype: str = "auto"
+    ) -> None:
         self.dtype, self.page, self.head_dim = dtype, page, head_dim
         self.max_rows = max_rows  # virtual sequences a decode step can have: max_num_seqs x KV heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.quant = FP8_TYPES.get(kv_cache_dtype)  # fp8 caches: the float8 type their bytes hold
+        if kv_cache_dtype.startswith("fp8") and self.quant is None:
+            raise ValueError(f"moa-vllm: unknown fp8 KV cache dtype {kv_cache_dtype!r} (known: {sorted(FP8_TYPES)})")
+        self.k_scale = self.v_scale = 1.0
         self._qsl: torch.Tensor | None = None
+
+    def set_scales(self, k_scale: float, v_scale: float) -> None:
+        """The layer's K/V quantization scales (fp8 caches; vLLM sets them on the layer after loading weights)."""
+        self.k_scale, self.v_scale = float(k_scale), float(v_scale)
+
+    def read(self, cell_view: torch.Tensor, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of pages [H, P] as [H, P * page, D], in the model's dtype for an fp8 cache."""
+        return self.format.read(cell_view, page_ids, (self.k_scale, self.v_scale), self.dtype)
+
+    def as_cached(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [..., D] as the cache gives them back, so that a prefill chunk's own keys are the values its later
+        decode steps read. fp8: written into scratch pages by the kernel itself and read back, since the kernel's
+        rounding is its own (vLLM's CPU cache rounds toward zero, torch's cast to nearest)."""
+        if self.quant is None:
+            return key, value
+        d = key.shape[-1]
+        flat_k, flat_v = key.reshape(-1, d), value.reshape(-1, d)
+        count = flat_k.shape[0]
+        pages = max(-(-count // self.page), 1)
+        scratch = torch.zeros(pages, 2 * self.page, d, dtype=torch.uint8, device=key.device)
+        self.write(scratch, torch.arange(count, device=key.device), flat_k, flat_v)
+        k, v = self.read(scratch, torch.arange(pages, device=key.device)[None])
+        return k[0, :count].reshape(key.shape).to(key.dtype), v[0, :count].reshape(value.shape).to(value.dtype)
 
     def write(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         raise NotImplementedError
