@@ -10,6 +10,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import mean
@@ -50,6 +51,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fidelity-texts", type=int, default=2)
     p.add_argument("--topk", type=int, default=20)
     p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+        help="the listed plans' KV cache dtype (results named <plan>-<dtype>); the reference's logprobs stay "
+        "unquantized",
+    )
+    p.add_argument(
+        "--stock", action="store_true", help="also run stock vLLM (its own backend; records as the reference plan)"
+    )
     p.add_argument("--summary-only", action="store_true", help="only rebuild summary.md from the JSON in --out")
     return p.parse_args(argv)
 
@@ -80,15 +91,34 @@ def run_order(plans: list[Path], reference: Path, cached: bool) -> list[Path]:
     return ordered if cached else [reference, *ordered]
 
 
+STOCK = None  # a job's plan path for stock vLLM
+
+
+def jobs(
+    plans: list[Path], reference: Path, cached: bool, kv_cache_dtype: str = "auto", stock: bool = False
+) -> list[tuple[Path | None, str]]:
+    """(plan or STOCK, KV cache dtype) per engine. Unquantized: run_order. Quantized: the reference first,
+    unquantized, when its logprobs are not cached (they are the fidelity baseline), then every listed plan."""
+    extra = [(STOCK, kv_cache_dtype)] if stock else []
+    if kv_cache_dtype == "auto":
+        return [(p, "auto") for p in run_order(plans, reference, cached)] + extra
+    first = [] if cached else [(reference.resolve(), "auto")]
+    return first + extra + [(p, kv_cache_dtype) for p in dict.fromkeys(p.resolve() for p in plans)]
+
+
 def fidelity_record(ref: list[TopK], run: list[TopK], sources: list[str], tail_from: int) -> dict:
     per_text = [{"source": s, **compare(r, o, tail_from)} for s, r, o in zip(sources, ref, run)]
     keys = [k for k, v in per_text[0].items() if isinstance(v, float)]
     return {"texts": per_text, "mean": {"tail_from": tail_from, **{k: mean(t[k] for t in per_text) for k in keys}}}
 
 
-def plan_record(path: Plan, plan: Plan, lengths: list[int]) -> dict:
+def result_name(path: Path | None, kv_cache_dtype: str) -> str:
+    return ("stock-vllm" if path is STOCK else path.stem) + ("" if kv_cache_dtype == "auto" else f"-{kv_cache_dtype}")
+
+
+def plan_record(path: Path, plan: Plan, lengths: list[int], name: str | None = None) -> dict:
     return {
-        "name": path.stem,
+        "name": name or path.stem,
         "path": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "method": plan.metadata.method,
@@ -104,20 +134,23 @@ def device_label() -> str:
 def evaluate_plan(
     args: argparse.Namespace,
     settings: EngineSettings,
-    path: Path,
+    path: Path | None,
     cases: list[PasskeyCase],
     texts: list[tuple[str, list[int]]],
     uniform: dict[str, Plan],
     cache: Path,
 ) -> dict:
-    """Run one plan through the engine and turn its outputs into the plan's result record."""
+    """Run one plan (or STOCK: vLLM's own backend, recorded with the reference plan's spans) through the engine and
+    turn its outputs into the plan's result record."""
     import vllm
 
-    plan = load_plan(path)
+    plan_path = args.reference.resolve() if path is STOCK else path
+    plan = load_plan(plan_path)
     start = time.perf_counter()
-    run: PlanRun = run_plan(settings, path, [c.prompt_ids for c in cases], args.answer_tokens, [t for _, t in texts])
+    prompts = [c.prompt_ids for c in cases]
+    run: PlanRun = run_plan(settings, path, prompts, args.answer_tokens, [t for _, t in texts])
     total = time.perf_counter() - start
-    if path == args.reference.resolve():
+    if path == args.reference.resolve() and settings.kv_cache_dtype == "auto":
         save_topks(cache, run.topks)
     records = [
         case_record(c, a, plan, uniform, args.answer_tokens, args.max_model_len) for c, a in zip(cases, run.answers)
@@ -130,7 +163,7 @@ def evaluate_plan(
         "device": device_label(),
         "vllm_version": vllm.__version__,
         "model": settings.model_dir.name,
-        "plan": plan_record(path, plan, args.lengths),
+        "plan": plan_record(plan_path, plan, args.lengths, result_name(path, settings.kv_cache_dtype)),
         "settings": {
             "prompt_format": args.prompt_format,
             "answer_tokens": args.answer_tokens,
@@ -140,6 +173,8 @@ def evaluate_plan(
             "max_num_batched_tokens": settings.max_num_batched_tokens,
             "max_num_seqs": settings.max_num_seqs,
             "dtype": "float32",
+            "kv_cache_dtype": settings.kv_cache_dtype,
+            "backend": "vLLM's own" if path is STOCK else "moa",
             "sampling": "greedy",
         },
         "wall_s": {"engine_start": run.engine_start_s, "generate": run.generate_s, "total": round(total, 2)},
@@ -181,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     texts = fidelity_texts(tokenizer, args.fidelity_tokens, args.fidelity_texts)
     uniform = {p.stem: load_plan(p) for p in args.uniform}
     cache = reference_cache(args.reference, [t for _, t in texts], args.topk)
-    for path in run_order(args.plans, args.reference, cache.is_file()):
-        result = evaluate_plan(args, settings, path, cases, texts, uniform, cache)
+    for path, kv in jobs(args.plans, args.reference, cache.is_file(), args.kv_cache_dtype, args.stock):
+        result = evaluate_plan(args, replace(settings, kv_cache_dtype=kv), path, cases, texts, uniform, cache)
         name = result["plan"]["name"]
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         plot_heatmap(result, args.out / f"{name}.png")

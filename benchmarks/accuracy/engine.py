@@ -20,6 +20,7 @@ class EngineSettings:
     max_num_seqs: int = 8
     kv_cache_gib: int = 3
     topk: int = 20
+    kv_cache_dtype: str = "auto"  # fp8 / fp8_e4m3 / fp8_e5m2: quantized rings (stock: vLLM's fp8 cache)
 
 
 @dataclass(frozen=True)
@@ -39,17 +40,18 @@ def configure_environment(settings: EngineSettings) -> None:
 
 def run_plan(
     settings: EngineSettings,
-    plan: Path,
+    plan: Path | None,
     passkey_prompts: list[list[int]],
     answer_tokens: int | Sequence[int],
     fidelity_prompts: list[list[int]],
 ) -> PlanRun:
     """Greedy answers to the passkey prompts (`answer_tokens` for all, or one budget per prompt) and top-k prompt
-    logprobs of the fidelity texts under one plan."""
+    logprobs of the fidelity texts under one plan (None: stock vLLM, its own attention backend)."""
     configure_environment(settings)
     from vllm import LLM, SamplingParams
     from vllm.distributed import cleanup_dist_env_and_memory
 
+    moa = {} if plan is None else {"attention_backend": "moa", "additional_config": {"moa": {"plan": str(plan)}}}
     start = time.perf_counter()
     llm = LLM(
         model=str(settings.model_dir),
@@ -60,8 +62,8 @@ def run_plan(
         dtype="float32",  # this 135M model answers well only in float32 on the CPU wheel
         enforce_eager=True,
         seed=0,
-        attention_backend="moa",
-        additional_config={"moa": {"plan": str(plan)}},
+        kv_cache_dtype=settings.kv_cache_dtype,
+        **moa,
     )
     engine_start_s = time.perf_counter() - start
     budgets = [answer_tokens] * len(passkey_prompts) if isinstance(answer_tokens, int) else list(answer_tokens)

@@ -86,7 +86,9 @@ def render(results: list[dict], reference_name: str) -> str:
     lines = [
         "# Accuracy harness summary (CPU)",
         "",
-        f"Model `{first['model']}`, vLLM {first['vllm_version']} with the moa backend, float32, greedy; "
+        f"Model `{first['model']}`, vLLM {first['vllm_version']} with the moa backend "
+        "(rows `stock-vllm*`: vLLM's own), float32, greedy, unquantized KV cache unless a row's name ends in "
+        "its KV cache dtype (e.g. `-fp8`); "
         f"device: {first['device']}. Passkey grid: lengths {lengths}, depths {first['grid']['depths']}, "
         f"seeds per cell {first['grid']['seeds']}; prompt format `{first['settings']['prompt_format']}`. "
         f"Fidelity: {len(first['fidelity']['texts'])} texts of {first['settings']['fidelity_tokens']} tokens, "

@@ -33,13 +33,22 @@ PLANS = REPO / "plans" / "SmolLM2-135M-Instruct"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def configs(plans: list[str], stock: bool) -> list[Config]:
+def configs(plans: list[str], stock: bool, stock_fp8: bool = False, kv_cache_dtype: str = "auto") -> list[Config]:
+    """Stock vLLM dense (its own backend), stock with an fp8 KV cache (what a user short of memory picks instead),
+    then each plan; the plans' caches in kv_cache_dtype (their names say so when it is not auto)."""
     out = [Config("stock-dense", None)] if stock else []
-    return out + [Config(Path(p).stem, p) for p in plans]
+    out += [Config("stock-dense-fp8", None, kv_cache_dtype="fp8")] if stock_fp8 else []
+    suffix = "" if kv_cache_dtype == "auto" else f"-{kv_cache_dtype}"
+    return out + [Config(Path(p).stem + suffix, p, kv_cache_dtype=kv_cache_dtype) for p in plans]
+
+
+def cache_bytes(config: Config, dtype: str) -> int:
+    """Bytes of one cached K or V value: one for an fp8 cache, else the model dtype's."""
+    return 1 if config.kv_cache_dtype.startswith("fp8") else DTYPE_BYTES[dtype]
 
 
 def plan_points(args, config: Config, model: str) -> list[dict]:
-    per_token, layer_heads = capacity.token_bytes(model, DTYPE_BYTES[args.dtype])
+    per_token, layer_heads = capacity.token_bytes(model, cache_bytes(config, args.dtype))
     budget = int(args.kv_gib * 2**30)
     points = []
     for n_in in args.input_lens:
@@ -101,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     ap.add_argument("--plans", nargs="*", default=[str(PLANS / "uniform-d0.25.json"), str(PLANS / "moa-d0.25.json")])
     ap.add_argument("--no-stock", action="store_true", help="skip the stock vLLM dense baseline")
+    ap.add_argument("--stock-fp8", action="store_true", help="add stock vLLM dense with --kv-cache-dtype fp8")
+    ap.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+        help="the plans' KV cache dtype (fp8: CPU with AVX-512 or AMX)",
+    )  # fmt: skip
     ap.add_argument("--input-lens", nargs="+", type=int, default=[1024, 4096, 8000])
     ap.add_argument("--output-lens", nargs="+", type=int, default=[64])
     ap.add_argument("--concurrency", nargs="*", type=int, default=None, help="levels (default: 1, 2, 4, ..., max)")
@@ -120,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(prepare_embedded_model(progress=False))
     runs_dir = args.out / "runs"
     logs = Path(tempfile.mkdtemp(prefix="moa-bench-serve-"))  # server logs stay out of the repository
-    chosen = configs(args.plans, not args.no_stock)
+    chosen = configs(args.plans, not args.no_stock, args.stock_fp8, args.kv_cache_dtype)
     total = sum(len(plan_points(args, c, args.model)) for c in chosen)
     rows: list[dict] = []
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

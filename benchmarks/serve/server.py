@@ -24,6 +24,7 @@ class Config:
     name: str
     plan: str | None  # None: stock vLLM with its own attention backend
     prefix_caching: bool = False  # the serving grid measures without it; benchmarks/prefix_cache.py with it
+    kv_cache_dtype: str = "auto"  # fp8 / fp8_e4m3 / fp8_e5m2: one byte per cached value
 
 
 def server_cmd(model: str, config: Config, port: int, kv_bytes: int, max_model_len: int, dtype: str) -> list[str]:
@@ -31,6 +32,7 @@ def server_cmd(model: str, config: Config, port: int, kv_bytes: int, max_model_l
         "--port", str(port), "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", str(max_model_len),
         "--served-model-name", SERVED_NAME, "--kv-cache-memory-bytes", str(kv_bytes),
         "--enable-prefix-caching" if config.prefix_caching else "--no-enable-prefix-caching",
+        "--kv-cache-dtype", config.kv_cache_dtype,
     ]  # fmt: skip
     if config.plan is None:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *common]

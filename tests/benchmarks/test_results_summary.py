@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.accuracy.cli import parse_args, run_order, seeds_per_length
+from benchmarks.accuracy.cli import STOCK, jobs, parse_args, result_name, run_order, seeds_per_length
 from benchmarks.accuracy.plots import cell_matrix
 from benchmarks.accuracy.results import cells, passkey_summary
 from benchmarks.accuracy.summary import RESULT_KIND, load_results, relative_accuracy, render
@@ -106,3 +106,13 @@ def test_cli_seeds_and_run_order(tmp_path: Path):
     assert run_order([a, b], ref, cached=False) == [ref.resolve(), a.resolve(), b.resolve()]
     assert run_order([a, b], ref, cached=True) == [a.resolve(), b.resolve()]
     assert run_order([a, ref, a], ref, cached=True) == [ref.resolve(), a.resolve()]
+
+
+def test_quantized_runs_keep_an_unquantized_reference(tmp_path: Path):
+    ref, a = tmp_path / "dense.json", tmp_path / "a.json"
+    assert jobs([a], ref, cached=False) == [(ref.resolve(), "auto"), (a.resolve(), "auto")]
+    assert jobs([ref, a], ref, cached=False, kv_cache_dtype="fp8", stock=True) == [
+        (ref.resolve(), "auto"), (STOCK, "fp8"), (ref.resolve(), "fp8"), (a.resolve(), "fp8")
+    ]  # fmt: skip
+    assert jobs([a], ref, cached=True, kv_cache_dtype="fp8") == [(a.resolve(), "fp8")]
+    assert [result_name(p, kv) for p, kv in jobs([a], ref, True, "fp8", True)] == ["stock-vllm-fp8", "a-fp8"]

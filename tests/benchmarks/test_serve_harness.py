@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.serve import capacity, report
+from benchmarks.serve.harness import cache_bytes, configs
 from benchmarks.serve.server import Config, Server, server_cmd, server_env
 from tests.conftest import PLANS
 
@@ -49,6 +50,16 @@ def test_servers_are_loopback_with_the_pinned_budget(monkeypatch):
     assert "VLLM_CPU_KVCACHE_SPACE" not in server_env()  # it would override the flag
     stock = server_cmd("/m", Config("stock", None), 8123, 1, 2048, "float32")
     assert "--plan" not in stock and "vllm.entrypoints.openai.api_server" in stock
+
+
+def test_stock_fp8_is_a_baseline_row_with_one_byte_per_value():
+    chosen = configs(["plans/x/moa-d0.25.json"], stock=True, stock_fp8=True, kv_cache_dtype="fp8")
+    assert [c.name for c in chosen] == ["stock-dense", "stock-dense-fp8", "moa-d0.25-fp8"]
+    assert [cache_bytes(c, "float32") for c in chosen] == [4, 1, 1]
+    cmd = server_cmd("/m", chosen[1], 8123, 1, 2048, "float32")
+    assert cmd[cmd.index("--kv-cache-dtype") + 1] == "fp8" and "--plan" not in cmd
+    plain = server_cmd("/m", configs([], stock=True)[0], 8123, 1, 2048, "float32")
+    assert plain[plain.index("--kv-cache-dtype") + 1] == "auto"
 
 
 def test_table_has_a_row_per_run():
