@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -32,6 +33,9 @@ PLANS = REPO / "plans" / "SmolLM2-135M-Instruct"
 RESULTS = REPO / "benchmarks" / "results"
 
 from benchmarks.ring_cache import STOCK, close, core_of, make_llm  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _meta(part: str, argv: list[str]) -> dict:
@@ -130,28 +134,31 @@ def _stock_step(shape: AttentionShape, requests: int, ctx: int):
     return step
 
 
-def _moa_step(shape: AttentionShape, requests: int, ctx: int, span: int, layers: int):
-    """The moa path for one layer's decode step (ring write + virtual-sequence attention, the layer's page tables
-    derived from its block table), with the per-step metadata of all `layers` layers charged 1/layers to each layer
-    as in the engine."""
+def _moa_step(shape: AttentionShape, requests: int, ctx: int, spans: torch.Tensor):
+    """The moa path for one layer's decode step (ring write + attention: virtual sequences, or one H-head sequence
+    per request where a layer's heads share a span; the layer's page tables derived from its block table), cycling
+    through the layers of spans [layers, H] (every request's), the per-step metadata of all layers charged 1/layers
+    to each layer as in the engine."""
     from types import SimpleNamespace
 
     import torch
 
+    from moa_vllm.ops.ring_layout import blocks_needed
     from moa_vllm.vllm_plugin.moa.backend import ring_forward
     from moa_vllm.vllm_plugin.moa.engine_context import EngineContext
     from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels
     from moa_vllm.vllm_plugin.moa.ring_state import RingState
 
     h, g, d, page, sinks = shape.heads, shape.group, shape.head_dim, shape.page, shape.sinks
+    layers = spans.shape[0]
     kernels = CpuRingKernels(torch.float32, page, d)
     q, k, v = torch.randn(requests, h * g, d), torch.randn(requests, h, d), torch.randn(requests, h, d)
     out = torch.empty_like(q)
-    alphas = torch.full((layers, h), float(span)).double()
+    alphas = spans.double()  # beta 0: span = alpha whatever N
     state = RingState(
         alphas, torch.zeros(layers, h).double(), sinks, sinks, page, 1 << 20, torch.device("cpu"), max_rows=requests
     )
-    blocks = -(-span // page)  # H rings of `blocks` pages each = `blocks` blocks of H head pages
+    blocks = int(blocks_needed(spans.long(), page, h).max())  # the widest layer's; each layer reads its own rings
     cache = torch.randn(requests * blocks + 1, h, page, 2 * d)
     table = torch.arange(1, requests * blocks + 1, dtype=torch.int32).view(requests, blocks)
     batch = EngineContext().publish([f"r{i}" for i in range(requests)], [1 << 19] * requests)
@@ -180,11 +187,14 @@ def attention_rows(
     requests: int,
     repeats: int,
     layers: int,
-    fractions: dict[int, float],
+    plan_spans: dict[int, torch.Tensor],
     label: str = "plan",
 ) -> list[dict]:
-    """Per-layer decode attention of `requests` rows at each context: stock, the moa path over the same bytes, and
-    the moa path with spans = fraction x context (at least 2 x sinks)."""
+    """Per-layer decode attention of `requests` rows at each context: stock, the moa path over the same bytes (every
+    head's span = context + 1: a dense plan), and the moa path with a plan's spans plan_spans[context] [layers, H]
+    (at least 2 x sinks)."""
+    import torch
+
     rows = []
     for ctx in contexts:
         row = {
@@ -195,10 +205,11 @@ def attention_rows(
             "head_dim": shape.head_dim,
             "stock_ms": round(_time(_stock_step(shape, requests, ctx), repeats) * 1e3, 4),
         }
-        for name, fraction in (("moa_same_bytes", 1.0), (f"moa_{label}_bytes", fractions[ctx])):
-            span = max(int((ctx + 1) * fraction), 2 * shape.sinks)
-            row[f"{name}_ms"] = round(_time(_moa_step(shape, requests, ctx, span, layers), repeats * layers) * 1e3, 4)
-            row[f"{name}_tokens_per_head"] = span
+        dense = torch.full((layers, shape.heads), ctx + 1)
+        for name, spans in (("moa_same_bytes", dense), (f"moa_{label}_bytes", plan_spans[ctx])):
+            spans = torch.clamp(spans, min=2 * shape.sinks)
+            row[f"{name}_ms"] = round(_time(_moa_step(shape, requests, ctx, spans), repeats * layers) * 1e3, 4)
+            row[f"{name}_tokens_per_head"] = round(float(spans.double().mean()), 1)
         row["ratio_same_bytes"] = round(row["moa_same_bytes_ms"] / row["stock_ms"], 3)
         row[f"ratio_{label}_bytes"] = round(row[f"moa_{label}_bytes_ms"] / row["stock_ms"], 3)
         print(row, flush=True)
@@ -209,7 +220,10 @@ def attention_rows(
 def attention_part(contexts: list[int], requests: int, repeats: int, layers: int = 30) -> list[dict]:
     """Per-layer decode attention at the embedded model's shapes (3 KV heads, 9 query heads, head_dim 64, fp32,
     page 128), the moa path at the same bytes and at a quarter of them."""
-    return attention_rows(EMBEDDED, contexts, requests, repeats, layers, {c: 0.25 for c in contexts}, "quarter")
+    import torch
+
+    quarter = {c: torch.full((layers, EMBEDDED.heads), int((c + 1) * 0.25)) for c in contexts}
+    return attention_rows(EMBEDDED, contexts, requests, repeats, layers, quarter, "quarter")
 
 
 # ---- engine parts ---------------------------------------------------------------------------------------------------

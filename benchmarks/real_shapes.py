@@ -14,10 +14,12 @@ Parts (each writes benchmarks/results/real_shapes/<part>.json with its command):
   decode       requests of max_model_len tokens submitted at once at the fixed budget: the most running, decode
                step time and tok/s at that many (ring_cache.measure_concurrency), and a decode step at equal batch.
   attention    one layer's decode attention per step at the shape (decode_speed's engine-free harness): stock
-               CPU_ATTN vs the moa path over the same bytes and at the reference plan's bytes.
+               CPU_ATTN vs the moa path over the same bytes (dense plan) and with the reference plan's own
+               per-head spans (its bytes), every layer of the shape in turn.
   prefill      one prompt's prefill alone (time to first token), tok/s.
+  plot         real_shapes.png from the JSON the other parts wrote (every figure as a ratio to stock).
 
-Usage: python -m benchmarks.real_shapes {concurrency,decode,attention,prefill} [--shape S ...] [--kv-gib G]
+Usage: python -m benchmarks.real_shapes {concurrency,decode,attention,prefill,plot} [--shape S ...] [--kv-gib G]
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ def density_at(plan_path: Path, n: int) -> float:
     plan = load_plan(plan_path)
     spans = [r.span(n, plan.min_span) for layer in plan.rules for r in layer]
     return sum(spans) / (len(spans) * n)
+
+
+def reference_spans(plan_path: Path, n: int):
+    """The plan's spans [layers, KV heads] for a request of n tokens (its heterogeneous per-head rings)."""
+    import torch
+
+    from moa_vllm.plan import load_plan
+
+    plan = load_plan(plan_path)
+    return torch.tensor([[r.span(n, plan.min_span) for r in layer] for layer in plan.rules])
 
 
 def prepare(shape: str, work: Path) -> tuple[Path, dict[str, str]]:
@@ -231,8 +243,8 @@ def attention_part(shapes: list[str], work: Path, contexts: list[int], requests:
         heads = config["num_key_value_heads"]
         dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         geometry = AttentionShape(heads, config["num_attention_heads"] // heads, dim, BLOCK)
-        fractions = {ctx: density_at(Path(plans["reference"]), ctx) for ctx in contexts}
-        for row in attention_rows(geometry, contexts, requests, repeats, config["num_hidden_layers"], fractions):
+        plan_spans = {ctx: reference_spans(Path(plans["reference"]), ctx + 1) for ctx in contexts}
+        for row in attention_rows(geometry, contexts, requests, repeats, config["num_hidden_layers"], plan_spans):
             rows.append({"shape": shape} | row)
     return rows
 
@@ -259,10 +271,47 @@ def prefill_part(shapes: list[str], work: Path, lengths: list[int], repeats: int
     return rows
 
 
+def plot(results: Path) -> Path:
+    """One figure, four panels, each figure a ratio to stock vLLM on the same shape: reported concurrency at the
+    budget, decode tok/s at the budget, attention per layer per decode step, prefill tok/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def rows(part: str) -> list[dict]:
+        return [r for f in sorted(results.glob(f"{part}*.json")) for r in json.loads(f.read_text())["results"]]
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    bars: list[list[tuple[str, float]]] = [
+        [(f"{r['shape']}\n{r['max_model_len'] // 1024}k {r['config'].split(' ')[0]}", r["vs_stock"])
+         for r in rows("concurrency") if r.get("vs_stock")],
+        [(f"{r['shape']}\n{r['max_model_len'] // 1024}k {r['config'].split(' ')[0]}", r["decode_tok_s_vs_stock"])
+         for r in rows("decode") if r.get("decode_tok_s_vs_stock")],
+        [(f"{r['shape']}\n{r['context'] // 1024}k {kind}", 1 / r[f"ratio_{kind}_bytes"])
+         for r in rows("attention") for kind in ("same", "plan")],
+        [(f"{r['shape']}\n{k.split('_')[1]} {r['config'].split(' ')[0]}", r[k])
+         for r in rows("prefill") for k in r if k.endswith("_vs_stock")],
+    ]  # fmt: skip
+    titles = ["reported max concurrency", "decode tok/s at the KV budget", "attention speed per layer (1 / time)",
+              "prefill tok/s"]  # fmt: skip
+    for ax, data, title in zip(axes, bars, titles):
+        ax.barh(range(len(data)), [v for _, v in data], color="tab:blue")
+        ax.set_yticks(range(len(data)), [label for label, _ in data], fontsize=6)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(f"{title}\nx stock vLLM", fontsize=9)
+        ax.invert_yaxis()
+    fig.suptitle("MoA reference plans vs stock vLLM at real shapes, CPU (2 cores), fp32, dummy weights", fontsize=10)
+    fig.tight_layout()
+    out = results / "real_shapes.png"
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["concurrency", "decode", "attention", "prefill"])
+    ap.add_argument("part", choices=["concurrency", "decode", "attention", "prefill", "plot"])
     ap.add_argument("--shape", nargs="+", default=["llama-3.2-1b", "8b-attention"])
     ap.add_argument("--kv-gib", type=float, default=2.0)
     ap.add_argument("--lengths", type=int, nargs="+", default=None)
@@ -274,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="", help="appended to the result's file name (<part>-<tag>.json)")
     a = ap.parse_args(argv)
+    if a.part == "plot":
+        print(plot(a.out))
+        return 0
     meta = {
         "command": "python -m benchmarks.real_shapes " + " ".join(argv),
         "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores); all figures are CPU figures",

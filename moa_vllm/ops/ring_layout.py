@@ -3,7 +3,10 @@
 Rings are page aligned (moa_vllm/plan/ring.py): head h of a request's layer starts at page first[h] of the
 request's flat page list of that layer, and page j of that list is cell j % H of block j // H. Kernels see the
 layer's cache as one-KV-head pages, [num_blocks * H, ...], so page id = block * H + cell, and every ring is a
-"virtual sequence" with its own page table: its slot s is token s % page of table[s // page].
+"virtual sequence" with its own page table: its slot s is token s % page of table[s // page]. Where every head of
+a request's layer has the same number of pages P (dense and uniform layers; short requests whose spans all clamp
+to N) the rings interleave instead: page k of head h is flat page k * H + h, i.e. cell h of block k, which is
+vLLM's own layout, so a kernel can read all H rings of the request as one sequence with H KV heads (same blocks).
 
 Everything here is vectorised over layers ([L, R, H] spans), so one call per step serves every layer.
 """
@@ -29,6 +32,18 @@ def blocks_needed(spans: torch.Tensor, page: int, heads: int) -> torch.Tensor:
     return torch.div(ring_pages(spans, page).sum(-1) + heads - 1, heads, rounding_mode="floor")
 
 
+def flat_pages(pages: torch.Tensor, width: int) -> torch.Tensor:
+    """Index [..., H, width] of each ring's page j in the request's flat page list of its layer, for pages
+    [..., H]: packed (head h from first[h] = pages of heads 0..h-1) or, where all H rings have equal pages,
+    interleaved (k * H + h). Entries j >= pages are meaningless (callers mask them)."""
+    heads = pages.shape[-1]
+    j = torch.arange(width, device=pages.device)
+    first = torch.cumsum(pages, dim=-1) - pages
+    equal = (pages == pages[..., :1]).all(dim=-1, keepdim=True)[..., None]  # [..., 1, 1]
+    interleaved = j * heads + torch.arange(heads, device=pages.device)[:, None]  # [H, width]
+    return torch.where(equal, interleaved, first[..., None] + j)
+
+
 def page_tables(spans: torch.Tensor, block_tables: torch.Tensor, page: int, max_pages: int) -> torch.Tensor:
     """One-head page ids [L, R, H, max_pages] (int32) of every ring; entries past a ring's pages are 0.
 
@@ -36,9 +51,8 @@ def page_tables(spans: torch.Tensor, block_tables: torch.Tensor, page: int, max_
     """
     layers, rows, heads = spans.shape
     pages = ring_pages(spans, page)
-    first = torch.cumsum(pages, dim=-1) - pages
     j = torch.arange(max_pages, device=spans.device)
-    flat = first[..., None] + j  # [L, R, H, P] page index in the request's flat page list
+    flat = flat_pages(pages, max_pages)  # [L, R, H, P] page index in the request's flat page list
     valid = j < pages[..., None]
     blk_index = torch.where(valid, torch.div(flat, heads, rounding_mode="floor"), 0)
     blocks = torch.gather(block_tables.long(), 2, blk_index.view(layers, rows, -1)).view(layers, rows, heads, -1)
@@ -55,9 +69,8 @@ def layer_page_table(spans: torch.Tensor, block_table: torch.Tensor, page: int, 
     safe inside a captured CUDA graph."""
     heads, width = spans.shape[-1], out.shape[-1]
     pages = ring_pages(spans, page)
-    first = torch.cumsum(pages, dim=-1) - pages
     j = torch.arange(width, device=spans.device)
-    flat = first[..., None] + j  # [R, H, P] page index in the request's flat page list of this layer
+    flat = flat_pages(pages, width)  # [R, H, P] page index in the request's flat page list of this layer
     valid = j < pages[..., None]
     blk_index = torch.where(valid, torch.div(flat, heads, rounding_mode="floor"), 0)
     blocks = torch.gather(block_table.long(), 1, blk_index.view(spans.shape[0], -1)).view_as(flat)

@@ -4,8 +4,11 @@ Each (request, layer, KV head) owns a ring of `span` token slots (sinks included
 layer holds `heads_per_block` head pages (one per KV head of the rank) of `page_tokens` tokens each. A request's
 blocks of a layer form one flat list of pages (page j = cell j % heads_per_block of block j // heads_per_block);
 head h's ring starts at a page boundary and takes the next ceil(span[h] / page_tokens) pages after the rings of
-heads 0..h-1. Page alignment lets every ring be read by stock paged attention kernels as a one-KV-head "virtual
-sequence" with its own page table (no kernel takes a per-sequence start offset). A request needs
+heads 0..h-1; except where all of the layer's rings have the same page count P, which interleave: head h's page k
+is flat page k * heads_per_block + h (cell h of block k, vLLM's own layout), so the H rings of a request read as one
+sequence with H KV heads (one kernel call per request instead of H). Page alignment lets every ring be read by
+stock paged attention kernels as a one-KV-head "virtual sequence" with its own page table (no kernel takes a
+per-sequence start offset). A request needs
 ceil(sum of ceil(span / page_tokens) / heads_per_block) blocks of that layer: still less than one page per head
 above the plan's own token count. They are allocated once, at admission.
 
@@ -34,6 +37,14 @@ def first_pages(spans: Sequence[int], page_tokens: int) -> list[int]:
     """Index (in the request's flat page list of the layer) of each head's first ring page."""
     pages = head_pages(spans, page_tokens)
     return [total - p for total, p in zip(accumulate(pages), pages, strict=True)]
+
+
+def flat_page(spans: Sequence[int], head: int, k: int, page_tokens: int) -> int:
+    """Index in the request's flat page list of the layer of page k of head `head`'s ring."""
+    pages = head_pages(spans, page_tokens)
+    if len(set(pages)) == 1:
+        return k * len(pages) + head
+    return first_pages(spans, page_tokens)[head] + k
 
 
 def blocks_for_spans(spans: Sequence[int], page_tokens: int, heads_per_block: int) -> int:

@@ -35,6 +35,24 @@ def test_layer_tables_equal_the_batched_tables_and_land_in_the_scratch():
         assert ids.unique().numel() == ids.numel()
 
 
+def test_tables_follow_the_plans_page_list_packed_or_interleaved():
+    """Every table entry is block_table[flat // H] * H + flat % H for the flat page moa_vllm.plan.ring assigns; a row
+    whose heads all have equal pages (interleaved) and one whose heads differ (packed) in the same batch."""
+    from moa_vllm.plan.ring import flat_page
+
+    page, heads = 16, 4
+    spans = torch.tensor([[20, 32, 17, 30], [20, 70, 1, 33], [16, 16, 16, 16]])
+    need = blocks_needed(spans, page, heads)
+    table = (torch.arange(3 * 8, dtype=torch.int32).view(3, 8) + 5).masked_fill(torch.arange(8) >= need[:, None], 0)
+    got = layer_page_table(spans, table, page, torch.empty(3, heads, 5, dtype=torch.int32))
+    for r in range(3):
+        for h in range(heads):
+            for k in range(-(-int(spans[r, h]) // page)):
+                flat = flat_page(spans[r].tolist(), h, k, page)
+                assert int(got[r, h, k]) == int(table[r, flat // heads]) * heads + flat % heads
+    assert torch.equal(got[0, :, :2], table[0, :2][None, :] * heads + torch.arange(heads)[:, None])  # interleaved
+
+
 def test_a_wider_scratch_row_only_adds_zero_columns():
     spans, table = _case(3, 8, rows=4, page=16)
     pages = int(ring_pages(spans, 16).max())

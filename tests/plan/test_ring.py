@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moa_vllm.plan.ring import blocks_for_spans, first_pages, head_pages, layer_blocks, ring_slot
+from moa_vllm.plan.ring import blocks_for_spans, first_pages, flat_page, head_pages, layer_blocks, ring_slot
 from moa_vllm.plan.span import span_tokens
 
 
@@ -24,6 +24,15 @@ def test_rings_start_at_page_boundaries_and_do_not_overlap():
     assert head_pages(spans, page) == [2, 1, 1, 3]
     assert first_pages(spans, page) == [0, 2, 3, 4]
     assert blocks_for_spans(spans, page, 4) == 2  # 7 pages in blocks of 4 head pages
+
+
+def test_equal_page_rings_interleave_into_vllms_own_layout():
+    page, heads = 32, 4
+    equal = [40, 64, 33, 50]  # two pages each, spans differ
+    got = [[flat_page(equal, h, k, page) for k in range(2)] for h in range(heads)]
+    assert got == [[0, 4], [1, 5], [2, 6], [3, 7]]  # head h's page k: cell h of block k
+    packed = [40, 32, 1, 65]
+    assert [flat_page(packed, h, 0, page) for h in range(heads)] == first_pages(packed, page)
 
 
 def test_layer_blocks_uses_the_span_rule():

@@ -48,11 +48,14 @@ class RingSim:
                 n = int(need[layer, r])
                 self.tables[layer, r, :n] = pool[used : used + n]
                 used += n
+        # Stale pages hold a huge finite value (STALE): a slot read as if it held a key dominates its query's scores
+        # and its value the output, far past any tolerance. Not NaN: a page's tail past the ring's last key is read
+        # by CPU_ATTN's tiles with weight exactly 0, as stock vLLM reads its last block's stale tail (0 x NaN = NaN).
         quant = getattr(kernels, "quant", None)
         self.caches = [
-            torch.full((total + 8, self.h, page, 2 * d), 0x7F, dtype=torch.uint8)  # 0x7F: NaN in e4m3fn and e5m2
+            torch.full((total + 8, self.h, page, 2 * d), STALE_FP8_BYTE, dtype=torch.uint8)
             if quant is not None
-            else torch.full((total + 8, self.h, page, 2 * d), float("nan"), dtype=dtype)
+            else torch.full((total + 8, self.h, page, 2 * d), STALE, dtype=dtype)
             for _ in range(self.layers)
         ]
         hq = self.h * g
@@ -108,12 +111,15 @@ class RingSim:
                     self.scale,
                 )
                 got = out[qsl[i] : qsl[i + 1]].double()
-                err = max(err, float((got - ref).abs().max()))
+                # NaN (a read of a stale page) counts as infinitely wrong: max() with a NaN would drop it
+                err = max(err, float(torch.nan_to_num((got - ref).abs(), nan=float("inf")).max()))
         for r in rows:
             self.done[r] += counts[r]
         return err
 
 
+STALE = 1e3
+STALE_FP8_BYTE = 0x7B  # 352 in e4m3fn, 57344 in e5m2 (x the scale): finite in both
 PAGE, D = 32, 64  # page tokens (CPU_ATTN needs multiples of 32) and head dim of the simulated layers
 
 

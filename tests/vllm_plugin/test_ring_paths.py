@@ -46,6 +46,26 @@ def test_ring_paths_at_eight_kv_heads_and_head_dim_128(dtype, g):
     assert drive(sim, chunk=70) < TOL[dtype]
 
 
+@pytest.mark.parametrize("kv", ["auto", pytest.param("fp8_e4m3", marks=fp8_cpu)])
+@pytest.mark.parametrize("d, heads, g", [(64, 3, 3), (128, 8, 4)])
+def test_equal_span_layers_decode_each_request_as_one_sequence(kv, d, heads, g, monkeypatch):
+    """A layer whose heads share one rule (dense / uniform plans) holds interleaved rings (vLLM's own layout) and
+    decodes each request with one H-KV-head sequence (decode_heads); a heterogeneous layer beside it keeps the
+    virtual sequences. Both against the token-exact reference, rings wrapping; the fast path must be taken."""
+    alphas, betas = rules(2, heads, seed=40 + g)
+    alphas[0], betas[0] = 50.0, 0.0  # layer 0: every head's span is 50 (a uniform window)
+    calls = []
+    fast = CpuRingKernels.decode_heads
+    monkeypatch.setattr(CpuRingKernels, "decode_heads", lambda self, *a: (calls.append(a[2]), fast(self, *a)))
+    sim = make_sim(CpuRingKernels, torch.float32, alphas, betas, [230, 170], seed=41, g=g, d=d, scale=d**-0.5, kv=kv)
+    if kv != "auto":
+        sim.kernels.set_scales(0.5, 0.25)
+        sim.k_seen = [[sim.kernels.as_cached(k, k)[0] for k in layer] for layer in sim.k]
+        sim.v_seen = [[sim.kernels.as_cached(v, v)[1] for v in layer] for layer in sim.v]
+    assert drive(sim, chunk=70) < (TOL[torch.float32] if kv == "auto" else 2e-4)
+    assert calls and set(calls) == {heads}  # layer 0's decode steps, each request one H-head sequence
+
+
 FP8_TOL = {"fp8_e4m3": 2e-4, "fp8_e5m2": 2e-4}  # fp32 arithmetic over the same quantized values
 
 

@@ -360,14 +360,19 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
         g = q.shape[1] // h
         # Write first: the new token's slot held the one key its query may no longer see.
         kernels.write(view, step.decode_slots(layer, sinks), k[:nd].reshape(nd * h, d), v[:nd].reshape(nd * h, d))
-        kernels.decode(
-            q[:nd].reshape(nd * h, g, d),
-            view,
-            table[:nd].view(nd * h, -1),
-            step.visible[layer, : nd * h],
-            scale,
-            out[:nd].view(nd * h, g, d),
-        )
+        if kernels.decode_heads is not None and step.equal_spans(layer):  # interleaved rings: a request per call
+            blocks = step.block_tables[layer][:nd, : table.shape[-1]].contiguous()  # a row's P rings pages: P blocks
+            visible = step.visible[layer, : nd * h].view(nd, h)[:, 0].contiguous()
+            kernels.decode_heads(q[:nd], view, h, blocks, visible, scale, out[:nd])
+        else:
+            kernels.decode(
+                q[:nd].reshape(nd * h, g, d),
+                view,
+                table[:nd].view(nd * h, -1),
+                step.visible[layer, : nd * h],
+                scale,
+                out[:nd].view(nd * h, g, d),
+            )
     if nd < len(step.computed) and kernels.prefill is not None:
         kernels.prefill(q, k, v, out, view, step, layer, sinks, scale)
     elif nd < len(step.computed):

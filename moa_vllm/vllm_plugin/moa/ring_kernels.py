@@ -28,6 +28,9 @@ class RingKernels:
     prefill_name: str = "the torch ring prefill (moa_vllm/ops/ring_prefill.py, torch CPU flash attention)"
     format: PageFormat
     prefill = None  # or a method (q, k, v, out, cell_view, step, layer, sinks, scale) -> None
+    # or a method (query [R, Hq, D], cell_view, heads, blocks [R, P], seq_lens [R], scale, out [R, Hq, D]) -> None:
+    # decode of requests whose H rings have equal spans (interleaved: cell h of block k), one sequence each
+    decode_heads = None
 
     def __init__(
         self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024, kv_cache_dtype: str = "auto"

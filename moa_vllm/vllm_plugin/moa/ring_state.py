@@ -91,6 +91,7 @@ class RingStep:
     prefix_rows: list[int] = field(default_factory=list)  # rows with prompt tokens to write or a ring to restore
 
     _table_layer: int | None = None  # the layer whose tables the scratch holds
+    _equal_spans: list[bool] | None = None  # per layer: every decode row's H rings have one span (host)
 
     def finalize(self, sinks: int, page: int) -> None:
         """Visible lengths of all layers in one go (once per step, at the first attention call)."""
@@ -111,6 +112,15 @@ class RingStep:
             layer_page_table(self.spans[layer], self.block_tables[layer], self.page, out)
             self._table_layer = layer
         return out
+
+    def equal_spans(self, layer: int) -> bool:
+        """Whether every decode row's rings at this layer have the same span (then they are interleaved and one
+        kernel call per request reads them all). Reads the spans back to the host once per step: CPU kernels only
+        (a CUDA graph may not branch on device data)."""
+        if self._equal_spans is None:
+            spans = self.spans[:, : self.num_decodes]
+            self._equal_spans = (spans == spans[..., :1]).all(dim=2).all(dim=1).tolist()
+        return self._equal_spans[layer]
 
     def decode_slots(self, layer: int, sinks: int) -> torch.Tensor:
         """Flat one-head slots [num_decodes*H] of the decode rows' new tokens at this layer."""
