@@ -286,14 +286,14 @@ def plot(results: Path) -> Path:
     bars: list[list[tuple[str, float]]] = [
         [(f"{r['shape']}\n{r['max_model_len'] // 1024}k {r['config'].split(' ')[0]}", r["vs_stock"])
          for r in rows("concurrency") if r.get("vs_stock")],
-        [(f"{r['shape']}\n{r['max_model_len'] // 1024}k {r['config'].split(' ')[0]}", r["decode_tok_s_vs_stock"])
-         for r in rows("decode") if r.get("decode_tok_s_vs_stock")],
+        [(f"{r['shape']}\n{r['max_model_len'] // 1024}k {r['kv_gib']:g} GiB {r['config'].split(' ')[0]}",
+          r["decode_tok_s_vs_stock"]) for r in rows("decode") if r.get("decode_tok_s_vs_stock")],
         [(f"{r['shape']}\n{r['context'] // 1024}k {kind}", 1 / r[f"ratio_{kind}_bytes"])
          for r in rows("attention") for kind in ("same", "plan")],
         [(f"{r['shape']}\n{k.split('_')[1]} {r['config'].split(' ')[0]}", r[k])
          for r in rows("prefill") for k in r if k.endswith("_vs_stock")],
     ]  # fmt: skip
-    titles = ["reported max concurrency", "decode tok/s at the KV budget", "attention speed per layer (1 / time)",
+    titles = ["reported max concurrency", "decode tok/s (KV budget in GiB)", "attention speed per layer (1 / time)",
               "prefill tok/s"]  # fmt: skip
     for ax, data, title in zip(axes, bars, titles):
         ax.barh(range(len(data)), [v for _, v in data], color="tab:blue")
