@@ -66,42 +66,12 @@ class CpuRingKernels(RingKernels):
     ) -> None:
         """Decode of requests whose H rings have equal spans: interleaved rings (head h's page k is cell h of block
         k) are vLLM's own layout, so CPU_ATTN reads each request as one sequence with H KV heads. One sequence per
-        request instead of H virtual ones: CPU_ATTN's per-sequence cost is paid once (head dim 64: ~1.3x -> ~1.0x
-        stock at 2k, benchmarks/real_shapes.py attention)."""
-        rows = blocks.shape[0]
+        request instead of H virtual ones: CPU_ATTN's per-sequence cost is paid once (same bytes at 2k: 1.27x -> 1.18x
+        stock at head dim 64, 1.31x -> 0.95x at 128; benchmarks/real_shapes.py attention)."""
         layered = cell_view.view(cell_view.shape[0] // heads, heads, 2 * self.page, cell_view.shape[-1])
-        qsl = self._query_start_loc(rows, query.device)
-        metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=rows,
-            num_heads=query.shape[1],
-            num_kv_heads=heads,
-            head_dim=query.shape[2],
-            seq_lens=seq_lens,
-            dtype=self.dtype,
-            query_start_loc=qsl,
-            causal=True,
-            sliding_window_size=-1,
-            isa=self.isa,
-            enable_kv_split=self._split_kv,
-            **({"kv_cache_dtype": self.kv_cache_dtype} if self.quant else {}),
-        )
-        ops.cpu_attention_with_kv_cache(
-            query=query,
-            key_cache=layered[:, :, : self.page],
-            value_cache=layered[:, :, self.page :],
-            output=out,
-            query_start_loc=qsl,
-            seq_lens=seq_lens,
-            scale=scale,
-            causal=True,
-            alibi_slopes=None,
-            sliding_window=-1,
-            block_table=blocks,
-            softcap=0.0,
-            scheduler_metadata=metadata,
-            s_aux=None,
-            **self._quant_args,
-        )
+        qsl = self._query_start_loc(blocks.shape[0], query.device)
+        pages = (layered[:, :, : self.page], layered[:, :, self.page :])
+        self._run(query, pages, heads, blocks, seq_lens, qsl, scale, out)
 
     def attend(
         self,
@@ -115,14 +85,25 @@ class CpuRingKernels(RingKernels):
         max_query_len: int = 1,
     ) -> None:
         """Causal attention of each virtual sequence's last queries over its ring (bottom-right aligned)."""
-        rows = tables.shape[0]
-        _, g, d = query.shape
-        qsl = query_start_loc
+        self._run(query, self._split(cell_view), 1, tables, seq_lens, query_start_loc, scale, out)
+
+    def _run(
+        self,
+        query: torch.Tensor,
+        pages: tuple[torch.Tensor, torch.Tensor],  # (key cache, value cache) views CPU_ATTN reads
+        kv_heads: int,
+        tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        qsl: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """One CPU_ATTN call (scheduler metadata + attention) over paged K/V with `kv_heads` heads per page."""
         metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=rows,
-            num_heads=g,
-            num_kv_heads=1,
-            head_dim=d,
+            num_reqs=tables.shape[0],
+            num_heads=query.shape[1],
+            num_kv_heads=kv_heads,
+            head_dim=query.shape[2],
             seq_lens=seq_lens,
             dtype=self.dtype,
             query_start_loc=qsl,
@@ -132,11 +113,10 @@ class CpuRingKernels(RingKernels):
             enable_kv_split=self._split_kv,
             **({"kv_cache_dtype": self.kv_cache_dtype} if self.quant else {}),
         )
-        kc, vc = self._split(cell_view)
         ops.cpu_attention_with_kv_cache(
             query=query,
-            key_cache=kc,
-            value_cache=vc,
+            key_cache=pages[0],
+            value_cache=pages[1],
             output=out,
             query_start_loc=qsl,
             seq_lens=seq_lens,
