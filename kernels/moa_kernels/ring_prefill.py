@@ -27,6 +27,8 @@ import triton.language as tl
 
 from moa_kernels.blocks import Blocks, pick_blocks
 
+FP8_CELLS = (torch.float8_e4m3fn, torch.float8_e5m2)  # cell dtypes read as quantized values
+
 
 def _ring_prefill(
     Q,  # [T, Hq, D] the step's queries (only prefill rows' tokens are read)
@@ -55,6 +57,8 @@ def _ring_prefill(
     stride_sr,
     scale,
     sinks,
+    k_scale,  # fp8 cells: a ring value is float8 * scale (the fresh chunk comes in already dequantized)
+    v_scale,
     G: tl.constexpr,  # query heads per KV head
     G_PAD: tl.constexpr,
     PAGE: tl.constexpr,
@@ -63,7 +67,8 @@ def _ring_prefill(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast before tl.dot (the Triton 3.9 interpreter's bf16 dot is wrong)
-    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 caches (no silent tf32), else "tf32"
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 queries (no silent tf32), else "tf32"
+    KV_FP8: tl.constexpr,  # the cells hold float8 values (vLLM's fp8 KV cache, per-tensor scales)
 ):
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
     tile = tl.program_id(0)
@@ -112,6 +117,9 @@ def _ring_prefill(
         kv_mask = d_ok[None, :]
         k = tl.load(cell, mask=old[:, None] & kv_mask, other=0.0)
         v = tl.load(cell + PAGE * stride_cs, mask=old[:, None] & kv_mask, other=0.0)
+        if KV_FP8:  # dequantize into the chunk's dtype: both sources then meet in one dot
+            k = (k.to(tl.float32) * k_scale).to(KNew.dtype.element_ty)
+            v = (v.to(tl.float32) * v_scale).to(VNew.dtype.element_ty)
         fresh = (qs + p - computed).to(tl.int64)[:, None]
         k_new = tl.load(KNew + fresh * stride_kt + h * stride_kh + d[None, :], mask=new[:, None] & kv_mask, other=0.0)
         v_new = tl.load(VNew + fresh * stride_vt + h * stride_vh + d[None, :], mask=new[:, None] & kv_mask, other=0.0)
@@ -205,9 +213,12 @@ def ring_prefill(
     *,
     blocks: Blocks | None = None,
     launch: Launch | None = None,
+    scales: tuple[float, float] = (1.0, 1.0),
 ):
     """Attention of the rows' chunks over (their rings before the step) + (their own fresh keys), into out.
-    `launch` is the step's `plan_launch` for these rows (made here when not given).
+    `launch` is the step's `plan_launch` for these rows (made here when not given). float8 cells (an fp8 KV cache)
+    hold value / scale: `scales` are the layer's (k, v) scales; key/value then come as the cache will give them back
+    (quantized and dequantized by the caller), in the queries' dtype.
     Returns the launch handle (on a GPU its compiled kernel: n_regs, n_spills), None if there was nothing to do."""
     heads, head_dim = key.shape[1], key.shape[2]
     group = query.shape[1] // heads
@@ -253,6 +264,8 @@ def ring_prefill(
         spans.stride(0),
         scale,
         sinks,
+        float(scales[0]),
+        float(scales[1]),
         G=group,
         G_PAD=triton.next_power_of_2(group),
         PAGE=page,
@@ -261,7 +274,8 @@ def ring_prefill(
         BLOCK_T=blocks.block_t,
         BLOCK_N=blocks.block_n,
         DOT_FP32=interpret and query.dtype == torch.bfloat16,
-        PRECISION="ieee" if cells.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        KV_FP8=cells.dtype in FP8_CELLS,
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
     )

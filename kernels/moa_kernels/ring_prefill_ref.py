@@ -34,6 +34,7 @@ def ring_prefill_reference(
     window_delta: int = 0,  # mutation tests only: the visibility rule's windows off by this many tokens
     blocks=None,  # the kernel's tiling and launch data: accepted so the reference takes the kernel's call as is
     launch=None,
+    scales: tuple[float, float] = (1.0, 1.0),  # float8 cells: a ring value is float8 * scale
 ) -> None:
     heads = key.shape[1]
     group = query.shape[1] // heads
@@ -46,8 +47,8 @@ def ring_prefill_reference(
             owners = torch.tensor(slot_owners(c, span, sinks))
             held = (owners >= 0).nonzero()[:, 0]
             page_ids = tables[r, h, torch.div(held, page, rounding_mode="floor")].long().cpu()
-            k_ring = cells[page_ids, held % page].double()
-            v_ring = cells[page_ids, held % page + page].double()
+            k_ring = cells[page_ids, held % page].double() * scales[0]
+            v_ring = cells[page_ids, held % page + page].double() * scales[1]
             k_all = torch.cat([k_ring, key[qs:qe, h].double()])
             v_all = torch.cat([v_ring, value[qs:qe, h].double()])
             k_pos = torch.cat([owners[held], torch.arange(c, c + n)])

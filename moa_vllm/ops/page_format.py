@@ -69,6 +69,13 @@ def dequantize(raw: torch.Tensor, quant: torch.dtype, scale: float, dtype: torch
     return (raw.contiguous().view(quant).to(torch.float32) * scale).to(dtype)
 
 
+def quantize(x: torch.Tensor, quant: torch.dtype, scale: float) -> torch.Tensor:
+    """Values -> float8 of value / scale, rounded to nearest and saturated at the type's largest finite value (what
+    vLLM's CUDA cache writes do; a bare torch cast would turn an overflow into NaN)."""
+    limit = torch.finfo(quant).max
+    return (x.float() / scale).clamp(-limit, limit).to(quant)
+
+
 def _logical(pages: torch.Tensor, index: torch.Tensor | None, page: int, head_dim: int) -> torch.Tensor:
     """Pages [H, P, page, D] as stored -> [H, P, page, D] token-major."""
     if index is None:
@@ -78,8 +85,11 @@ def _logical(pages: torch.Tensor, index: torch.Tensor | None, page: int, head_di
 
 
 def write_token_major(cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    """Store key/value [W, D] at flat one-head slots [W] of a token-major cache (GPU kernels' layout)."""
+    """Store key/value [W, D] at flat one-head slots [W] of a token-major cache (GPU kernels' layout). float8 key/value
+    (already quantized) go into a byte cache as their bytes."""
     page = cell_view.shape[1] // 2
     cell, offset = torch.div(slots, page, rounding_mode="floor"), slots % page
+    if key.dtype.itemsize == 1 and cell_view.dtype == torch.uint8:
+        key, value = key.view(torch.uint8), value.view(torch.uint8)
     cell_view[cell, offset] = key.to(cell_view.dtype)
     cell_view[cell, offset + page] = value.to(cell_view.dtype)

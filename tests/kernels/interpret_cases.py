@@ -37,8 +37,8 @@ def error(batch, rows=None, kernel_span_delta: int = 0, reference_window_delta: 
     args = batch.args(rows)
     if kernel_span_delta:
         args = (*args[:5], args[5] + kernel_span_delta, *args[6:])
-    ring_prefill(*args, got)
-    ring_prefill_reference(*batch.args(rows), want, window_delta=reference_window_delta)
+    ring_prefill(*args, got, scales=batch.scales)
+    ring_prefill_reference(*batch.args(rows), want, window_delta=reference_window_delta, scales=batch.scales)
     return float((got.double() - want.double()).abs().max())
 
 
@@ -56,6 +56,19 @@ def cases() -> dict[str, float]:
         spans, computed, chunks = random_rows(40 + group, 4, heads=8)
         batch = make_batch(spans, computed, chunks, group=group, head_dim=128, page=16, seed=40 + group)
         out[f"geometry-h8-g{group}-d128"] = error(batch)
+    # fp8 cells (vLLM's fp8 KV cache): the ring holds float8 of value / scale, the fresh chunk comes in the queries'
+    # dtype; stale pages stay NaN in both float8 types.
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        spans, computed, chunks = random_rows(60, 4, heads=2)
+        batch = make_batch(spans, computed, chunks, group=3, dtype=torch.float16, seed=60)
+        batch.cells = (batch.cells.float() / 0.5).to(fp8)  # fp8 ring values, x 0.5 when read
+        batch.scales = (0.5, 0.5)
+        out[f"fp8-{str(fp8).removeprefix('torch.')}"] = error(batch)
+        batch.scales = (1.0, 1.0)  # a kernel (and reference) that forgets the scales must be caught
+        got, want = torch.zeros_like(batch.query), torch.zeros_like(batch.query)
+        ring_prefill(*batch.args(), got)
+        ring_prefill_reference(*batch.args(), want, scales=(0.5, 0.5))
+        out[f"mutation-fp8-unscaled-{str(fp8).removeprefix('torch.')}"] = float((got - want).abs().max())
     # The chunk starts below the sinks: sink keys come from the fresh K/V; one ring never wraps (span > seq).
     batch = make_batch([[40, 200]], [2], [60], group=3, sinks=8, seed=5)
     out["sinks-in-chunk"] = error(batch)

@@ -22,6 +22,7 @@ class RingBatch:
     query_start_loc: list[int]
     sinks: int
     scale: float
+    scales: tuple[float, float] = (1.0, 1.0)  # float8 cells: the (k, v) scales their values are multiplied by
 
     def args(self, rows: list[int] | None = None) -> tuple:
         rows = list(range(len(self.computed))) if rows is None else rows

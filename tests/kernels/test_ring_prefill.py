@@ -56,3 +56,14 @@ def test_rows_not_asked_for_are_left_alone(errors):
 @pytest.mark.parametrize("case", ["mutation-reference-window-minus-one", "mutation-kernel-span-plus-one"])
 def test_a_window_off_by_one_fails(errors, case):
     assert not errors[case] < 1e-2  # NaN (a never-written slot was read) fails too
+
+
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_cells_match_the_reference(errors, fp8):
+    """Ring values read as float8 x scale, fresh keys in fp16: fp16 arithmetic over the same values."""
+    assert errors[f"fp8-{fp8}"] < TOL["float16"]
+
+
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_cells_without_their_scales_fail(errors, fp8):
+    assert not errors[f"mutation-fp8-unscaled-{fp8}"] < 1e-2

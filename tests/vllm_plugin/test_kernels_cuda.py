@@ -34,6 +34,51 @@ def test_cuda_ring_path_at_eight_kv_heads_and_head_dim_128(contract, g):
     assert drive(sim, chunk=60) < 4e-2
 
 
+def _fp8_sim(kv: str, dtype: torch.dtype, seed: int, heads: int = 3, g: int = 3, d: int = 64, lengths=(230, 170)):
+    """A CUDA-path simulation over fp8 rings with scales != 1; the reference sees K/V as the cache gives them back."""
+    alphas, betas = rules(2, heads, seed=seed)
+    sim = make_sim(CudaRingKernels, dtype, alphas, betas, list(lengths), seed=seed + 1, g=g, d=d, scale=d**-0.5, kv=kv)
+    sim.kernels.set_scales(0.5, 0.25)
+    sim.k_seen = [[sim.kernels.as_cached(k, k)[0] for k in layer] for layer in sim.k]
+    sim.v_seen = [[sim.kernels.as_cached(v, v)[1] for v in layer] for layer in sim.v]
+    return sim
+
+
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fp8_rings_match_the_reference_over_the_same_quantized_keys(contract, kv, dtype):
+    """Decode (unified_attention's FP8_PER_TENSOR mode), prefill and chunked prefill over fp8 rings: the writes
+    store float8 of value / scale, every read dequantizes with the layer's scales."""
+    sim = _fp8_sim(kv, dtype, seed=50)
+    assert float((sim.k_seen[0][0].float() - sim.k[0][0].float()).abs().max()) > 1e-2  # quantization is no no-op
+    assert bool((sim.spans < torch.tensor(sim.lengths)[None, :, None] - 60).any())  # some rings wrap
+    assert drive(sim, chunk=60) < {torch.float32: 2e-5, torch.bfloat16: 4e-2}[dtype]
+
+
+def test_cuda_fp8_rings_at_eight_kv_heads_and_head_dim_128(contract):
+    sim = _fp8_sim("fp8_e4m3", torch.bfloat16, seed=52, heads=8, g=4, d=128, lengths=(230, 160))
+    assert drive(sim, chunk=60) < 4e-2
+
+
+def test_cuda_fp8_rings_against_unquantized_keys_fail(contract):
+    sim = _fp8_sim("fp8_e4m3", torch.float32, seed=54)
+    sim.k_seen, sim.v_seen = sim.k, sim.v  # a reference that forgets the quantization
+    assert drive(sim, chunk=64) > 1e-2
+
+
+def test_cuda_fp8_writes_round_to_nearest_and_saturate():
+    """What vLLM's CUDA cache writes do: nearest float8 of value / scale, overflow clamped to the largest finite."""
+    kernels = CudaRingKernels(torch.float32, 16, 8, kv_cache_dtype="fp8_e4m3")
+    kernels.set_scales(0.5, 2.0)
+    view = torch.zeros(2, 32, 8, dtype=torch.uint8)
+    key = torch.tensor([[1.0e4, -1.0e4, 0.3, 1.06, 0.0, 7.0, -3.3, 0.01]])
+    kernels.write(view, torch.tensor([16]), key, key)
+    k, v = kernels.read(view, torch.tensor([[1]]))
+    assert torch.equal(k[0, 0], (key[0] / 0.5).clamp(-448, 448).to(torch.float8_e4m3fn).float() * 0.5)
+    assert float(k[0, 0, 2]) == 0.625 * 0.5  # 0.6 lies between 0.5625 and 0.625: nearest, not toward zero
+    assert float(k[0, 0, 0]) == 448 * 0.5 and float(v[0, 0, 1]) == -448 * 2.0
+
+
 def test_cuda_ring_path_fails_on_a_wrong_window(contract):
     alphas, betas = rules(1, 3, seed=12)
     sim = make_sim(CudaRingKernels, torch.float32, alphas, betas, [220, 200], seed=7)
@@ -70,6 +115,14 @@ def test_real_triton_kernel_in_the_interpreter_at_eight_kv_heads_and_head_dim_12
     """vLLM's real decode kernel and our prefill kernel at 8 KV heads, GQA 4, head dim 128 (one layer, short
     requests: the interpreter runs every program in numpy)."""
     assert _interpret("float32", "0", "8x4x128") < 2e-5
+
+
+@pytest.mark.compute
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
+def test_real_triton_kernels_in_the_interpreter_over_fp8_rings(kv):
+    """vLLM's real decode kernel in its FP8_PER_TENSOR mode and our prefill kernel reading float8 cells, fp16
+    queries, scales != 1, against the reference over the same quantized K/V."""
+    assert _interpret("float16", "0", "3x3x64", kv) < 6e-3
 
 
 @pytest.mark.compute

@@ -63,7 +63,7 @@ def ring_kernels(
     if device.type == "cuda":
         from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels  # imports Triton: CUDA only
 
-        kernels = CudaRingKernels(dtype, page, head_dim, max_rows)
+        kernels = CudaRingKernels(dtype, page, head_dim, max_rows, kv_cache_dtype)
         kernels.allocate(device, group)
         return kernels
     from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels  # CPU_ATTN's ops
@@ -74,7 +74,7 @@ def ring_kernels(
 class MoABackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = True  # forward() writes the step's surviving K/V into the rings
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    # fp8 rings on CPU (CPU_ATTN with per-layer k/v scales); CUDA refuses them (_check_cache_dtype)
+    # fp8 rings: CPU_ATTN with per-layer k/v scales; CUDA: Triton decode + ring prefill, SM 8.9+ (_check_cache_dtype)
     supported_kv_cache_dtypes: ClassVar[list] = [
         "auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2"
     ]  # fmt: skip
@@ -224,14 +224,25 @@ class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
 
 
 def _check_cache_dtype(kv_cache_dtype: str, vllm_config: VllmConfig) -> None:
-    """On CUDA the Triton kernels take the cache in the model's dtype (their dots need one operand dtype)."""
+    """On CUDA the Triton kernels take the cache in the model's dtype (their dots need one operand dtype) or fp8
+    (dequantized into the model's dtype as they load it; Triton's float8e4nv needs compute capability 8.9+)."""
     from vllm.platforms import current_platform
 
+    if not current_platform.is_cuda():
+        return
     model_dtype = str(vllm_config.model_config.dtype).removeprefix("torch.") if vllm_config.model_config else None
-    if current_platform.is_cuda() and kv_cache_dtype not in ("auto", model_dtype):
+    if kv_cache_dtype.startswith("fp8"):
+        if not current_platform.has_device_capability(89):
+            cap = current_platform.get_device_capability()
+            raise NotImplementedError(
+                f"moa-vllm on CUDA: --kv-cache-dtype {kv_cache_dtype} needs compute capability 8.9+ (Triton's fp8), "
+                f"this GPU has {cap.as_version_str() if cap else 'unknown'}; use --kv-cache-dtype auto"
+            )
+        return
+    if kv_cache_dtype not in ("auto", model_dtype):
         raise NotImplementedError(
             f"moa-vllm on CUDA: --kv-cache-dtype {kv_cache_dtype} differs from the model dtype {model_dtype}; "
-            "use --kv-cache-dtype auto (fp8 rings run on CPU only: the Triton ring kernels take no scales yet)"
+            "use --kv-cache-dtype auto or fp8"
         )
 
 
@@ -327,7 +338,7 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         out = output[:n].view(n, self.num_heads, d)
         kernels = self._kernels_for(kv_cache, query.dtype)
         if kernels.quant is not None:  # the layer's fp8 scales (set after the weights load; 1.0 without any)
-            kernels.set_scales(layer._k_scale_float, layer._v_scale_float)
+            kernels.set_scales(layer._k_scale_float, layer._v_scale_float, (layer._k_scale, layer._v_scale))
         ring_forward(
             q,
             k,

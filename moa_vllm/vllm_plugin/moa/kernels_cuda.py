@@ -5,6 +5,12 @@ The cache cell is [K page | V page], both token-major, so the one-head view spli
 [num_pages, page, 1, D] K and V tensors the paged kernel reads (stride-aware; no copy). Decode has no mask: the
 token is written first and seq_len = min(written, span), as on CPU. Tested on CPU with vLLM's real Triton kernel in
 the Triton interpreter (fp32, fp16) and against the kernel's contract in torch (bf16 too); not yet run on a GPU.
+
+fp8 caches (--kv-cache-dtype fp8 / fp8_e4m3 / fp8_e5m2) hold float8 of value / scale with the layer's per-tensor
+k/v scales, as vLLM's own Triton backend stores them (round to nearest, saturated): decode passes the layer's scale
+tensors to unified_attention in its FP8_PER_TENSOR mode, the prefill kernel dequantizes ring reads, and a prefill
+chunk's fresh K/V are quantized and dequantized before the kernel sees them, so prefill attends over exactly what
+later decode steps read.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 from moa_kernels import ring_prefill
 from moa_kernels.blocks import pick_blocks
 from moa_kernels.ring_prefill import interpreting, plan_launch
-from moa_vllm.ops.page_format import PageFormat, write_token_major
+from moa_vllm.ops.page_format import PageFormat, dequantize, quantize, write_token_major
 from moa_vllm.ops.ring_layout import ring_slot_of
 from moa_vllm.vllm_plugin.moa.ring_kernels import RingKernels
 
@@ -29,10 +35,39 @@ class CudaRingKernels(RingKernels):
     name = "vLLM Triton unified_attention"
     prefill_name = "moa_kernels Triton ring prefill"
 
-    def __init__(self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024) -> None:
-        super().__init__(dtype, page, head_dim, max_rows)
-        self.format = PageFormat.token_major(page, head_dim)
+    def __init__(
+        self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024, kv_cache_dtype: str = "auto"
+    ) -> None:
+        super().__init__(dtype, page, head_dim, max_rows, kv_cache_dtype)
+        self.format = PageFormat(page, head_dim, quant=self.quant)
         self._segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._descale: tuple[torch.Tensor, torch.Tensor] | None = None  # fp8: the layer's scale tensors
+
+    def set_scales(self, k_scale: float, v_scale: float, tensors: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """fp8: the layer's k/v scales, and vLLM's one-element scale tensors on the device holding the same values
+        (layer._k_scale / _v_scale: persistent, so a captured decode graph reads them where they are; without them,
+        tensors of the floats are made once)."""
+        if (k_scale, v_scale) != (self.k_scale, self.v_scale) or tensors is not None:
+            self._descale = tensors
+        super().set_scales(k_scale, v_scale)
+
+    def _typed(self, cell_view: torch.Tensor) -> torch.Tensor:
+        """The cache's bytes as the float8 type they hold (fp8 caches are allocated as uint8)."""
+        return cell_view.view(self.quant) if self.quant is not None and cell_view.dtype != self.quant else cell_view
+
+    def as_cached(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.quant is None:
+            return key, value
+        return (
+            dequantize(quantize(key, self.quant, self.k_scale), self.quant, self.k_scale, key.dtype),
+            dequantize(quantize(value, self.quant, self.v_scale), self.quant, self.v_scale, value.dtype),
+        )
+
+    def _descales(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._descale is None:  # scales given as floats (tests): one-element tensors of them
+            f32 = dict(dtype=torch.float32, device=device)
+            self._descale = (torch.tensor([self.k_scale], **f32), torch.tensor([self.v_scale], **f32))
+        return self._descale
 
     def allocate(self, device: torch.device, group: int) -> None:
         """Every buffer a captured decode graph reads, once: query_start_loc and the split-KV softmax scratch."""
@@ -47,6 +82,8 @@ class CudaRingKernels(RingKernels):
         )
 
     def write(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        if self.quant is not None:
+            key, value = quantize(key, self.quant, self.k_scale), quantize(value, self.quant, self.v_scale)
         write_token_major(cell_view, slots.long(), key, value)
 
     def attend(
@@ -64,8 +101,15 @@ class CudaRingKernels(RingKernels):
         """Causal attention of each virtual sequence's last queries over its ring (bottom-right aligned)."""
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
-        k = cell_view[:, : self.page].unsqueeze(2)  # [pages, page, 1, D]
-        v = cell_view[:, self.page :].unsqueeze(2)
+        typed = self._typed(cell_view)
+        k = typed[:, : self.page].unsqueeze(2)  # [pages, page, 1, D]
+        v = typed[:, self.page :].unsqueeze(2)
+        quant: dict = dict(k_descale=None, v_descale=None)
+        if self.quant is not None:
+            from vllm.v1.kv_cache_interface import KVQuantMode
+
+            k_descale, v_descale = self._descales(query.device)
+            quant = dict(kv_quant_mode=KVQuantMode.FP8_PER_TENSOR, k_descale=k_descale, v_descale=v_descale)
         split = {}
         if self._segments is not None:
             output, maxes, sums = self._segments
@@ -91,8 +135,7 @@ class CudaRingKernels(RingKernels):
             block_table=tables,
             softcap=0,
             q_descale=None,
-            k_descale=None,
-            v_descale=None,
+            **quant,
             **split,
         )
 
@@ -109,8 +152,9 @@ class CudaRingKernels(RingKernels):
         blocks = pick_blocks(self.head_dim, q.shape[1] // k.shape[1], interpret=interpreting())
         if step.prefill_launch is None:  # the step's first layer: its tiles, shared by every layer
             step.prefill_launch = plan_launch(step.computed, qsl, rows, blocks.block_t, q.device)
-        ring_prefill(q, k, v, cell_view, tables, spans, step.computed, qsl, rows, sinks, scale, out,
-                     blocks=blocks, launch=step.prefill_launch)  # fmt: skip
+        k_seen, v_seen = self.as_cached(k, v)  # fp8: the chunk's keys as its later decode steps will read them
+        ring_prefill(q, k_seen, v_seen, self._typed(cell_view), tables, spans, step.computed, qsl, rows, sinks, scale,
+                     out, blocks=blocks, launch=step.prefill_launch, scales=(self.k_scale, self.v_scale))  # fmt: skip
         flat = torch.cat(
             [self._survivor_slots(tables[r], spans[r], step.computed[r], qsl[r], qsl[r + 1], sinks) for r in rows]
         )

@@ -44,8 +44,9 @@ class RingKernels:
         self.k_scale = self.v_scale = 1.0
         self._qsl: torch.Tensor | None = None
 
-    def set_scales(self, k_scale: float, v_scale: float) -> None:
-        """The layer's K/V quantization scales (fp8 caches; vLLM sets them on the layer after loading weights)."""
+    def set_scales(self, k_scale: float, v_scale: float, tensors: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The layer's K/V quantization scales (fp8 caches; vLLM sets them on the layer after loading weights);
+        `tensors`: the same scales as the layer's device tensors, for kernels that read them there (CUDA)."""
         self.k_scale, self.v_scale = float(k_scale), float(v_scale)
 
     def read(self, cell_view: torch.Tensor, page_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
