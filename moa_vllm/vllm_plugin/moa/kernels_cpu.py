@@ -36,7 +36,7 @@ class CpuRingKernels(RingKernels):
             dict(k_scale=1.0, v_scale=1.0, kv_cache_dtype=kv_cache_dtype) if self.quant else {}
         )  # fmt: skip
 
-    def set_scales(self, k_scale: float, v_scale: float, tensors=None) -> None:
+    def set_scales(self, k_scale: float, v_scale: float, tensors: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().set_scales(k_scale, v_scale)
         if self.quant:
             self._quant_args = dict(k_scale=k_scale, v_scale=v_scale, kv_cache_dtype=self.kv_cache_dtype)
