@@ -65,6 +65,25 @@ def cmd_plan_show(args: argparse.Namespace) -> None:
     print("\n".join(describe(plan, args.plan, args.length, picture if picture > 0 else None)))
 
 
+def cmd_plan_kv_range(args: argparse.Namespace) -> None:
+    from moa_vllm.plan.fingerprint import check_plan_fits
+    from moa_vllm.planner.kv_range import calibration_windows, measure_kv_amax
+    from moa_vllm.planner.model_inputs import ModelInputs
+
+    plan = load_plan(args.plan)
+    inputs = ModelInputs(Path(_model_dir(args.model)))
+    check_plan_fits(plan, inputs.fingerprint, args.plan)
+    amax = measure_kv_amax(inputs.model, calibration_windows(inputs.tokenizer, args.texts, args.tokens, args.seed))
+    calibration = {"texts": args.texts, "tokens": args.tokens, "seed": args.seed,
+                   "text": "the planner's calibration text (Python docs, stories)"}  # fmt: skip
+    extra = {**plan.metadata.extra, "kv_range": calibration}
+    metadata = plan.metadata.model_copy(update={"extra": extra})
+    out = plan.model_copy(update={"kv_amax": amax, "metadata": metadata})
+    print(save_plan(out, args.output))
+    for layer, (k, v) in enumerate(amax):
+        print(f"layer {layer:3d}: max |K| {k:9.4f}  max |V| {v:9.4f}")
+
+
 def cmd_bst_train(args: argparse.Namespace) -> None:
     import shlex
 
@@ -193,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("model_dir")
     att.add_argument("--force", action="store_true", help="replace a different plan already attached")
     att.set_defaults(func=cmd_plan_attach)
+    rng = plan.add_parser("kv-range", help="measure each layer's largest |K| and |V| (fp8 KV cache scales)")
+    rng.add_argument("plan")
+    rng.add_argument("--model", default="embedded", help="HF model folder with weights, or 'embedded'")
+    rng.add_argument("--texts", type=int, default=8, help="calibration windows")
+    rng.add_argument("--tokens", type=int, default=2048, help="tokens per window")
+    rng.add_argument("--seed", type=int, default=0)
+    rng.add_argument("-o", "--output", required=True, help="the plan with kv_amax (may be the input file)")
+    rng.set_defaults(func=cmd_plan_kv_range)
     show = plan.add_parser("show", help="summarise a plan")
     show.add_argument("plan")
     show.add_argument("--length", type=int, nargs="+", default=[2048, 8192, 32768, 131072],

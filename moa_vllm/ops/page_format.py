@@ -63,6 +63,21 @@ class PageFormat:
         out = dtype or torch.float32
         return dequantize(k, self.quant, scales[0], out), dequantize(v, self.quant, scales[1], out)
 
+    def store(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store key/value [W, D] at flat one-head slots [W] in this page order (the inverse of `read`). For a byte
+        (fp8) cache key/value are float8 values, stored as their bytes; otherwise they are cast to the cache dtype."""
+        page, d = self.page, self.head_dim
+        if key.dtype.itemsize == 1 and cell_view.dtype == torch.uint8:
+            key, value = key.view(torch.uint8), value.view(torch.uint8)
+        flat = cell_view.view(cell_view.shape[0], 2 * page * d)
+        slots = slots.long()
+        cell = torch.div(slots, page, rounding_mode="floor")[:, None]
+        logical = (slots % page)[:, None] * d + torch.arange(d, device=slots.device)[None, :]  # [W, D]
+        k_at = logical if self.key_index is None else self.key_index.to(slots.device)[logical]
+        v_at = logical if self.value_index is None else self.value_index.to(slots.device)[logical]
+        flat[cell, k_at] = key.to(flat.dtype)
+        flat[cell, v_at + page * d] = value.to(flat.dtype)
+
 
 def dequantize(raw: torch.Tensor, quant: torch.dtype, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """fp8 cache bytes -> values: float8(raw) * scale (the kernels store x / scale)."""

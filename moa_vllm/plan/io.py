@@ -51,7 +51,8 @@ def load_plan(path: str | Path) -> Plan:
 def save_plan(plan: Plan, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(plan.model_dump_json(indent=1) + "\n")
+    unset = {"kv_amax"} if plan.kv_amax is None else None  # plans without fp8 calibration keep their old text
+    path.write_text(plan.model_dump_json(indent=1, exclude=unset) + "\n")
     return path
 
 

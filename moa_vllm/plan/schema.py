@@ -73,6 +73,11 @@ class Plan(_Strict):
     min_span: int = Field(gt=0)
     rules: list[list[Rule]] = Field(description="[layer][kv_head]")
     metadata: PlanMetadata
+    kv_amax: list[tuple[float, float]] | None = Field(
+        default=None,
+        description="[layer] (largest |K| after RoPE, largest |V|) on calibration text (`moa-vllm plan kv-range`): "
+        "an fp8 KV cache without checkpoint scales stores value / (amax / the fp8 type's largest value)",
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> Plan:
@@ -83,6 +88,12 @@ class Plan(_Strict):
                 raise ValueError(
                     f"rules[{i}] has {len(layer)} KV heads, model.num_kv_heads is {self.model.num_kv_heads}"
                 )
+        if self.kv_amax is not None:
+            if len(self.kv_amax) != self.model.num_layers:
+                raise ValueError(f"kv_amax has {len(self.kv_amax)} layers, model.num_layers is {self.model.num_layers}")
+            bad = [i for i, pair in enumerate(self.kv_amax) if not all(math.isfinite(x) and x > 0 for x in pair)]
+            if bad:
+                raise ValueError(f"kv_amax[{bad[0]}] = {self.kv_amax[bad[0]]}: amax values must be finite and > 0")
         if self.min_span <= self.sink_tokens:
             raise ValueError(
                 f"min_span ({self.min_span}) must exceed sink_tokens ({self.sink_tokens}) so every head keeps a "
@@ -108,6 +119,14 @@ class Plan(_Strict):
     def density(self, n: int) -> float:
         """kv_tokens(n) relative to a dense cache of the same request."""
         return self.kv_tokens(n) / (n * self.model.num_layers * self.model.num_kv_heads)
+
+    def fp8_scales(self, layer: int, fp8_max: float) -> tuple[float, float] | None:
+        """(k_scale, v_scale) of a layer's fp8 cache from kv_amax: the calibration's largest |K| / |V| lands on the
+        type's largest value; None without kv_amax (vLLM's default scale 1.0 then applies)."""
+        if self.kv_amax is None:
+            return None
+        k, v = self.kv_amax[layer]
+        return k / fp8_max, v / fp8_max
 
     def is_dense_at(self, n: int) -> bool:
         return all(s == n for layer in self.spans(n) for s in layer)

@@ -28,6 +28,12 @@ def test_roundtrip(tmp_path):
     assert load_plan(path) == plan
 
 
+def test_kv_amax_roundtrips_and_gives_fp8_scales(tmp_path):
+    plan = uniform_plan(FP, 0.25).model_copy(update={"kv_amax": [(4.0, 8.0), (2.0, 1.0), (1.0, 1.0), (3.0, 6.0)]})
+    assert load_plan(save_plan(plan, tmp_path / "p.json")) == plan
+    assert plan.fp8_scales(3, 448.0) == (3.0 / 448.0, 6.0 / 448.0)
+
+
 def test_missing_file_names_path(tmp_path):
     with pytest.raises(PlanError, match="nope.json: plan file not found"):
         load_plan(tmp_path / "nope.json")
@@ -52,6 +58,9 @@ def test_bad_json_names_position(tmp_path):
         (lambda d: d["model"].update(num_kv_heads=4), "num_query_heads"),
         (lambda d: d.update(surprise=1), "surprise"),
         (lambda d: d.pop("metadata"), "metadata"),
+        (lambda d: d.update(kv_amax=[[1.0, 2.0]] * 3), "kv_amax has 3 layers"),
+        (lambda d: d.update(kv_amax=[[1.0, 2.0]] * 3 + [[0.0, 1.0]]), "kv_amax[3]"),
+        (lambda d: d.update(kv_amax=[[1.0, 2.0]] * 3 + [[float("nan"), 1.0]]), "kv_amax[3]"),
     ],
 )
 def test_schema_errors_name_the_field(mutate, field):

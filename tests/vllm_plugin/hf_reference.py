@@ -22,6 +22,10 @@ _ACTIVE: dict[str, object] = {}  # plan and N of the generation in progress
 def _masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     plan: Plan = _ACTIVE["plan"]
     n: int = _ACTIVE["n"]
+    if _ACTIVE.get("kv_quant") is not None:  # fp8 KV: every key and value as the cache holds it
+        quant, scales = _ACTIVE["kv_quant"]
+        ks, vs = scales[module.layer_idx]
+        key, value = _as_fp8(key, quant, ks), _as_fp8(value, quant, vs)
     _, hq, q_len, _ = query.shape
     hkv, k_len = key.shape[1], key.shape[2]
     windows = torch.tensor(plan.windows(n)[module.layer_idx])  # [Hkv]
@@ -35,6 +39,12 @@ def _masked_attention(module, query, key, value, attention_mask, scaling=None, d
     scores = scores.masked_fill(~mask[None], float("-inf"))
     out = scores.softmax(-1) @ v
     return out.transpose(1, 2).contiguous(), None
+
+
+def _as_fp8(x: torch.Tensor, quant: torch.dtype, scale: float) -> torch.Tensor:
+    """x stored as float8 of x / scale (nearest, saturated) and read back."""
+    limit = torch.finfo(quant).max
+    return ((x / scale).clamp(-limit, limit).to(quant).to(x.dtype)) * scale
 
 
 AttentionInterface.register("moa_reference", _masked_attention)
@@ -55,11 +65,17 @@ class ReferenceLM:
 
     @torch.no_grad()
     def greedy(
-        self, prompt: list[int], max_tokens: int, plan: Plan, max_model_len: int, span_grid: int = DEFAULT_SPAN_GRID
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        plan: Plan,
+        max_model_len: int,
+        span_grid: int = DEFAULT_SPAN_GRID,
+        kv_quant: tuple[torch.dtype, list[tuple[float, float]]] | None = None,
     ) -> Greedy:
         """Greedy tokens under the plan's masks for N as the engine sizes it (its span grid: prefix caching is on by
-        default)."""
-        _ACTIVE.update(plan=plan, n=served_length(len(prompt), max_tokens, max_model_len, span_grid))
+        default). kv_quant: (float8 type, per-layer (k_scale, v_scale)) to see K/V as an fp8 cache holds them."""
+        _ACTIVE.update(plan=plan, n=served_length(len(prompt), max_tokens, max_model_len, span_grid), kv_quant=kv_quant)
         ids = torch.tensor([prompt])
         out = self.model(ids, use_cache=True)
         tokens, top5, logprobs = [], [], []

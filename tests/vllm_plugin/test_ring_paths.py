@@ -117,6 +117,26 @@ def test_probed_fp8_pages_read_back_what_the_kernel_attends_over(kv):
     assert float((out[0] - ref).abs().max()) < 1e-5
 
 
+@fp8_cpu
+def test_cpu_fp8_ring_writes_round_to_nearest_and_saturate():
+    """Not CPU_ATTN's own fp8 write (toward zero): nearest float8 of value / scale, overflow clamped, in the probed
+    page order, and CPU_ATTN's decode reads exactly those values."""
+    kernels = CpuRingKernels(torch.float32, PAGE, D, kv_cache_dtype="fp8_e4m3")
+    kernels.set_scales(0.5, 2.0)
+    view = torch.zeros(2, 2 * PAGE, D, dtype=torch.uint8)
+    key = torch.zeros(1, D)
+    key[0, :8] = torch.tensor([1.0e4, -1.0e4, 0.3, 1.06, 0.0, 7.0, -3.3, 0.01])
+    kernels.write(view, torch.tensor([PAGE + 2]), key, key)
+    k, v = kernels.read(view, torch.tensor([[1]]))
+    assert torch.equal(k[0, 2], (key[0] / 0.5).clamp(-448, 448).to(torch.float8_e4m3fn).float() * 0.5)
+    assert float(k[0, 2, 2]) == 0.625 * 0.5  # 0.6 lies between 0.5625 and 0.625: nearest (toward zero: 0.5625)
+    assert float(k[0, 2, 0]) == 448 * 0.5 and float(v[0, 2, 1]) == -448 * 2.0
+    q, out = torch.randn(1, 1, D), torch.zeros(1, 1, D)
+    kernels.decode(q, view, torch.tensor([[1]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32), 0.1, out)
+    ref = torch.softmax(q[0] @ k[0, :3].T * 0.1, dim=-1) @ v[0, :3]
+    assert float((out[0] - ref).abs().max()) < 1e-4
+
+
 def test_a_window_off_by_one_fails_at_eight_kv_heads():
     alphas, betas = rules(1, 8, seed=22)
     sim = make_sim(CpuRingKernels, torch.float32, alphas, betas, [220, 200], seed=23, g=4, d=128, scale=128**-0.5)

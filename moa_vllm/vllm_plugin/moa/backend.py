@@ -250,7 +250,7 @@ def cuda_graphs_enabled() -> bool:
     return os.environ.get("MOA_VLLM_CUDA_GRAPHS", "1") != "0"
 
 
-_logged_kernels: set[str] = set()
+_logged_once: set[str] = set()
 
 
 class MoAImpl(AttentionImpl[MoAMetadata]):
@@ -289,6 +289,7 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         _check_cache_dtype(kv_cache_dtype, vllm_config)
         reserve_ring_buffers(engine_context(vllm_config), vllm_config, self.num_kv_heads)
         self._kernels = None
+        self._scales: tuple[float, float, tuple[torch.Tensor, torch.Tensor]] | None = None  # fp8 only
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         raise RuntimeError("moa-vllm: K/V are written by forward() (forward_includes_kv_cache_update)")
@@ -305,14 +306,34 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
                 self.max_num_seqs * self.num_kv_heads,
                 self.kv_cache_dtype if quantized else "auto",
             )
-            if self._kernels.name not in _logged_kernels:
-                _logged_kernels.add(self._kernels.name)
+            if self._kernels.name not in _logged_once:
+                _logged_once.add(self._kernels.name)
                 logger.info(
                     "moa-vllm: ring decode through %s; prefill through %s",
                     self._kernels.name,
                     self._kernels.prefill_name,
                 )
         return self._kernels
+
+    def _fp8_scales(self, layer: torch.nn.Module, index: int, quant: torch.dtype, device: torch.device):
+        """(k_scale, v_scale, their device tensors) of this layer's fp8 rings, fixed at the first forward (the
+        weights are loaded by then): a checkpoint's scales (vLLM set the layer's away from 1.0) win, then the
+        plan's kv_amax, then vLLM's default 1.0. Persistent tensors, so a captured decode graph reads them."""
+        if self._scales is None:
+            own = (layer._k_scale_float, layer._v_scale_float)
+            planned = self.plan.fp8_scales(index, torch.finfo(quant).max)
+            if own != (1.0, 1.0) or planned is None:
+                self._scales = (*own, (layer._k_scale, layer._v_scale))
+                source = "the checkpoint" if own != (1.0, 1.0) else "none (vLLM's default 1.0)"
+            else:
+                tensors = tuple(torch.tensor([x], dtype=torch.float32, device=device) for x in planned)
+                self._scales = (*planned, tensors)
+                source = "the plan's kv_amax"
+            if source not in _logged_once:
+                _logged_once.add(source)
+                logger.info("moa-vllm: fp8 ring scales from %s (layer %d: k %.4g, v %.4g)", source, index,
+                            *self._scales[:2])  # fmt: skip
+        return self._scales
 
     def forward(
         self,
@@ -337,8 +358,8 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         v = value[:n].view(n, h, d)
         out = output[:n].view(n, self.num_heads, d)
         kernels = self._kernels_for(kv_cache, query.dtype)
-        if kernels.quant is not None:  # the layer's fp8 scales (set after the weights load; 1.0 without any)
-            kernels.set_scales(layer._k_scale_float, layer._v_scale_float, (layer._k_scale, layer._v_scale))
+        if kernels.quant is not None:
+            kernels.set_scales(*self._fp8_scales(layer, attn_metadata.layer, kernels.quant, kv_cache.device))
         ring_forward(
             q,
             k,

@@ -48,11 +48,11 @@ class CpuRingKernels(RingKernels):
         """key/value [W, D] into flat one-head slots [W]; slots must be distinct (the kernel writes in parallel)."""
         if slots.numel() == 0:
             return
+        if self.quant is not None:  # not CPU_ATTN's own fp8 write, which rounds toward zero
+            return self.write_quantized(cell_view, slots, key, value)
         kc, vc = self._split(cell_view)
-        into = self.dtype if self.quant else cell_view.dtype  # an fp8 cache quantizes from the model's dtype
-        ops.cpu_attn_reshape_and_cache(
-            key[:, None].to(into), value[:, None].to(into), kc, vc, slots.long(), self.isa, **self._quant_args
-        )
+        ops.cpu_attn_reshape_and_cache(key[:, None].to(cell_view.dtype), value[:, None].to(cell_view.dtype), kc, vc,
+                                       slots.long(), self.isa)  # fmt: skip
 
     def decode_heads(
         self,

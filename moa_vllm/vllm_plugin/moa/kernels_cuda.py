@@ -20,7 +20,7 @@ import torch
 from moa_kernels import ring_prefill
 from moa_kernels.blocks import pick_blocks
 from moa_kernels.ring_prefill import interpreting, plan_launch
-from moa_vllm.ops.page_format import PageFormat, dequantize, quantize, write_token_major
+from moa_vllm.ops.page_format import PageFormat, write_token_major
 from moa_vllm.ops.ring_layout import ring_slot_of
 from moa_vllm.vllm_plugin.moa.ring_kernels import RingKernels
 
@@ -55,14 +55,6 @@ class CudaRingKernels(RingKernels):
         """The cache's bytes as the float8 type they hold (fp8 caches are allocated as uint8)."""
         return cell_view.view(self.quant) if self.quant is not None and cell_view.dtype != self.quant else cell_view
 
-    def as_cached(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.quant is None:
-            return key, value
-        return (
-            dequantize(quantize(key, self.quant, self.k_scale), self.quant, self.k_scale, key.dtype),
-            dequantize(quantize(value, self.quant, self.v_scale), self.quant, self.v_scale, value.dtype),
-        )
-
     def _descales(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._descale is None:  # scales given as floats (tests): one-element tensors of them
             f32 = dict(dtype=torch.float32, device=device)
@@ -83,7 +75,7 @@ class CudaRingKernels(RingKernels):
 
     def write(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         if self.quant is not None:
-            key, value = quantize(key, self.quant, self.k_scale), quantize(value, self.quant, self.v_scale)
+            return self.write_quantized(cell_view, slots, key, value)
         write_token_major(cell_view, slots.long(), key, value)
 
     def attend(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from moa_vllm.ops.page_format import PageFormat
+from moa_vllm.ops.page_format import PageFormat, dequantize, quantize
 
 # vLLM's fp8 KV cache dtypes ("fp8" is e4m3) -> the float8 type the cache bytes hold
 FP8_TYPES: dict[str, torch.dtype] = {
@@ -55,21 +55,23 @@ class RingKernels:
 
     def as_cached(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [..., D] as the cache gives them back, so that a prefill chunk's own keys are the values its later
-        decode steps read. fp8: written into scratch pages by the kernel itself and read back, since the kernel's
-        rounding is its own (vLLM's CPU cache rounds toward zero, torch's cast to nearest)."""
+        decode steps read (fp8: quantized as `write` stores them, then dequantized)."""
         if self.quant is None:
             return key, value
-        d = key.shape[-1]
-        flat_k, flat_v = key.reshape(-1, d), value.reshape(-1, d)
-        count = flat_k.shape[0]
-        pages = max(-(-count // self.page), 1)
-        scratch = torch.zeros(pages, 2 * self.page, d, dtype=torch.uint8, device=key.device)
-        self.write(scratch, torch.arange(count, device=key.device), flat_k, flat_v)
-        k, v = self.read(scratch, torch.arange(pages, device=key.device)[None])
-        return k[0, :count].reshape(key.shape).to(key.dtype), v[0, :count].reshape(value.shape).to(value.dtype)
+        return (
+            dequantize(quantize(key, self.quant, self.k_scale), self.quant, self.k_scale, key.dtype),
+            dequantize(quantize(value, self.quant, self.v_scale), self.quant, self.v_scale, value.dtype),
+        )
 
     def write(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def write_quantized(self, cell_view: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """fp8 caches: float8 of value / scale, rounded to nearest and saturated (`page_format.quantize`), stored as
+        bytes in the kernel's page order. Both devices write this way: vLLM's CPU cache write rounds toward zero,
+        which costs passkey answers at scale 1 (benchmarks/results/fp8_quantizer)."""
+        quant = self.quant
+        self.format.store(cell_view, slots, quantize(key, quant, self.k_scale), quantize(value, quant, self.v_scale))
 
     def attend(
         self,
