@@ -189,6 +189,7 @@ def attention_rows(
     layers: int,
     plan_spans: dict[int, torch.Tensor],
     label: str = "plan",
+    rounds: int = 1,
 ) -> list[dict]:
     """Per-layer decode attention of `requests` rows at each context: stock, the moa path over the same bytes (every
     head's span = context + 1: a dense plan), and the moa path with a plan's spans plan_spans[context] [layers, H]
@@ -203,15 +204,29 @@ def attention_rows(
             "kv_heads": shape.heads,
             "group": shape.group,
             "head_dim": shape.head_dim,
-            "stock_ms": round(_time(_stock_step(shape, requests, ctx), repeats) * 1e3, 4),
+            "rounds": rounds,
         }
         dense = torch.full((layers, shape.heads), ctx + 1)
-        for name, spans in (("moa_same_bytes", dense), (f"moa_{label}_bytes", plan_spans[ctx])):
+        names = ("moa_same_bytes", f"moa_{label}_bytes")
+        steps = {"stock": (_stock_step(shape, requests, ctx), repeats)}
+        for name, spans in zip(names, (dense, plan_spans[ctx])):
             spans = torch.clamp(spans, min=2 * shape.sinks)
-            row[f"{name}_ms"] = round(_time(_moa_step(shape, requests, ctx, spans), repeats * layers) * 1e3, 4)
+            steps[name] = (_moa_step(shape, requests, ctx, spans), repeats * layers)
             row[f"{name}_tokens_per_head"] = round(float(spans.double().mean()), 1)
-        row["ratio_same_bytes"] = round(row["moa_same_bytes_ms"] / row["stock_ms"], 3)
-        row[f"ratio_{label}_bytes"] = round(row[f"moa_{label}_bytes_ms"] / row["stock_ms"], 3)
+        # Rounds, each timing every configuration once in a rotated order: the machine drifts by up to 30% between
+        # runs, so each round's ratios are taken side by side and the medians over rounds reported.
+        medians: dict[str, list[float]] = {key: [] for key in steps}
+        order = list(steps)
+        for i in range(rounds):
+            for key in order[i % len(order) :] + order[: i % len(order)]:
+                fn, n = steps[key]
+                medians[key].append(_time(fn, n))
+        row["stock_ms"] = round(statistics.median(medians["stock"]) * 1e3, 4)
+        for name, kind in zip(names, ("same", label)):
+            row[f"{name}_ms"] = round(statistics.median(medians[name]) * 1e3, 4)
+            ratios = [m / s for m, s in zip(medians[name], medians["stock"])]
+            row[f"ratio_{kind}_bytes"] = round(statistics.median(ratios), 3)
+            row[f"ratio_{kind}_bytes_rounds"] = [round(r, 3) for r in ratios]
         print(row, flush=True)
         rows.append(row)
     return rows

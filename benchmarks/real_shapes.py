@@ -233,7 +233,9 @@ def decode_part(shapes: list[str], work: Path, kv_gib: float, n: int, gen: int, 
     return rows
 
 
-def attention_part(shapes: list[str], work: Path, contexts: list[int], requests: int, repeats: int) -> list[dict]:
+def attention_part(
+    shapes: list[str], work: Path, contexts: list[int], requests: int, repeats: int, rounds: int = 1
+) -> list[dict]:
     from benchmarks.decode_speed import AttentionShape, attention_rows
 
     rows = []
@@ -244,7 +246,9 @@ def attention_part(shapes: list[str], work: Path, contexts: list[int], requests:
         dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         geometry = AttentionShape(heads, config["num_attention_heads"] // heads, dim, BLOCK)
         plan_spans = {ctx: reference_spans(Path(plans["reference"]), ctx + 1) for ctx in contexts}
-        for row in attention_rows(geometry, contexts, requests, repeats, config["num_hidden_layers"], plan_spans):
+        for row in attention_rows(
+            geometry, contexts, requests, repeats, config["num_hidden_layers"], plan_spans, rounds=rounds
+        ):
             rows.append({"shape": shape} | row)
     return rows
 
@@ -318,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=7, help="attention: rounds of every configuration, rotated")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--work", type=Path, default=Path("/tmp/moa-real-shapes"))
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         n = (a.lengths or [8192])[0]
         rows = decode_part(a.shape, a.work, a.kv_gib, n, a.gen, a.requests)
     elif a.part == "attention":
-        rows = attention_part(a.shape, a.work, a.lengths or [2048, 8192, 32768], 4, a.repeats or 20)
+        rows = attention_part(a.shape, a.work, a.lengths or [2048, 8192, 32768], 4, a.repeats or 10, a.rounds)
     else:
         rows = prefill_part(a.shape, a.work, a.lengths or [2048, 8000], a.repeats or 1, a.max_num_batched_tokens)
     meta["kv_gib"] = a.kv_gib

@@ -13,6 +13,8 @@ Everything here is vectorised over layers ([L, R, H] spans), so one call per ste
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -36,11 +38,16 @@ def flat_pages(pages: torch.Tensor, width: int) -> torch.Tensor:
     """Index [..., H, width] of each ring's page j in the request's flat page list of its layer, for pages
     [..., H]: packed (head h from first[h] = pages of heads 0..h-1) or, where all H rings have equal pages,
     interleaved (k * H + h). Entries j >= pages are meaningless (callers mask them)."""
+    return flat_index(pages, torch.arange(width, device=pages.device))
+
+
+def flat_index(pages: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Index in the request's flat page list of ring page j of each head, for pages [..., H] and j broadcast
+    against [..., H, W] (W = 1 for one page per ring): the layout rule of `flat_pages`."""
     heads = pages.shape[-1]
-    j = torch.arange(width, device=pages.device)
     first = torch.cumsum(pages, dim=-1) - pages
     equal = (pages == pages[..., :1]).all(dim=-1, keepdim=True)[..., None]  # [..., 1, 1]
-    interleaved = j * heads + torch.arange(heads, device=pages.device)[:, None]  # [H, width]
+    interleaved = j * heads + torch.arange(heads, device=pages.device)[:, None]
     return torch.where(equal, interleaved, first[..., None] + j)
 
 
@@ -101,14 +108,35 @@ def slot_positions(written: torch.Tensor, spans: torch.Tensor, sinks: int, slots
     return torch.where(in_ring, torch.where(s < sinks, sink_pos, window_pos), -1)
 
 
-def decode_slots(tables: torch.Tensor, spans: torch.Tensor, positions: torch.Tensor, sinks: int, page: int):
-    """Flat one-head slot ids [L, R*H] where each decode row's new token (at `positions` [R]) goes, per layer.
+class DecodeSlotParts(NamedTuple):
+    """Where each ring's new decode token goes, short of the block id: the block index in the row's block list, the
+    offset inside the block (cell * page + slot in page) and whether the ring has that page at all; [..., R, H]."""
 
-    tables [L, R, H, P] and spans [L, R, H] of the decode rows only.
-    """
-    slot = ring_slot_of(positions[None, :, None], spans, sinks)  # [L, R, H]
-    page_id = torch.gather(tables, 3, torch.div(slot, page, rounding_mode="floor")[..., None].to(torch.int64))
-    return (page_id[..., 0].long() * page + slot % page).view(spans.shape[0], -1)
+    block_index: torch.Tensor
+    offset: torch.Tensor
+    held: torch.Tensor
+
+
+def decode_slot_parts(spans: torch.Tensor, positions: torch.Tensor, sinks: int, page: int) -> DecodeSlotParts:
+    """The block-table-free part of `decode_slots` for spans [..., R, H] (every layer at once) and the new tokens'
+    positions [R]: computed once per step, so that each layer only looks its block ids up."""
+    slot = ring_slot_of(positions[:, None], spans, sinks)  # [..., R, H]
+    pages = ring_pages(spans, page)
+    k = torch.div(slot, page, rounding_mode="floor")
+    flat = flat_index(pages, k[..., None])[..., 0]  # index in the row's flat page list
+    heads = spans.shape[-1]
+    held = k < pages  # False only for a ring with no pages (a padding row: spans 0)
+    block_index = torch.where(held, torch.div(flat, heads, rounding_mode="floor"), 0)
+    return DecodeSlotParts(block_index, (flat % heads) * page + slot % page, held)
+
+
+def decode_slots(block_table: torch.Tensor, parts: DecodeSlotParts, heads: int, page: int) -> torch.Tensor:
+    """Flat one-head slot ids [R*H] of the decode rows' new tokens at one layer, from the layer's vLLM block table
+    [R, B] and that layer's `decode_slot_parts` [R, H]. Only the one page each ring writes is looked up (no
+    [R, H, P] page table: a step whose kernel reads vLLM's block table needs none); a ring with no pages writes
+    into the null block's first slot."""
+    block = torch.gather(block_table.long(), 1, parts.block_index)
+    return torch.where(parts.held, block * (heads * page) + parts.offset, 0).reshape(-1)
 
 
 def visible_lengths(seq_lens: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:

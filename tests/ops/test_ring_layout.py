@@ -1,10 +1,19 @@
-"""One layer's ring page tables derived from its block table (what each forward does) equal the all-layer tables."""
+"""One layer's ring page tables derived from its block table (what each forward does) equal the all-layer tables;
+the decode tokens' slots looked up from the block table alone equal the slots read through those tables."""
 
 from __future__ import annotations
 
 import torch
 
-from moa_vllm.ops.ring_layout import blocks_needed, layer_page_table, page_tables, ring_pages
+from moa_vllm.ops.ring_layout import (
+    blocks_needed,
+    decode_slot_parts,
+    decode_slots,
+    layer_page_table,
+    page_tables,
+    ring_pages,
+    ring_slot_of,
+)
 
 
 def _case(seed: int, heads: int, rows: int, page: int):
@@ -59,3 +68,25 @@ def test_a_wider_scratch_row_only_adds_zero_columns():
     narrow = layer_page_table(spans, table, 16, torch.empty(4, 8, pages, dtype=torch.int32))
     wide = layer_page_table(spans, table, 16, torch.empty(4, 8, pages + 5, dtype=torch.int32))
     assert torch.equal(wide[..., :pages], narrow) and int(wide[..., pages:].abs().sum()) == 0
+
+
+def test_decode_slots_from_the_block_table_equal_the_slots_through_the_page_tables():
+    """Packed and interleaved rows, a padding row (spans 0: the null block's first slot), every layer's parts at
+    once and each layer's lookup alone: the new token's slot is its ring page's id * page + its slot in the page."""
+    page, sinks = 16, 4
+    for seed, heads in ((4, 8), (5, 3), (6, 1)):
+        layers = [_case(seed + 10 * i, heads, rows=5, page=page) for i in range(2)]
+        spans = torch.stack([s for s, _ in layers]).clamp(min=sinks + 1)
+        spans[:, 0] = 0
+        spans[:, 1] = 3 * page + 5  # equal spans: interleaved rings
+        g = torch.Generator().manual_seed(seed)
+        positions = torch.randint(0, 20 * page, (5,), generator=g)
+        parts = decode_slot_parts(spans, positions, sinks, page)
+        for layer, (_, table) in enumerate(layers):
+            pages = int(ring_pages(spans[layer], page).max())
+            tables = layer_page_table(spans[layer], table, page, torch.empty(5, heads, pages, dtype=torch.int32))
+            slot = ring_slot_of(positions[:, None], spans[layer], sinks)
+            want = torch.gather(tables.long(), 2, (slot // page)[..., None])[..., 0] * page + slot % page
+            want[0] = 0  # no ring: the null block
+            one = type(parts)(*(t[layer] for t in parts))
+            assert torch.equal(decode_slots(table, one, heads, page), want.reshape(-1))

@@ -182,7 +182,7 @@ def test_persistent_metadata_equals_a_fresh_build():
     assert torch.equal(kept.spans, new.spans) and torch.equal(kept.visible, new.visible)
     for layer in range(2):
         assert torch.equal(kept.table(layer, fresh=True), new.table(layer, fresh=True))
-        assert torch.equal(kept.decode_slots(layer, 4), new.decode_slots(layer, 4))
+        assert torch.equal(kept.decode_slots(layer), new.decode_slots(layer))
 
 
 def test_rows_with_missing_blocks_are_refused():

@@ -384,23 +384,27 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
     view = cells(kv_cache)
     page = kv_cache.shape[2]
     step.finalize(sinks, page)
-    table = step.table(layer, fresh=True)  # this layer's ring page tables, into the scratch all layers share
+    nd = step.num_decodes
+    heads_batched = nd > 0 and kernels.decode_heads is not None and step.equal_spans(layer)
+    if step.prefix_ids.get(layer) or nd < len(step.computed) or not heads_batched:
+        # This layer's ring page tables, into the scratch all layers share; fresh, so that a captured graph
+        # always records the derivation. A decode-only step of interleaved rings needs none.
+        step.table(layer, fresh=True)
     if step.prefix_ids.get(layer):
         _prefix_blocks(k, v, view, kernels, step, layer, sinks)
-    nd = step.num_decodes
     if nd:
         g = q.shape[1] // h
         # Write first: the new token's slot held the one key its query may no longer see.
-        kernels.write(view, step.decode_slots(layer, sinks), k[:nd].reshape(nd * h, d), v[:nd].reshape(nd * h, d))
-        if kernels.decode_heads is not None and step.equal_spans(layer):  # interleaved rings: a request per call
-            blocks = step.block_tables[layer][:nd, : table.shape[-1]].contiguous()  # a row's P rings pages: P blocks
+        kernels.write(view, step.decode_slots(layer), k[:nd].reshape(nd * h, d), v[:nd].reshape(nd * h, d))
+        if heads_batched:  # interleaved rings: one H-head sequence per request, vLLM's block table as its table
+            blocks = step.block_tables[layer][:nd, : step.widths[layer]].contiguous()  # P ring pages: P blocks
             visible = step.visible[layer, : nd * h].view(nd, h)[:, 0].contiguous()
             kernels.decode_heads(q[:nd], view, h, blocks, visible, scale, out[:nd])
         else:
             kernels.decode(
                 q[:nd].reshape(nd * h, g, d),
                 view,
-                table[:nd].view(nd * h, -1),
+                step.table(layer)[:nd].view(nd * h, -1),
                 step.visible[layer, : nd * h],
                 scale,
                 out[:nd].view(nd * h, g, d),

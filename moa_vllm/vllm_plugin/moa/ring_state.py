@@ -10,7 +10,8 @@ what its rings need when it is first scheduled (and again after a restart or a c
 Page tables are not kept. The kernels read a ring through its one-head page ids [R*H, P], which cost H x vLLM's
 block tables per layer; keeping them for every layer and max_num_seqs rows was ~2 GiB at 8B / 128k / 256 seqs
 (benchmarks/metadata_bytes.py). Each layer's forward derives its tables from its vLLM block table into one scratch
-all layers share (`RingStep.table`), and the decode slots from those. The scratch ([max_rows * H * P_widest]
+all layers share (`RingStep.table`) where a kernel reads them; the decode tokens' slots are looked up in the block
+table itself (`RingStep.decode_slots`: one page per ring, not a table). The scratch ([max_rows * H * P_widest]
 int32) and the spans buffer are `RingBuffers`, allocated while the model is built (backend.MoAImpl), so vLLM's
 memory profiling counts them as model memory.
 
@@ -29,7 +30,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moa_vllm.ops.ring_layout import (
+    DecodeSlotParts,
     blocks_needed,
+    decode_slot_parts,
     decode_slots,
     layer_page_table,
     ring_pages,
@@ -83,6 +86,7 @@ class RingStep:
     block_tables: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> vLLM's block table [R, B]
     filled_layers: set[int] = field(default_factory=set)
     visible: torch.Tensor | None = None  # [L, R*H] int32
+    decode_parts: DecodeSlotParts | None = None  # [L, num_decodes, H]: the decode tokens' slots short of block ids
     prefill_launch: object | None = None  # the device prefill kernel's launch data, made by the step's first layer
     lengths: list[int] = field(default_factory=list)  # [R] N per row (grid-rounded)
     prompts: list[int] | None = None  # [R] prompt tokens per row (None: the runner did not publish them)
@@ -94,9 +98,13 @@ class RingStep:
     _equal_spans: list[bool] | None = None  # per layer: every decode row's H rings have one span (host)
 
     def finalize(self, sinks: int, page: int) -> None:
-        """Visible lengths of all layers in one go (once per step, at the first attention call)."""
+        """Visible lengths and the decode tokens' slot parts of all layers in one go (once per step, at the first
+        attention call)."""
         if self.visible is None:
             self.visible = visible_lengths(self.seq_lens, self.spans)
+            nd = self.num_decodes
+            positions = torch.clamp(self.seq_lens[:nd].to(torch.int64) - 1, min=0)  # padding rows: spans 0
+            self.decode_parts = decode_slot_parts(self.spans[:, :nd], positions, sinks, page)
 
     def table(self, layer: int, fresh: bool = False) -> torch.Tensor:
         """The layer's ring page tables [R, H, P] (one-head page ids), derived from its vLLM block table into the
@@ -107,9 +115,7 @@ class RingStep:
         width = self.widths[layer]
         out = self.scratch[: rows * heads * width].view(rows, heads, width)
         if self._table_layer != layer or fresh:
-            if layer not in self.block_tables:
-                raise RuntimeError(f"moa-vllm: layer {layer} attends but its builder passed no block table")
-            layer_page_table(self.spans[layer], self.block_tables[layer], self.page, out)
+            layer_page_table(self.spans[layer], self._block_table(layer), self.page, out)
             self._table_layer = layer
         return out
 
@@ -122,12 +128,16 @@ class RingStep:
             self._equal_spans = (spans == spans[..., :1]).all(dim=2).all(dim=1).tolist()
         return self._equal_spans[layer]
 
-    def decode_slots(self, layer: int, sinks: int) -> torch.Tensor:
-        """Flat one-head slots [num_decodes*H] of the decode rows' new tokens at this layer."""
-        nd = self.num_decodes
-        positions = torch.clamp(self.seq_lens[:nd].to(torch.int64) - 1, min=0)  # padding rows: position 0, null table
-        table = self.table(layer)[:nd]
-        return decode_slots(table[None], self.spans[layer : layer + 1, :nd], positions, sinks, self.page)[0]
+    def decode_slots(self, layer: int) -> torch.Tensor:
+        """Flat one-head slots [num_decodes*H] of the decode rows' new tokens at this layer (from the layer's vLLM
+        block table: the scratch is not needed for them). After `finalize`."""
+        parts = DecodeSlotParts(*(t[layer] for t in self.decode_parts))
+        return decode_slots(self._block_table(layer)[: self.num_decodes], parts, self.spans.shape[2], self.page)
+
+    def _block_table(self, layer: int) -> torch.Tensor:
+        if layer not in self.block_tables:
+            raise RuntimeError(f"moa-vllm: layer {layer} attends but its builder passed no block table")
+        return self.block_tables[layer]
 
 
 class RingState:
