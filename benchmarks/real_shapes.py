@@ -15,7 +15,8 @@ Parts (each writes benchmarks/results/real_shapes/<part>.json with its command):
                step time and tok/s at that many (ring_cache.measure_concurrency), and a decode step at equal batch.
   attention    one layer's decode attention per step at the shape (decode_speed's engine-free harness): stock
                CPU_ATTN vs the moa path over the same bytes (dense plan) and with the reference plan's own
-               per-head spans (its bytes), every layer of the shape in turn.
+               per-head spans (its bytes), every layer of the shape in turn; --rounds rotated rounds, the median
+               of their side-by-side ratios reported.
   prefill      one prompt's prefill alone (time to first token), tok/s.
   plot         real_shapes.png from the JSON the other parts wrote (every figure as a ratio to stock).
 
