@@ -1,6 +1,8 @@
 """Bytes of the per-request metadata a served model carries: moa-vllm's ring metadata (RingState's persistent
-buffers, as the worker allocates them) against vLLM's own block tables (vLLM's MultiGroupBlockTable, built as the
-GPU model runner builds it: one group for stock vLLM, one group per MoA layer with the ring spec's widths).
+buffers, as the worker allocates them on CUDA, where the kernels read vLLM's block table and no page-table scratch
+exists, and on CPU, where CPU_ATTN reads page tables from one shared scratch) against vLLM's own block tables
+(vLLM's MultiGroupBlockTable, built as the GPU model runner builds it: one group for stock vLLM, one group per MoA
+layer with the ring spec's widths).
 
 Both are the real classes, allocated on PyTorch's meta device where they would live on the GPU (no memory is
 taken; nbytes is exact); vLLM's host-side mirrors are real CPU tensors and are counted separately.
@@ -25,13 +27,25 @@ RESULTS = REPO / "benchmarks" / "results"
 MODELS = ["Llama-3.2-1B-Instruct", "Llama-3-8B-Instruct-262k"]
 
 
-def ring_metadata_bytes(plan, max_model_len: int, max_num_seqs: int, block_size: int) -> dict[str, int]:
+def ring_metadata_bytes(
+    plan, max_model_len: int, max_num_seqs: int, block_size: int, page_tables: bool
+) -> dict[str, int]:
+    """page_tables: CPU (CPU_ATTN reads page tables from the shared scratch) or CUDA (the Triton kernels read vLLM's
+    block table: no scratch)."""
     from moa_vllm.vllm_plugin.moa.ring_state import RingState
 
     alphas = torch.tensor([[r.alpha for r in layer] for layer in plan.rules], dtype=torch.float64)
     betas = torch.tensor([[r.beta for r in layer] for layer in plan.rules], dtype=torch.float64)
     state = RingState(
-        alphas, betas, plan.min_span, plan.sink_tokens, block_size, max_model_len, torch.device("meta"), max_num_seqs
+        alphas,
+        betas,
+        plan.min_span,
+        plan.sink_tokens,
+        block_size,
+        max_model_len,
+        torch.device("meta"),
+        max_num_seqs,
+        page_tables=page_tables,
     )
     return {
         "device": state.buffers.nbytes,
@@ -62,6 +76,16 @@ def block_table_bytes(widths: list[int], max_num_seqs: int, block_size: int) -> 
     }
 
 
+def split_kv_bytes(group: int, head_dim: int, rows: int) -> int:
+    """The CUDA decode's split-KV scratch (CudaRingKernels.allocate, moa_kernels.split_scratch on the meta device):
+    a fixed softmax scratch for at most SPLIT_KV_MAX_RINGS rings, not per-request metadata; reported beside it."""
+    from moa_kernels.ring_decode import split_scratch
+    from moa_vllm.vllm_plugin.moa.kernels_cuda import NUM_SEGMENTS, SPLIT_KV_MAX_RINGS
+
+    rings = min(SPLIT_KV_MAX_RINGS, rows)  # rows: the kernels' max_rows, max_num_seqs x KV heads
+    return sum(t.nbytes for t in split_scratch(rings, NUM_SEGMENTS, group, head_dim, torch.device("meta")))
+
+
 def measure(model_dir: Path, plan_path: Path, max_model_len: int, max_num_seqs: int, block_size: int) -> dict:
     from moa_vllm.plan import dense_plan, fingerprint_from_hf_config, load_hf_config, load_plan
     from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec
@@ -70,6 +94,9 @@ def measure(model_dir: Path, plan_path: Path, max_model_len: int, max_num_seqs: 
     out = {"model": model_dir.name, "fingerprint": fp.model_dump(), "plans": {}}
     stock = block_table_bytes([-(-max_model_len // block_size)], max_num_seqs, block_size)
     out["stock_vllm_block_tables"] = stock
+    out["cuda_split_kv_scratch"] = split_kv_bytes(
+        fp.num_query_heads // fp.num_kv_heads, fp.head_dim, max_num_seqs * fp.num_kv_heads
+    )
     for name, plan in (("reference", load_plan(plan_path)), ("dense", dense_plan(fp))):
         specs = [
             MoARingSpec(
@@ -87,14 +114,16 @@ def measure(model_dir: Path, plan_path: Path, max_model_len: int, max_num_seqs: 
         ]
         widths = [s.max_num_blocks_per_req(None, max_model_len) for s in specs]
         vllm_moa = block_table_bytes(widths, max_num_seqs, block_size)
-        ring = ring_metadata_bytes(plan, max_model_len, max_num_seqs, block_size)
-        out["plans"][name] = {
+        row = {
             "plan": str(plan_path.relative_to(REPO)) if name == "reference" else "dense (generated)",
             "vllm_block_tables_moa_config": vllm_moa,
-            "ring_metadata": ring,
-            "ring_over_vllm_moa_device": ring["device"] / vllm_moa["device"],
-            "ring_over_stock_device": ring["device"] / stock["device"],
         }
+        for device, tables in (("cuda", False), ("cpu", True)):
+            ring = ring_metadata_bytes(plan, max_model_len, max_num_seqs, block_size, tables)
+            row[f"ring_metadata_{device}"] = ring
+            row[f"ring_over_vllm_moa_device_{device}"] = ring["device"] / vllm_moa["device"]
+            row[f"ring_over_stock_device_{device}"] = ring["device"] / stock["device"]
+        out["plans"][name] = row
     return out
 
 
@@ -121,13 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     for r in rows:
-        print(f"{r['model']}: stock vLLM block tables {r['stock_vllm_block_tables']['device'] / 2**20:.1f} MiB")
+        print(
+            f"{r['model']}: stock vLLM block tables {r['stock_vllm_block_tables']['device'] / 2**20:.1f} MiB; CUDA "
+            f"split-KV scratch (fixed, beside the metadata) {r['cuda_split_kv_scratch'] / 2**20:.2f} MiB"
+        )
         for name, x in r["plans"].items():
             print(
                 f"  {name}: vLLM block tables (moa, {x['vllm_block_tables_moa_config']['groups']} groups) "
-                f"{x['vllm_block_tables_moa_config']['device'] / 2**20:.1f} MiB, ring metadata "
-                f"{x['ring_metadata']['device'] / 2**20:.1f} MiB = {x['ring_over_vllm_moa_device']:.2f}x / "
-                f"{x['ring_over_stock_device']:.1f}x stock"
+                f"{x['vllm_block_tables_moa_config']['device'] / 2**20:.1f} MiB; ring metadata "
+                + "; ".join(
+                    f"{d} {x[f'ring_metadata_{d}']['device'] / 2**20:.2f} MiB = "
+                    f"{x[f'ring_over_vllm_moa_device_{d}']:.3f}x / {x[f'ring_over_stock_device_{d}']:.3f}x stock"
+                    for d in ("cuda", "cpu")
+                )
             )
     return 0
 

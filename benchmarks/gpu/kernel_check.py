@@ -51,23 +51,27 @@ def build(shape, dtype, context: int, chunk: int, page: int, sinks: int, device,
     gen = torch.Generator().manual_seed(seed)
     spans = mixed_spans(heads, context + chunk, seed, dense)
     pages = [-(-s // page) for s in spans]
-    pool = torch.randperm(sum(pages) + 8, generator=gen) + 1
-    cells = torch.full((sum(pages) + 9, 2 * page, head_dim), float("nan"), dtype=dtype)
-    tables = torch.zeros(1, heads, max(pages), dtype=torch.int32)
-    used = 0
+    # The row's rings in vLLM blocks as the plugin lays them out: interleaved where every head has the same pages
+    # (page j of head h at flat j * H + h), else packed head after head; flat page f is cell f % H of block f // H.
+    equal = len(set(pages)) == 1
+    base = torch.tensor([[h if equal else sum(pages[:h]) for h in range(heads)]], dtype=torch.int32)
+    stride = torch.tensor([[heads if equal else 1] * heads], dtype=torch.int32)
+    blocks = -(-sum(pages) // heads)
+    table = (torch.randperm(blocks + 4, generator=gen)[:blocks] + 1).to(torch.int32)[None]
+    cells = torch.full(((blocks + 5) * heads, 2 * page, head_dim), float("nan"), dtype=dtype)
     for h in range(heads):
-        tables[0, h, : pages[h]] = pool[used : used + pages[h]]
-        used += pages[h]
         owners = torch.tensor(slot_owners(context, spans[h], sinks))
         slots = (owners >= 0).nonzero()[:, 0]
-        ids = tables[0, h, slots // page].long()
+        flat = int(base[0, h]) + (slots // page) * int(stride[0, h])
+        ids = table[0, flat // heads].long() * heads + flat % heads
         cells[ids, slots % page] = torch.randn(len(slots), head_dim, generator=gen).to(dtype)
         cells[ids, page + slots % page] = torch.randn(len(slots), head_dim, generator=gen).to(dtype)
     q = torch.randn(chunk, heads * group, head_dim, generator=gen).to(dtype)
     k = torch.randn(chunk, heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(chunk, heads, head_dim, generator=gen).to(dtype)
     to = lambda x: x.to(device)  # noqa: E731
-    args = (to(q), to(k), to(v), to(cells), to(tables), to(torch.tensor([spans])), [context], [0, chunk], [0])
+    args = (to(q), to(k), to(v), to(cells), to(table), to(base), to(stride), to(torch.tensor([spans])), [context],
+            [0, chunk], [0])  # fmt: skip
     return args, spans
 
 

@@ -3,12 +3,13 @@
 A row's chunk holds the queries at positions computed .. computed + n - 1; query q of KV head h sees key k iff
 k <= q and (k < sinks or q - k < window[h]), window = span - sinks. The keys come from two places: positions below
 `computed` from the ring as it was before the step (slot of p: p below sinks, else sinks + (p - sinks) mod window;
-page = table[slot // page]), the others from the chunk's own fresh K/V. One program takes one (row, query tile,
-KV head) with the KV head's query heads packed as extra rows, and walks keys in POSITION order over just two
-ranges, the sinks below the band and the band [first query - window + 1, last query], so tiles outside sinks +
-window are never visited whatever the ring's rotation; one online softmax runs across both sources. Positions in
-the band below `computed` are always still in the ring (the band starts after computed - window), so nothing
-else is read; stale slots and other requests' pages are never loaded.
+its page j = slot // page is looked up in vLLM's block table: flat = base + j * stride in the row's flat page list,
+cell flat % H of block block_table[r, flat // H]; no page table), the others from the chunk's own fresh K/V. One
+program takes one (row, query tile, KV head) with the KV head's query heads packed as extra rows, and walks keys in
+POSITION order over just two ranges, the sinks below the band and the band [first query - window + 1, last query],
+so tiles outside sinks + window are never visited whatever the ring's rotation; one online softmax runs across both
+sources. Positions in the band below `computed` are always still in the ring (the band starts after computed -
+window), so nothing else is read; stale slots and other requests' pages are never loaded.
 
 The survivors of the chunk (sinks and the last `window` positions) are written into the ring by the caller AFTER
 this kernel, so a chunk never overwrites a key one of its own queries still needs.
@@ -36,7 +37,9 @@ def _ring_prefill(
     VNew,
     Cells,  # [pages, 2 * PAGE, D] one-KV-head cells: K page then V page, token-major, D contiguous
     Out,  # [T, Hq, D]
-    Tables,  # [R, H, P] int32 one-head page ids of each ring
+    BlockTable,  # [R, B] int32 vLLM's block table of the layer
+    Base,  # [R, H] int32 flat page list index of each ring's page 0 (RingPages)
+    Stride,  # [R, H] int32 ... and the step between its pages
     Spans,  # [R, H] int64 ring sizes
     Computed,  # [R] int32 tokens in the rings before the step
     QStart,  # [R + 1] int32 first token of each row in Q
@@ -52,8 +55,8 @@ def _ring_prefill(
     stride_oh,
     stride_cp,
     stride_cs,
-    stride_tr,
-    stride_th,
+    stride_br,
+    heads,
     stride_sr,
     scale,
     sinks,
@@ -102,7 +105,9 @@ def _ring_prefill(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    table_row = Tables + r.to(tl.int64) * stride_tr + h * stride_th
+    table_row = BlockTable + r.to(tl.int64) * stride_br
+    base = tl.load(Base + r * heads + h)
+    step = tl.load(Stride + r * heads + h)
     for i in range(0, sink_tiles + band_tiles):
         in_sinks = i < sink_tiles
         p0 = tl.where(in_sinks, i * BLOCK_N, band_lo + (i - sink_tiles) * BLOCK_N)
@@ -112,7 +117,9 @@ def _ring_prefill(
         old = live & (p < computed)  # in the ring
         new = live & (p >= computed)  # in the chunk
         slot = tl.where(p < sinks, p, sinks + (p - sinks) % wrap)
-        page_id = tl.load(table_row + slot // PAGE, mask=old, other=0).to(tl.int64)
+        flat = base + (slot // PAGE) * step
+        block = tl.load(table_row + flat // heads, mask=old, other=0).to(tl.int64)
+        page_id = block * heads + flat % heads
         cell = Cells + page_id[:, None] * stride_cp + (slot % PAGE)[:, None] * stride_cs + d[None, :]
         kv_mask = d_ok[None, :]
         k = tl.load(cell, mask=old[:, None] & kv_mask, other=0.0)
@@ -202,7 +209,9 @@ def ring_prefill(
     key: torch.Tensor,  # [T, H, D] the step's fresh keys
     value: torch.Tensor,  # [T, H, D]
     cells: torch.Tensor,  # [pages, 2 * page, D] token-major one-KV-head cells
-    tables: torch.Tensor,  # [R, H, P] int32
+    block_table: torch.Tensor,  # [R, B] int32 vLLM's block table of the layer
+    base: torch.Tensor,  # [R, H] int32 (RingPages.base: each ring's page j is flat page base + j * stride)
+    stride: torch.Tensor,  # [R, H] int32
     spans: torch.Tensor,  # [R, H]
     computed: list[int],  # [R] host: tokens already in each row's rings
     query_start_loc: list[int],  # [R + 1] host
@@ -232,18 +241,24 @@ def ring_prefill(
     if launch.block_t != blocks.block_t:
         raise ValueError(f"moa_kernels.ring_prefill: launch planned for {launch.block_t}-token tiles, blocks have "
                          f"{blocks.block_t}")  # fmt: skip
-    named = (("query", query), ("key", key), ("value", value), ("cells", cells), ("out", out), ("tables", tables))
+    named = (("query", query), ("key", key), ("value", value), ("cells", cells), ("out", out))
+    named += (("block_table", block_table),)
     for name, tensor in named:
         if tensor.stride(-1) != 1:
             raise ValueError(f"moa_kernels.ring_prefill: {name} must be contiguous in its last dimension")
     spans = spans.to(query.device)
+    if base.shape != spans.shape or stride.shape != spans.shape:
+        raise ValueError(f"moa_kernels.ring_prefill: base {tuple(base.shape)} / stride {tuple(stride.shape)} must "
+                         f"match spans {tuple(spans.shape)}")  # fmt: skip
     return _kernel[(launch.tiles, heads)](
         query,
         key,
         value,
         cells,
         out,
-        tables,
+        block_table,
+        base.contiguous(),
+        stride.contiguous(),
         spans,
         launch.computed,
         launch.query_start_loc,
@@ -259,8 +274,8 @@ def ring_prefill(
         out.stride(1),
         cells.stride(0),
         cells.stride(1),
-        tables.stride(0),
-        tables.stride(1),
+        block_table.stride(0),
+        heads,
         spans.stride(0),
         scale,
         sinks,

@@ -22,7 +22,9 @@ def ring_prefill_reference(
     key: torch.Tensor,
     value: torch.Tensor,
     cells: torch.Tensor,  # [pages, 2 * page, D] token-major
-    tables: torch.Tensor,
+    block_table: torch.Tensor,  # [R, B]
+    base: torch.Tensor,  # [R, H]: ring page j is flat page base + j * stride, cell flat % H of block flat // H
+    stride: torch.Tensor,
     spans: torch.Tensor,
     computed: list[int],
     query_start_loc: list[int],
@@ -46,7 +48,8 @@ def ring_prefill_reference(
             span = int(spans[r, h])
             owners = torch.tensor(slot_owners(c, span, sinks))
             held = (owners >= 0).nonzero()[:, 0]
-            page_ids = tables[r, h, torch.div(held, page, rounding_mode="floor")].long().cpu()
+            flat = int(base[r, h]) + torch.div(held, page, rounding_mode="floor") * int(stride[r, h])
+            page_ids = block_table[r].long().cpu()[flat // heads] * heads + flat % heads
             k_ring = cells[page_ids, held % page].double() * scales[0]
             v_ring = cells[page_ids, held % page + page].double() * scales[1]
             k_all = torch.cat([k_ring, key[qs:qe, h].double()])

@@ -41,14 +41,30 @@ def flat_pages(pages: torch.Tensor, width: int) -> torch.Tensor:
     return flat_index(pages, torch.arange(width, device=pages.device))
 
 
+class RingPages(NamedTuple):
+    """Where each ring's page j sits in its request's flat page list of the layer: flat = base + j * stride
+    ([..., R, H] int32 each; packed rings: base first[h], stride 1; interleaved: base h, stride H). Page j's one-head
+    page id is then block_table[r, flat // H] * H + flat % H, which a kernel can look up itself: no page table."""
+
+    base: torch.Tensor
+    stride: torch.Tensor
+
+
+def ring_page_layout(pages: torch.Tensor) -> RingPages:
+    """The layout rule of `flat_pages` as (base, stride) for pages [..., H] (every ring's page count)."""
+    heads = pages.shape[-1]
+    first = torch.cumsum(pages, dim=-1) - pages
+    equal = (pages == pages[..., :1]).all(dim=-1, keepdim=True)
+    base = torch.where(equal, torch.arange(heads, device=pages.device), first)
+    stride = torch.where(equal, heads, 1).expand_as(pages)
+    return RingPages(base.to(torch.int32), stride.to(torch.int32).contiguous())
+
+
 def flat_index(pages: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """Index in the request's flat page list of ring page j of each head, for pages [..., H] and j broadcast
     against [..., H, W] (W = 1 for one page per ring): the layout rule of `flat_pages`."""
-    heads = pages.shape[-1]
-    first = torch.cumsum(pages, dim=-1) - pages
-    equal = (pages == pages[..., :1]).all(dim=-1, keepdim=True)[..., None]  # [..., 1, 1]
-    interleaved = j * heads + torch.arange(heads, device=pages.device)[:, None]
-    return torch.where(equal, interleaved, first[..., None] + j)
+    layout = ring_page_layout(pages)
+    return layout.base.long()[..., None] + j * layout.stride.long()[..., None]
 
 
 def page_tables(spans: torch.Tensor, block_tables: torch.Tensor, page: int, max_pages: int) -> torch.Tensor:

@@ -37,7 +37,6 @@ class Canary:
 V1_RUNNER = "vllm.v1.worker.gpu_model_runner"
 STM = "vllm.v1.core.single_type_kv_cache_manager"
 CPU_OPS = "vllm._custom_ops"
-TRITON_ATTN = "vllm.v1.attention.ops.triton_unified_attention"
 V2_RUNNER = "vllm.v1.worker.gpu.model_runner"
 CANARIES: tuple[Canary, ...] = (
     Canary("backend_alias", "vllm.v1.attention.backends.registry", "AttentionBackendEnum", kind="class"),
@@ -244,34 +243,6 @@ CANARIES: tuple[Canary, ...] = (
         ),
     ),
     Canary("contract:cpu_kernels", "vllm.v1.attention.backends.cpu_attn", "_get_attn_isa"),
-    Canary(
-        "contract:cuda_kernels",
-        TRITON_ATTN,
-        "unified_attention",
-        (
-            "q",
-            "k",
-            "v",
-            "out",
-            "cu_seqlens_q",
-            "max_seqlen_q",
-            "seqused_k",
-            "max_seqlen_k",
-            "softmax_scale",
-            "causal",
-            "window_size",
-            "block_table",
-            "softcap",
-            "q_descale",
-            "k_descale",
-            "v_descale",
-            "seq_threshold_3D",
-            "num_par_softmax_segments",
-            "softmax_segm_output",
-            "softmax_segm_max",
-            "softmax_segm_expsum",
-        ),
-    ),
     Canary(
         "contract:kv_registry",
         "vllm.v1.kv_cache_spec_registry",

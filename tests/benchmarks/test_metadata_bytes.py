@@ -15,11 +15,14 @@ def test_bytes_follow_the_buffers_shapes():
     assert out["stock_vllm_block_tables"]["groups"] == 1
     assert out["stock_vllm_block_tables"]["device"] == 4 * cdiv(4096, 16) * 4
     dense = out["plans"]["dense"]
-    pages = dense["ring_metadata"]["ring_pages_widest_head"]
+    pages = dense["ring_metadata_cpu"]["ring_pages_widest_head"]
     assert pages == cdiv(4096, 16)
-    # one page-table scratch [R * H * P] int32 for all layers + spans [L, R, H] int64
-    assert dense["ring_metadata"]["page_table_scratch"] == 4 * heads * pages * 4
-    assert dense["ring_metadata"]["device"] == 4 * heads * pages * 4 + layers * 4 * heads * 8
+    # CPU: one page-table scratch [R * H * P] int32 for all layers + spans [L, R, H] int64
+    assert dense["ring_metadata_cpu"]["page_table_scratch"] == 4 * heads * pages * 4
+    assert dense["ring_metadata_cpu"]["device"] == 4 * heads * pages * 4 + layers * 4 * heads * 8
+    # CUDA: the kernels read vLLM's block table, only the spans remain, whatever max_model_len
+    assert dense["ring_metadata_cuda"]["page_table_scratch"] == 0
+    assert dense["ring_metadata_cuda"]["device"] == layers * 4 * heads * 8
     vllm_moa = dense["vllm_block_tables_moa_config"]
     assert vllm_moa["groups"] == layers and vllm_moa["device"] == layers * out["stock_vllm_block_tables"]["device"]
     reference = out["plans"]["reference"]

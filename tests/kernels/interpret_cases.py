@@ -36,7 +36,7 @@ def error(batch, rows=None, kernel_span_delta: int = 0, reference_window_delta: 
     want = torch.full_like(batch.query, 7.0)
     args = batch.args(rows)
     if kernel_span_delta:
-        args = (*args[:5], args[5] + kernel_span_delta, *args[6:])
+        args = (*args[:7], args[7] + kernel_span_delta, *args[8:])
     ring_prefill(*args, got, scales=batch.scales)
     ring_prefill_reference(*batch.args(rows), want, window_delta=reference_window_delta, scales=batch.scales)
     return float((got.double() - want.double()).abs().max())

@@ -16,7 +16,9 @@ class RingBatch:
     key: torch.Tensor
     value: torch.Tensor
     cells: torch.Tensor
-    tables: torch.Tensor
+    block_table: torch.Tensor
+    base: torch.Tensor
+    stride: torch.Tensor
     spans: torch.Tensor
     computed: list[int]
     query_start_loc: list[int]
@@ -31,7 +33,9 @@ class RingBatch:
             self.key,
             self.value,
             self.cells,
-            self.tables,
+            self.block_table,
+            self.base,
+            self.stride,
             self.spans,
             self.computed,
             self.query_start_loc,
@@ -39,6 +43,26 @@ class RingBatch:
             self.sinks,
             self.scale,
         )
+
+
+def ring_blocks(pages: list[list[int]], gen: torch.Generator, spare_columns: int = 2):
+    """Shuffled blocks for rings of pages [R][H] (block 0, the null block, never used) and each ring's (base,
+    stride): block_table [R, B], base and stride [R, H], and the one-head cell count to allocate."""
+    rows, heads = len(pages), len(pages[0])
+    width = max(-(-sum(p) // heads) for p in pages) + spare_columns
+    pool = (torch.randperm(rows * width + 3, generator=gen) + 1).tolist()
+    table = torch.tensor([[pool.pop() for _ in range(width)] for _ in range(rows)], dtype=torch.int32)
+    layout = [ring_layout_rule(p) for p in pages]
+    base = torch.tensor([[b for b, _ in row] for row in layout], dtype=torch.int32)
+    stride = torch.tensor([[s for _, s in row] for row in layout], dtype=torch.int32)
+    return table, base, stride, (rows * width + 4) * heads
+
+
+def cell_of(table, base, stride, r: int, h: int, slot: int, page: int) -> int:
+    """One-head cell of ring (r, h)'s slot, through the block table (the layout rule written out)."""
+    heads = base.shape[1]
+    flat = int(base[r, h]) + (slot // page) * int(stride[r, h])
+    return int(table[r, flat // heads]) * heads + flat % heads
 
 
 def make_batch(
@@ -54,22 +78,15 @@ def make_batch(
     seed: int = 0,
 ) -> RingBatch:
     gen = torch.Generator().manual_seed(seed)
-    rows, heads = len(spans), len(spans[0])
+    heads = len(spans[0])
     pages = [[-(-s // page) for s in row] for row in spans]
-    width = max(max(p) for p in pages)
-    total = sum(sum(p) for p in pages)
-    pool = (torch.randperm(total + 5, generator=gen) + 1).tolist()  # extra NaN pages; page 0 never used
-    cells = torch.full((total + 6, 2 * page, head_dim), float("nan"), dtype=dtype)
-    tables = torch.zeros(rows, heads, width, dtype=torch.int32)
-    for r in range(rows):
-        for h in range(heads):
-            for j in range(pages[r][h]):
-                tables[r, h, j] = pool.pop()
-    for r in range(rows):  # the ring before the step: every earlier position written into its slot, in order
+    table, base, stride, count = ring_blocks(pages, gen)
+    cells = torch.full((count, 2 * page, head_dim), float("nan"), dtype=dtype)
+    for r in range(len(spans)):  # the ring before the step: every earlier position written into its slot, in order
         for h in range(heads):
             for slot, pos in enumerate(slot_owners(computed[r], spans[r][h], sinks)):
                 if pos >= 0:
-                    cell = int(tables[r, h, slot // page])
+                    cell = cell_of(table, base, stride, r, h, slot, page)
                     k = torch.randn(head_dim, generator=gen)
                     v = torch.randn(head_dim, generator=gen)
                     cells[cell, slot % page] = k.to(dtype)
@@ -83,10 +100,76 @@ def make_batch(
         key=torch.randn(tokens, heads, head_dim, generator=gen).to(dtype),
         value=torch.randn(tokens, heads, head_dim, generator=gen).to(dtype),
         cells=cells,
-        tables=tables,
+        block_table=table,
+        base=base,
+        stride=stride,
         spans=torch.tensor(spans, dtype=torch.int64),
         computed=list(computed),
         query_start_loc=qsl,
         sinks=sinks,
+        scale=head_dim**-0.5,
+    )
+
+
+@dataclass
+class DecodeBatch:
+    """One decode step over rings that live in blocks of vLLM's block table: query [R, H*G, D], one-head cells
+    [blocks * H, 2 * page, D] (never-written slots NaN), block_table [R, B], each ring's (base, stride) in its
+    row's flat page list and its visible keys."""
+
+    query: torch.Tensor
+    cells: torch.Tensor
+    block_table: torch.Tensor
+    base: torch.Tensor
+    stride: torch.Tensor
+    visible: torch.Tensor
+    scale: float
+    scales: tuple[float, float] = (1.0, 1.0)
+
+    def args(self) -> tuple:
+        return (self.query, self.cells, self.block_table, self.base, self.stride, self.visible, self.scale)
+
+
+def ring_layout_rule(pages: list[int]) -> list[tuple[int, int]]:
+    """(base, stride) of each head's ring in a row's flat page list, written out from the layout rule: interleaved
+    (page k of head h at k * H + h) where every head has the same pages, else packed head after head."""
+    heads = len(pages)
+    if len(set(pages)) == 1:
+        return [(h, heads) for h in range(heads)]
+    return [(sum(pages[:h]), 1) for h in range(heads)]
+
+
+def make_decode_batch(
+    spans: list[list[int]],  # [R][H]; 0: a padding row's ring
+    seq_lens: list[int],  # [R] keys written so far (the step's own included)
+    *,
+    group: int,
+    head_dim: int = 32,
+    page: int = 16,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    spare_columns: int = 2,
+) -> DecodeBatch:
+    gen = torch.Generator().manual_seed(seed)
+    rows, heads = len(spans), len(spans[0])
+    pages = [[-(-s // page) for s in row] for row in spans]
+    table, base, stride, count = ring_blocks(pages, gen, spare_columns)
+    cells = torch.full((count, 2 * page, head_dim), float("nan"), dtype=dtype)
+    visible = torch.zeros(rows * heads, dtype=torch.int32)
+    for r in range(rows):
+        for h in range(heads):
+            n = min(seq_lens[r], spans[r][h])
+            visible[r * heads + h] = n
+            for slot in range(n):
+                cell = cell_of(table, base, stride, r, h, slot, page)
+                cells[cell, slot % page] = torch.randn(head_dim, generator=gen).to(dtype)
+                cells[cell, page + slot % page] = torch.randn(head_dim, generator=gen).to(dtype)
+    return DecodeBatch(
+        query=torch.randn(rows, heads * group, head_dim, generator=gen).to(dtype),
+        cells=cells,
+        block_table=table,
+        base=base,
+        stride=stride,
+        visible=visible,
         scale=head_dim**-0.5,
     )

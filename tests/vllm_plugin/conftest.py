@@ -40,12 +40,9 @@ def engine_core(llm):
 
 @pytest.fixture
 def contract(monkeypatch):
-    """Both Triton kernels replaced by their contracts: unified_attention by the torch code above, moa_kernels'
-    ring prefill by its reference (the kernels themselves run in the interpreter tests below and in tests/kernels)."""
-    import vllm.v1.attention.ops.triton_unified_attention as module
+    """Both Triton kernels replaced by their torch references: moa_kernels' ring decode and ring prefill (the kernels
+    themselves run in the interpreter tests of test_kernels_cuda.py and in tests/kernels)."""
+    from moa_kernels import ring_decode_reference, ring_prefill_reference
 
-    from moa_kernels import ring_prefill_reference
-    from tests.vllm_plugin.triton_contract import unified_attention_contract
-
-    monkeypatch.setattr(module, "unified_attention", unified_attention_contract)
+    monkeypatch.setattr("moa_vllm.vllm_plugin.moa.kernels_cuda.ring_decode", ring_decode_reference)
     monkeypatch.setattr("moa_vllm.vllm_plugin.moa.kernels_cuda.ring_prefill", ring_prefill_reference)

@@ -70,7 +70,9 @@ class RingSim:
         self.k_seen = [[kernels.as_cached(k, k)[0] for k in layer] for layer in self.k]
         self.v_seen = [[kernels.as_cached(v, v)[1] for v in layer] for layer in self.v]
         self.done = [0] * len(lengths)
-        self.state = RingState(alphas, betas, min_span, sinks, page, max_len, torch.device("cpu"))
+        self.state = RingState(  # the kernels' own choice: CUDA's read vLLM's block table, no page tables
+            alphas, betas, min_span, sinks, page, max_len, torch.device("cpu"), page_tables=kernels.page_tables
+        )
         self.context = EngineContext()  # what the runner patches publish into
         self.reference_window_delta = 0  # mutation hook: the reference's windows off by this many tokens
 

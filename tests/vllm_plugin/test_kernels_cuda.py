@@ -1,9 +1,7 @@
-"""The CUDA ring path as far as a CPU allows: the token-major cell format, the one-head K/V views and the arguments
-given to vLLM's Triton `unified_attention` (cu_seqlens_q, seqused_k, block_table over one-KV-head pages) and to
-moa_kernels' ring prefill, the survivors' writes, checked end to end through the ring simulation (1) with both
-kernels replaced by plain torch implementations of their contracts and (2) with vLLM's real Triton decode kernel
-and our real Triton prefill kernel in the Triton interpreter (fp32 and fp16; the interpreter's bf16 tl.dot returns
-garbage in Triton 3.9 and vLLM's kernel has no switch around it, so bf16 is covered by (1) and tests/kernels).
+"""The CUDA ring path as far as a CPU allows: the token-major cell format, the one-head K/V views, the block table
+and ring layouts (RingPages) given to moa_kernels' Triton ring decode and ring prefill, the survivors' writes,
+checked end to end through the ring simulation (1) with both kernels replaced by their torch references and (2)
+with the real Triton kernels in the Triton interpreter (fp32 and fp16; bf16 is covered by (1) and tests/kernels).
 Not yet run on a GPU."""
 
 from __future__ import annotations
@@ -47,7 +45,7 @@ def _fp8_sim(kv: str, dtype: torch.dtype, seed: int, heads: int = 3, g: int = 3,
 @pytest.mark.parametrize("kv", ["fp8", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_fp8_rings_match_the_reference_over_the_same_quantized_keys(contract, kv, dtype):
-    """Decode (unified_attention's FP8_PER_TENSOR mode), prefill and chunked prefill over fp8 rings: the writes
+    """Decode, prefill and chunked prefill over fp8 rings: the writes
     store float8 of value / scale, every read dequantizes with the layer's scales."""
     sim = _fp8_sim(kv, dtype, seed=50)
     assert float((sim.k_seen[0][0].float() - sim.k[0][0].float()).abs().max()) > 1e-2  # quantization is no no-op
@@ -112,7 +110,7 @@ def test_real_triton_kernel_in_the_interpreter_matches_the_reference(dtype, tol)
 
 @pytest.mark.compute
 def test_real_triton_kernel_in_the_interpreter_at_eight_kv_heads_and_head_dim_128():
-    """vLLM's real decode kernel and our prefill kernel at 8 KV heads, GQA 4, head dim 128 (one layer, short
+    """Our decode and prefill kernels at 8 KV heads, GQA 4, head dim 128 (one layer, short
     requests: the interpreter runs every program in numpy)."""
     assert _interpret("float32", "0", "8x4x128") < 2e-5
 
@@ -120,7 +118,7 @@ def test_real_triton_kernel_in_the_interpreter_at_eight_kv_heads_and_head_dim_12
 @pytest.mark.compute
 @pytest.mark.parametrize("kv", ["fp8_e4m3", "fp8_e5m2"])
 def test_real_triton_kernels_in_the_interpreter_over_fp8_rings(kv):
-    """vLLM's real decode kernel in its FP8_PER_TENSOR mode and our prefill kernel reading float8 cells, fp16
+    """Our decode and prefill kernels reading float8 cells, fp16
     queries, scales != 1, against the reference over the same quantized K/V."""
     assert _interpret("float16", "0", "3x3x64", kv) < 6e-3
 

@@ -1,9 +1,9 @@
-"""Run the CUDA ring path through vLLM's REAL Triton unified_attention kernel in the Triton interpreter, on CPU.
+"""Run the CUDA ring path through the REAL Triton ring decode and prefill kernels in the Triton interpreter, on CPU.
 
-Used by test_kernels_cuda.py in a subprocess: TRITON_INTERPRET must be set, and vLLM's CPU wheel disables Triton
-unless a "cpu" Triton backend exists, so a stand-in entry is registered before vLLM is imported (the interpreter
-needs no driver). Arguments: dtype, window delta (default 0), geometry HxGxD (KV heads x query heads per KV head x
-head dim; default 3x3x64), KV cache dtype (default auto; fp8_e4m3 / fp8_e5m2: quantized rings, scales 0.5 / 0.25).
+Used by test_kernels_cuda.py in a subprocess: TRITON_INTERPRET must be set before Triton is first imported (the
+interpreter needs no driver; the kernels are moa_kernels', so vLLM's own Triton switch does not matter).
+Arguments: dtype, window delta (default 0), geometry HxGxD (KV heads x query heads per KV head x head dim; default
+3x3x64), KV cache dtype (default auto; fp8_e4m3 / fp8_e5m2: quantized rings, scales 0.5 / 0.25).
 Prints the largest error against the token-exact reference, one line: `max_err <float>`.
 """
 
@@ -11,23 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 
 os.environ["TRITON_INTERPRET"] = "1"
-
-import triton.backends  # noqa: E402
-
-triton.backends.backends.setdefault("cpu", types.SimpleNamespace(driver=types.SimpleNamespace(is_active=lambda: True)))
 
 import torch  # noqa: E402
 
 
 def main() -> int:
-    import vllm.triton_utils
-
-    if not vllm.triton_utils.HAS_TRITON:
-        print("skip: vLLM did not enable Triton")
-        return 0
     from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels
     from tests.vllm_plugin.ring_sim import drive, make_sim
 

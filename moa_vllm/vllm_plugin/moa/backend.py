@@ -28,13 +28,13 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from moa_vllm.ops.page_format import cells
 from moa_vllm.ops.prefix_blocks import prefix_write_slots, restore_ring
-from moa_vllm.ops.ring_layout import slot_positions
+from moa_vllm.ops.ring_layout import RingPages, slot_positions
 from moa_vllm.ops.ring_prefill import prefill_attention, survivors
 from moa_vllm.vllm_plugin.hooks import check_runner_hooks
 from moa_vllm.vllm_plugin.moa.engine_context import EngineContext, engine_context
 from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec, rank_heads
 from moa_vllm.vllm_plugin.moa.ring_kernels import RingKernels
-from moa_vllm.vllm_plugin.moa.ring_state import RingBuffers, RingState, RingStep, widest_pages
+from moa_vllm.vllm_plugin.moa.ring_state import RingBuffers, RingState, RingStep, needs_page_tables, widest_pages
 from moa_vllm.vllm_plugin.settings import plan_from_vllm_config
 
 logger = init_logger("vllm.moa_vllm")
@@ -154,7 +154,8 @@ def ring_state(context: EngineContext, vllm_config: VllmConfig, spec: MoARingSpe
 def reserve_ring_buffers(context: EngineContext, vllm_config: VllmConfig, num_kv_heads: int) -> RingBuffers:
     """The ring metadata's device buffers, allocated once per engine while the model is built (the first MoA
     layer's impl), i.e. before vLLM profiles memory: they count as model memory, not as free KV cache space. Sized
-    for every plan head's widest ring at max_model_len (this rank's heads are a subset)."""
+    for every plan head's widest ring at max_model_len (this rank's heads are a subset); the page-table scratch only
+    where the kernels read page tables (CPU_ATTN), none on CUDA."""
     if context.ring_buffers is None:
         plan = plan_from_vllm_config(vllm_config)
         alphas = torch.tensor([[r.alpha for r in layer] for layer in plan.rules], dtype=torch.float64)
@@ -164,10 +165,13 @@ def reserve_ring_buffers(context: EngineContext, vllm_config: VllmConfig, num_kv
         pages = widest_pages(alphas, betas, max_len, plan.min_span, page)
         device = torch.device(vllm_config.device_config.device)
         rows = vllm_config.scheduler_config.max_num_seqs
-        context.ring_buffers = RingBuffers.allocate(len(plan.rules), rows, num_kv_heads, pages, device)
+        tables = needs_page_tables(device)
+        context.ring_buffers = RingBuffers.allocate(len(plan.rules), rows, num_kv_heads, pages, device, tables)
         logger.info(
-            "moa-vllm: ring metadata buffers %.1f MiB (%d rows x %d KV heads x %d pages at %d tokens, page %d)",
-            context.ring_buffers.nbytes / 2**20, rows, num_kv_heads, pages, max_len, page,
+            "moa-vllm: ring metadata buffers %.1f MiB (spans of %d rows x %d KV heads; %s)",
+            context.ring_buffers.nbytes / 2**20, rows, num_kv_heads,
+            f"page-table scratch for {pages} pages at {max_len} tokens, page {page}" if tables
+            else "no page tables: the kernels read vLLM's block table",
         )  # fmt: skip
     return context.ring_buffers
 
@@ -385,10 +389,12 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
     page = kv_cache.shape[2]
     step.finalize(sinks, page)
     nd = step.num_decodes
+    prefill = nd < len(step.computed)
     heads_batched = nd > 0 and kernels.decode_heads is not None and step.equal_spans(layer)
-    if step.prefix_ids.get(layer) or nd < len(step.computed) or not heads_batched:
+    if kernels.page_tables and (step.prefix_ids.get(layer) or prefill or not heads_batched):
         # This layer's ring page tables, into the scratch all layers share; fresh, so that a captured graph
-        # always records the derivation. A decode-only step of interleaved rings needs none.
+        # always records the derivation. A decode-only step of interleaved rings needs none, nor do kernels that
+        # read vLLM's block table themselves.
         step.table(layer, fresh=True)
     if step.prefix_ids.get(layer):
         _prefix_blocks(k, v, view, kernels, step, layer, sinks)
@@ -400,6 +406,10 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
             blocks = step.block_tables[layer][:nd, : step.widths[layer]].contiguous()  # P ring pages: P blocks
             visible = step.visible[layer, : nd * h].view(nd, h)[:, 0].contiguous()
             kernels.decode_heads(q[:nd], view, h, blocks, visible, scale, out[:nd])
+        elif kernels.decode_rings is not None:  # the kernel looks each ring page up in vLLM's block table
+            layout = step.layout(layer)
+            kernels.decode_rings(q[:nd], view, step.block_tables[layer][:nd], RingPages(*(t[:nd] for t in layout)),
+                                 step.visible[layer, : nd * h], scale, out[:nd])  # fmt: skip
         else:
             kernels.decode(
                 q[:nd].reshape(nd * h, g, d),
@@ -409,9 +419,9 @@ def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, si
                 scale,
                 out[:nd].view(nd * h, g, d),
             )
-    if nd < len(step.computed) and kernels.prefill is not None:
+    if prefill and kernels.prefill is not None:
         kernels.prefill(q, k, v, out, view, step, layer, sinks, scale)
-    elif nd < len(step.computed):
+    elif prefill:
         _prefill_rows(q, k, v, out, view, kernels, step, layer, sinks, page, scale)
 
 
@@ -430,7 +440,7 @@ def _prefix_blocks(k, v, view, kernels, step: RingStep, layer: int, sinks: int) 
             kernels.write(view, slots, k[token, head], v[token, head])
     for r in step.restore:
         restore_ring(
-            view, kernels.format, kernels.write, rows[r], step.table(layer)[r], step.spans[layer, r], sinks,
+            view, kernels.format, kernels.write, rows[r], step.row_table(layer, r), step.spans[layer, r], sinks,
             step.computed[r], scales=(kernels.k_scale, kernels.v_scale), dtype=kernels.dtype,
         )  # fmt: skip
 

@@ -31,6 +31,11 @@ class RingKernels:
     # or a method (query [R, Hq, D], cell_view, heads, blocks [R, P], seq_lens [R], scale, out [R, Hq, D]) -> None:
     # decode of requests whose H rings have equal spans (interleaved: cell h of block k), one sequence each
     decode_heads = None
+    # True: the kernels read rings through [R, H, P] page tables derived into the shared scratch (CPU_ATTN); False:
+    # they look pages up in vLLM's block table themselves and `decode_rings` decodes (CUDA), no scratch at all.
+    page_tables = True
+    decode_rings = None  # or a method (query [R, Hq, D], cell_view, block_table [R, B], RingPages [R, H],
+    # visible [R * H], scale, out [R, Hq, D]) -> None
 
     def __init__(
         self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024, kv_cache_dtype: str = "auto"

@@ -7,19 +7,21 @@ only when the batch's requests change) and, at the first attention call, the vis
 [L, R*H]. Each layer's builder hands the step that layer's vLLM block table; a request's blocks are checked against
 what its rings need when it is first scheduled (and again after a restart or a change of N).
 
-Page tables are not kept. The kernels read a ring through its one-head page ids [R*H, P], which cost H x vLLM's
-block tables per layer; keeping them for every layer and max_num_seqs rows was ~2 GiB at 8B / 128k / 256 seqs
-(benchmarks/metadata_bytes.py). Each layer's forward derives its tables from its vLLM block table into one scratch
-all layers share (`RingStep.table`) where a kernel reads them; the decode tokens' slots are looked up in the block
-table itself (`RingStep.decode_slots`: one page per ring, not a table). The scratch ([max_rows * H * P_widest]
-int32) and the spans buffer are `RingBuffers`, allocated while the model is built (backend.MoAImpl), so vLLM's
-memory profiling counts them as model memory.
+Page tables are not kept. A ring's one-head page ids [R*H, P] cost H x vLLM's block tables per layer; keeping them
+for every layer and max_num_seqs rows was ~2 GiB at 8B / 128k / 256 seqs (benchmarks/metadata_bytes.py). On CUDA
+the Triton kernels look each page up in vLLM's block table themselves, through each ring's `RingPages` (computed
+per step for all layers: `RingStep.layout`), so no page table exists there. On CPU, CPU_ATTN takes rectangular
+tables: each layer's forward derives them from its vLLM block table into one scratch all layers share
+(`RingStep.table`) where a kernel reads them. The decode tokens' slots are looked up in the block table itself
+(`RingStep.decode_slots`: one page per ring, not a table). The scratch ([max_rows * H * P_widest] int32, CPU only)
+and the spans buffer are `RingBuffers`, allocated while the model is built (backend.MoAImpl), so vLLM's memory
+profiling counts them as model memory.
 
 CUDA graphs (decode-only batches): a captured graph replays the kernels with the addresses it saw at capture, so
-everything the decode path reads lives in buffers allocated once: the spans buffer, the scratch, vLLM's persistent
-block tables and seq_lens; each build rewrites the spans in place; rows past the batch (and padding rows, which
-have no request) hold spans 0, so their tables are zeros and a padded row's write lands in the null block. Tables,
-visible lengths and slots are derived inside the forward with fixed shapes, and nothing on the decode path reads
+everything the decode path reads lives in buffers allocated once: the spans buffer, vLLM's persistent block tables
+and seq_lens; each build rewrites the spans in place; rows past the batch (and padding rows, which have no request)
+hold spans 0, so they see no keys and a padded row's write lands in the null block. Ring layouts, visible lengths
+and slots are derived inside the forward with fixed shapes, and nothing on the decode path reads
 a value back to the host (the build takes lengths from the runner's CPU copies).
 """
 
@@ -31,10 +33,12 @@ import torch
 
 from moa_vllm.ops.ring_layout import (
     DecodeSlotParts,
+    RingPages,
     blocks_needed,
     decode_slot_parts,
     decode_slots,
     layer_page_table,
+    ring_page_layout,
     ring_pages,
     ring_spans,
     visible_lengths,
@@ -52,16 +56,25 @@ class RingBuffers:
     max_pages: int
 
     @classmethod
-    def allocate(cls, layers: int, max_rows: int, heads: int, max_pages: int, device: torch.device) -> RingBuffers:
+    def allocate(
+        cls, layers: int, max_rows: int, heads: int, max_pages: int, device: torch.device, page_tables: bool = True
+    ) -> RingBuffers:
+        """page_tables False (kernels that read vLLM's block table: CUDA): no scratch at all."""
         return cls(
             torch.zeros(layers, max_rows, heads, dtype=torch.int64, device=device),
-            torch.zeros(max_rows * heads * max_pages, dtype=torch.int32, device=device),
+            torch.zeros(max_rows * heads * max_pages if page_tables else 0, dtype=torch.int32, device=device),
             max_pages,
         )
 
     @property
     def nbytes(self) -> int:
         return self.spans.nbytes + self.tables.nbytes
+
+
+def needs_page_tables(device: torch.device) -> bool:
+    """Whether the device's ring kernels read [R, H, P] page tables (CPU_ATTN) rather than vLLM's block table (the
+    Triton kernels on CUDA; backend.ring_kernels makes the same switch)."""
+    return torch.device(device).type != "cuda"
 
 
 def widest_pages(alphas: torch.Tensor, betas: torch.Tensor, max_model_len: int, min_span: int, page: int) -> int:
@@ -87,6 +100,7 @@ class RingStep:
     filled_layers: set[int] = field(default_factory=set)
     visible: torch.Tensor | None = None  # [L, R*H] int32
     decode_parts: DecodeSlotParts | None = None  # [L, num_decodes, H]: the decode tokens' slots short of block ids
+    layouts: RingPages | None = None  # [L, R, H]: where each ring's pages sit in its row's flat page list
     prefill_launch: object | None = None  # the device prefill kernel's launch data, made by the step's first layer
     lengths: list[int] = field(default_factory=list)  # [R] N per row (grid-rounded)
     prompts: list[int] | None = None  # [R] prompt tokens per row (None: the runner did not publish them)
@@ -105,6 +119,11 @@ class RingStep:
             nd = self.num_decodes
             positions = torch.clamp(self.seq_lens[:nd].to(torch.int64) - 1, min=0)  # padding rows: spans 0
             self.decode_parts = decode_slot_parts(self.spans[:, :nd], positions, sinks, page)
+            self.layouts = ring_page_layout(ring_pages(self.spans, page))
+
+    def layout(self, layer: int) -> RingPages:
+        """The layer's RingPages [R, H] (kernels that read vLLM's block table themselves). After `finalize`."""
+        return RingPages(self.layouts.base[layer], self.layouts.stride[layer])
 
     def table(self, layer: int, fresh: bool = False) -> torch.Tensor:
         """The layer's ring page tables [R, H, P] (one-head page ids), derived from its vLLM block table into the
@@ -113,11 +132,25 @@ class RingStep:
         records the derivation."""
         rows, heads = self.spans.shape[1], self.spans.shape[2]
         width = self.widths[layer]
+        if self.scratch.numel() < rows * heads * width:
+            raise RuntimeError(
+                f"moa-vllm: layer {layer}'s page tables need {rows * heads * width} page ids but the scratch holds "
+                f"{self.scratch.numel()} (kernels that read vLLM's block table get none); refusing to write past it"
+            )
         out = self.scratch[: rows * heads * width].view(rows, heads, width)
         if self._table_layer != layer or fresh:
             layer_page_table(self.spans[layer], self._block_table(layer), self.page, out)
             self._table_layer = layer
         return out
+
+    def row_table(self, layer: int, row: int) -> torch.Tensor:
+        """One row's ring page tables [H, P] at this layer (a prefix-cache restore reads them): the scratch's row where
+        there is a scratch, else derived on its own (prefill steps only, never inside a captured graph)."""
+        if self.scratch.numel():
+            return self.table(layer)[row]
+        spans = self.spans[layer, row : row + 1]
+        out = torch.zeros(1, spans.shape[1], self.widths[layer], dtype=torch.int32, device=spans.device)
+        return layer_page_table(spans, self._block_table(layer)[row : row + 1], self.page, out)[0]
 
     def equal_spans(self, layer: int) -> bool:
         """Whether every decode row's rings at this layer have the same span (then they are interleaved and one
@@ -155,6 +188,7 @@ class RingState:
         max_rows: int = 256,
         prefix: bool = False,
         buffers: RingBuffers | None = None,
+        page_tables: bool | None = None,
     ) -> None:
         self.alphas, self.betas = alphas, betas  # [L, H] float64 (CPU)
         self.min_span, self.sinks, self.page = min_span, sinks, page
@@ -169,9 +203,10 @@ class RingState:
         self._fixed_widths = None if device.type == "cpu" else [int(w) for w in widest.amax(dim=(1, 2)).tolist()]
         self.max_rows = max_rows
         layers = alphas.shape[0]
+        self.page_tables = needs_page_tables(device) if page_tables is None else page_tables
         if buffers is None:
-            buffers = RingBuffers.allocate(layers, max_rows, self.heads, self.max_pages, device)
-        _check_buffers(buffers, layers, max_rows, self.heads, self.max_pages, device)
+            buffers = RingBuffers.allocate(layers, max_rows, self.heads, self.max_pages, device, self.page_tables)
+        _check_buffers(buffers, layers, max_rows, self.heads, self.max_pages if self.page_tables else 0, device)
         self.buffers = buffers
         self._spans_buf = buffers.spans
         self._checked: dict[str, int] = {}  # req_id -> the N its blocks were checked at (host)
