@@ -6,31 +6,16 @@ fail."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.kernels.interpreter import TOL, run_cases
+
 pytestmark = pytest.mark.compute  # one interpreter run of every case (about 20 s)
-TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 3e-2}
 
 
 @pytest.fixture(scope="module")
 def errors() -> dict[str, float]:
-    run = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "kernels" / "decode_cases.py")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_cases("decode_cases.py")
 
 
 @pytest.mark.parametrize("split", ["", "-split4"])

@@ -119,10 +119,12 @@ class RingStep:
             nd = self.num_decodes
             positions = torch.clamp(self.seq_lens[:nd].to(torch.int64) - 1, min=0)  # padding rows: spans 0
             self.decode_parts = decode_slot_parts(self.spans[:, :nd], positions, sinks, page)
-            self.layouts = ring_page_layout(ring_pages(self.spans, page))
 
     def layout(self, layer: int) -> RingPages:
-        """The layer's RingPages [R, H] (kernels that read vLLM's block table themselves). After `finalize`."""
+        """The layer's RingPages [R, H] (kernels that read vLLM's block table themselves: CUDA), all layers' made at
+        the step's first call (inside the forward, fixed shapes); CPU_ATTN's page tables never need them."""
+        if self.layouts is None:
+            self.layouts = ring_page_layout(ring_pages(self.spans, self.page))
         return RingPages(self.layouts.base[layer], self.layouts.stride[layer])
 
     def table(self, layer: int, fresh: bool = False) -> torch.Tensor:
