@@ -138,12 +138,14 @@ def _moa_step(shape: AttentionShape, requests: int, ctx: int, spans: torch.Tenso
     """The moa path for one layer's decode step (ring write + attention: virtual sequences, or one H-head sequence
     per request where a layer's heads share a span; the layer's page tables derived from its block table), cycling
     through the layers of spans [layers, H] (every request's), the per-step metadata of all layers charged 1/layers
-    to each layer as in the engine."""
+    to each layer as in the engine. The layers' pages alias one another here (the cell map's layer stride is one
+    layer page, not the whole cache's): the addresses and bytes read are the engine's, the memory is one layer's."""
     from types import SimpleNamespace
 
     import torch
 
-    from moa_vllm.ops.ring_layout import blocks_needed
+    from moa_vllm.ops.page_format import cells
+    from moa_vllm.ops.ring_layout import CellMap, blocks_needed
     from moa_vllm.vllm_plugin.moa.backend import ring_forward
     from moa_vllm.vllm_plugin.moa.engine_context import EngineContext
     from moa_vllm.vllm_plugin.moa.kernels_cpu import CpuRingKernels
@@ -158,8 +160,9 @@ def _moa_step(shape: AttentionShape, requests: int, ctx: int, spans: torch.Tenso
     state = RingState(
         alphas, torch.zeros(layers, h).double(), sinks, sinks, page, 1 << 20, torch.device("cpu"), max_rows=requests
     )
-    blocks = int(blocks_needed(spans.long(), page, h).max())  # the widest layer's; each layer reads its own rings
-    cache = torch.randn(requests * blocks + 1, h, page, 2 * d)
+    blocks = -(-int(blocks_needed(spans.long(), page, h).sum(0).max()) // layers)  # the group's blocks per request
+    cell_map = CellMap(h, layers, h, h)  # block b's layer page j at layer page b + j: layers alias (docstring)
+    cache = cells(torch.randn(requests * blocks + layers + 1, h, page, 2 * d))
     table = torch.arange(1, requests * blocks + 1, dtype=torch.int32).view(requests, blocks)
     batch = EngineContext().publish([f"r{i}" for i in range(requests)], [1 << 19] * requests)
     common = SimpleNamespace(
@@ -168,14 +171,13 @@ def _moa_step(shape: AttentionShape, requests: int, ctx: int, spans: torch.Tenso
         seq_lens=torch.full((requests,), ctx + 1, dtype=torch.int32),
     )
     state.step_for(common, batch)
-    for layer in range(layers):
-        state.fill_layer(layer, table)
+    state.fill(table)
     calls = [0]
 
     def step() -> None:
         if calls[0] % layers == 0:  # a new engine step: the all-layer part of the metadata again
             state.step.visible = None
-        ring_forward(q, k, v, out, cache, kernels, state.step, calls[0] % layers, sinks, d**-0.5)
+        ring_forward(q, k, v, out, cache, cell_map, page, kernels, state.step, calls[0] % layers, sinks, d**-0.5)
         calls[0] += 1
 
     return step

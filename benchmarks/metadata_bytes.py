@@ -1,8 +1,9 @@
 """Bytes of the per-request metadata a served model carries: moa-vllm's ring metadata (RingState's persistent
 buffers, as the worker allocates them on CUDA, where the kernels read vLLM's block table and no page-table scratch
 exists, and on CPU, where CPU_ATTN reads page tables from one shared scratch) against vLLM's own block tables
-(vLLM's MultiGroupBlockTable, built as the GPU model runner builds it: one group for stock vLLM, one group per MoA
-layer with the ring spec's widths).
+(vLLM's MultiGroupBlockTable, built as the GPU model runner builds it: one group for stock vLLM, and one group for
+all MoA layers with the ring spec's width: the rings of every layer, then, with prefix caching on (vLLM's default),
+one prefix column per block of max_model_len).
 
 Both are the real classes, allocated on PyTorch's meta device where they would live on the GPU (no memory is
 taken; nbytes is exact); vLLM's host-side mirrors are real CPU tensors and are counted separately.
@@ -98,25 +99,29 @@ def measure(model_dir: Path, plan_path: Path, max_model_len: int, max_num_seqs: 
         fp.num_query_heads // fp.num_kv_heads, fp.head_dim, max_num_seqs * fp.num_kv_heads
     )
     for name, plan in (("reference", load_plan(plan_path)), ("dense", dense_plan(fp))):
-        specs = [
-            MoARingSpec(
+        tables = {}
+        for caching in (True, False):
+            spec = MoARingSpec(
                 block_size=block_size,
                 num_kv_heads=fp.num_kv_heads,
                 head_size=fp.head_dim,
                 dtype=torch.bfloat16,
-                layer_index=i,
                 sink_tokens=plan.sink_tokens,
                 min_span=plan.min_span,
-                alphas=tuple(r.alpha for r in rules),
-                betas=tuple(r.beta for r in rules),
+                alphas=tuple(tuple(r.alpha for r in rules) for rules in plan.rules),
+                betas=tuple(tuple(r.beta for r in rules) for rules in plan.rules),
+                prefix_blocks=caching,
             )
-            for i, rules in enumerate(plan.rules)
-        ]
-        widths = [s.max_num_blocks_per_req(None, max_model_len) for s in specs]
-        vllm_moa = block_table_bytes(widths, max_num_seqs, block_size)
+            tables[caching] = block_table_bytes([spec.max_num_blocks_per_req(None, max_model_len)], max_num_seqs,
+                                                block_size)  # fmt: skip
+            tables[caching]["ring_columns"] = spec.blocks_for_length(max_model_len)
+        vllm_moa = tables[True]
         row = {
             "plan": str(plan_path.relative_to(REPO)) if name == "reference" else "dense (generated)",
-            "vllm_block_tables_moa_config": vllm_moa,
+            "vllm_block_tables_moa_config": vllm_moa,  # prefix caching on, vLLM's default
+            "vllm_block_tables_moa_no_prefix_caching": tables[False],
+            "vllm_moa_over_stock_device": vllm_moa["device"] / stock["device"],
+            "vllm_moa_no_prefix_caching_over_stock_device": tables[False]["device"] / stock["device"],
         }
         for device, tables in (("cuda", False), ("cpu", True)):
             ring = ring_metadata_bytes(plan, max_model_len, max_num_seqs, block_size, tables)
@@ -156,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, x in r["plans"].items():
             print(
-                f"  {name}: vLLM block tables (moa, {x['vllm_block_tables_moa_config']['groups']} groups) "
-                f"{x['vllm_block_tables_moa_config']['device'] / 2**20:.1f} MiB; ring metadata "
+                f"  {name}: vLLM block tables (moa, {x['vllm_block_tables_moa_config']['groups']} group) "
+                f"{x['vllm_block_tables_moa_config']['device'] / 2**20:.1f} MiB = {x['vllm_moa_over_stock_device']:.2f}x "
+                f"stock with prefix caching, {x['vllm_block_tables_moa_no_prefix_caching']['device'] / 2**20:.1f} MiB "
+                f"= {x['vllm_moa_no_prefix_caching_over_stock_device']:.2f}x without; ring metadata "
                 + "; ".join(
                     f"{d} {x[f'ring_metadata_{d}']['device'] / 2**20:.2f} MiB = "
                     f"{x[f'ring_over_vllm_moa_device_{d}']:.3f}x / {x[f'ring_over_stock_device_{d}']:.3f}x stock"

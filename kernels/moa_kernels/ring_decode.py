@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moa_kernels.ring_prefill import FP8_CELLS
+from moa_kernels.ring_prefill import FP8_CELLS, cell_strides
 
 
 def _ring_decode(
@@ -42,6 +42,9 @@ def _ring_decode(
     stride_cs,
     stride_br,
     heads,
+    cells_per_block,  # C = layers x heads one-KV-head cells per vLLM block (CellMap)
+    block_stride,  # cells between blocks b and b + 1 of one layer page
+    layer_stride,  # cells between layer pages j and j + 1 of one block
     scale,
     k_scale,
     v_scale,
@@ -80,8 +83,9 @@ def _ring_decode(
         s = start + tl.arange(0, BLOCK_N)
         live = s < hi
         flat = base + (s // PAGE) * step
-        block = tl.load(table_row + flat // heads, mask=live, other=0).to(tl.int64)
-        page_id = block * heads + flat % heads
+        block = tl.load(table_row + flat // cells_per_block, mask=live, other=0).to(tl.int64)
+        within = flat % cells_per_block
+        page_id = block * block_stride + (within // heads) * layer_stride + within % heads
         cell = Cells + page_id[:, None] * stride_cp + (s % PAGE)[:, None] * stride_cs + d[None, :]
         kv_mask = live[:, None] & d_ok[None, :]
         k = tl.load(cell, mask=kv_mask, other=0.0).to(tl.float32)
@@ -167,10 +171,12 @@ def ring_decode(
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
     scales: tuple[float, float] = (1.0, 1.0),
     block_n: int | None = None,
+    cell_map=None,
 ) -> None:
     """Decode attention of each row's query heads over its H rings, into out. `segments` > 1 splits every ring's
     keys over that many programs (a power of two; needs `split_scratch` for at least R * H rings). float8 cells hold
-    value / scale: `scales` are the layer's (k, v) scales."""
+    value / scale: `scales` are the layer's (k, v) scales. `cell_map`: where a block's cells lie in `cells`
+    (ring_prefill.cell_strides; None: one layer page per block)."""
     rows, hq, head_dim = query.shape
     heads = base.shape[1]
     group = hq // heads
@@ -209,6 +215,7 @@ def ring_decode(
         cells.stride(1),
         block_table.stride(0),
         heads,
+        *cell_strides(cell_map, heads),
         scale,
         float(scales[0]),
         float(scales[1]),

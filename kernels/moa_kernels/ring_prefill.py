@@ -57,6 +57,9 @@ def _ring_prefill(
     stride_cs,
     stride_br,
     heads,
+    cells_per_block,  # C = layers x heads one-KV-head cells per vLLM block (CellMap)
+    block_stride,  # cells between blocks b and b + 1 of one layer page
+    layer_stride,  # cells between layer pages j and j + 1 of one block
     stride_sr,
     scale,
     sinks,
@@ -118,8 +121,9 @@ def _ring_prefill(
         new = live & (p >= computed)  # in the chunk
         slot = tl.where(p < sinks, p, sinks + (p - sinks) % wrap)
         flat = base + (slot // PAGE) * step
-        block = tl.load(table_row + flat // heads, mask=old, other=0).to(tl.int64)
-        page_id = block * heads + flat % heads
+        block = tl.load(table_row + flat // cells_per_block, mask=old, other=0).to(tl.int64)
+        within = flat % cells_per_block
+        page_id = block * block_stride + (within // heads) * layer_stride + within % heads
         cell = Cells + page_id[:, None] * stride_cp + (slot % PAGE)[:, None] * stride_cs + d[None, :]
         kv_mask = d_ok[None, :]
         k = tl.load(cell, mask=old[:, None] & kv_mask, other=0.0)
@@ -204,6 +208,18 @@ def plan_launch(
     return Launch(c, q, r, t, len(tile_row), block_t)
 
 
+def cell_strides(cell_map, heads: int) -> tuple[int, int, int]:
+    """(cells per block, block stride, layer stride) of a cell map (heads, layers, block_stride, layer_stride):
+    cell c of block b is b * block_stride + (c // heads) * layer_stride + c % heads. None: one layer page of
+    `heads` cells per block (cell b * heads + c)."""
+    if cell_map is None:
+        return heads, heads, heads
+    h, layers, block_stride, layer_stride = cell_map
+    if h != heads:
+        raise ValueError(f"moa_kernels: a cell map of {h} heads for rings of {heads} heads")
+    return h * layers, block_stride or h * layers, layer_stride or h
+
+
 def ring_prefill(
     query: torch.Tensor,  # [T, Hq, D]
     key: torch.Tensor,  # [T, H, D] the step's fresh keys
@@ -223,11 +239,13 @@ def ring_prefill(
     blocks: Blocks | None = None,
     launch: Launch | None = None,
     scales: tuple[float, float] = (1.0, 1.0),
+    cell_map=None,
 ):
     """Attention of the rows' chunks over (their rings before the step) + (their own fresh keys), into out.
     `launch` is the step's `plan_launch` for these rows (made here when not given). float8 cells (an fp8 KV cache)
     hold value / scale: `scales` are the layer's (k, v) scales; key/value then come as the cache will give them back
-    (quantized and dequantized by the caller), in the queries' dtype.
+    (quantized and dequantized by the caller), in the queries' dtype. `cell_map` (`cell_strides`): where a block's
+    cells lie in `cells` (all MoA layers' pages in one block; None: one layer page per block).
     Returns the launch handle (on a GPU its compiled kernel: n_regs, n_spills), None if there was nothing to do."""
     heads, head_dim = key.shape[1], key.shape[2]
     group = query.shape[1] // heads
@@ -276,6 +294,7 @@ def ring_prefill(
         cells.stride(1),
         block_table.stride(0),
         heads,
+        *cell_strides(cell_map, heads),
         spans.stride(0),
         scale,
         sinks,

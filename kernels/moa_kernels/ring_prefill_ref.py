@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from moa_kernels.ring_prefill import cell_strides
+
 
 def slot_owners(computed: int, span: int, sinks: int) -> list[int]:
     """Position held by each ring slot after positions 0..computed-1 were written in order (-1 = never written)."""
@@ -23,7 +25,7 @@ def ring_prefill_reference(
     value: torch.Tensor,
     cells: torch.Tensor,  # [pages, 2 * page, D] token-major
     block_table: torch.Tensor,  # [R, B]
-    base: torch.Tensor,  # [R, H]: ring page j is flat page base + j * stride, cell flat % H of block flat // H
+    base: torch.Tensor,  # [R, H]: ring page j is flat page base + j * stride, cell flat % C of block flat // C
     stride: torch.Tensor,
     spans: torch.Tensor,
     computed: list[int],
@@ -37,8 +39,10 @@ def ring_prefill_reference(
     blocks=None,  # the kernel's tiling and launch data: accepted so the reference takes the kernel's call as is
     launch=None,
     scales: tuple[float, float] = (1.0, 1.0),  # float8 cells: a ring value is float8 * scale
+    cell_map=None,  # where a block's cells lie (ring_prefill.cell_strides)
 ) -> None:
     heads = key.shape[1]
+    per_block, block_stride, layer_stride = cell_strides(cell_map, heads)
     group = query.shape[1] // heads
     page = cells.shape[1] // 2
     for r in rows:
@@ -49,7 +53,9 @@ def ring_prefill_reference(
             owners = torch.tensor(slot_owners(c, span, sinks))
             held = (owners >= 0).nonzero()[:, 0]
             flat = int(base[r, h]) + torch.div(held, page, rounding_mode="floor") * int(stride[r, h])
-            page_ids = block_table[r].long().cpu()[flat // heads] * heads + flat % heads
+            within = flat % per_block
+            page_ids = block_table[r].long().cpu()[flat // per_block] * block_stride + within // heads * layer_stride
+            page_ids = page_ids + within % heads
             k_ring = cells[page_ids, held % page].double() * scales[0]
             v_ring = cells[page_ids, held % page + page].double() * scales[1]
             k_all = torch.cat([k_ring, key[qs:qe, h].double()])

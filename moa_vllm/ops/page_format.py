@@ -9,9 +9,12 @@ order as a permutation, so prefill can read rings written by any kernel.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from moa_vllm.ops.ring_layout import CellMap
 
 
 def cells(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -24,6 +27,43 @@ def cells(kv_cache: torch.Tensor) -> torch.Tensor:
             f"moa-vllm: the KV cache view {tuple(kv_cache.shape)} with strides {kv_cache.stride()} is not "
             "block-contiguous [blocks, heads, tokens, 2D] (KV cache layout LBHNC); the ring pages cannot be addressed"
         ) from err
+
+
+def region_cells(layer_caches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, CellMap]:
+    """The KV caches of one group's layers ([num_blocks, H, page, 2D] views of one backing allocation) as ONE view
+    of one-KV-head cells, from the lowest layer view's block 0, and the `CellMap` of a block's cells in it: ring
+    pages of any layer can then live in any layer page of the request's blocks. Refuses views that are not evenly
+    spaced layer regions of one allocation (a layout the cell map cannot describe would address wrong keys)."""
+    if not layer_caches:
+        raise ValueError("moa-vllm: no MoA layer caches to address")
+    views = sorted(layer_caches, key=lambda kv: kv.storage_offset())
+    kv0 = views[0]
+    blocks, heads = kv0.shape[0], kv0.shape[1]
+    first = cells(kv0[:1])  # block 0's cells: a block's [H, page, 2D] must be contiguous (LBHNC or BLHNC)
+    cell = first.stride(0)
+    storage = kv0.untyped_storage().data_ptr()
+    for v in views:
+        if v.untyped_storage().data_ptr() != storage or v.shape != kv0.shape or v.stride() != kv0.stride():
+            raise RuntimeError(
+                "moa-vllm: the MoA layers' KV caches are not same-shaped views of one allocation "
+                f"({tuple(v.shape)} {v.stride()} vs {tuple(kv0.shape)} {kv0.stride()}); the cache region "
+                "cannot be addressed as one"
+            )
+    rel = [v.storage_offset() - kv0.storage_offset() for v in views]
+    block_stride, rem = divmod(kv0.stride(0), cell)
+    layer_stride = rel[1] // cell if len(rel) > 1 else heads * blocks
+    even = all(r == j * layer_stride * cell for j, r in enumerate(rel))
+    disjoint = (block_stride == heads and layer_stride >= blocks * heads) or (
+        layer_stride == heads and block_stride >= len(views) * heads
+    )
+    if rem or not even or not disjoint:
+        raise RuntimeError(
+            f"moa-vllm: the MoA layers' KV cache views sit at element offsets {rel} with block stride "
+            f"{kv0.stride(0)} (cells of {cell}); not evenly spaced layer regions, refusing to address them as one"
+        )
+    count = (blocks - 1) * block_stride + (len(views) - 1) * layer_stride + heads
+    region = first.as_strided((count, first.shape[1], first.shape[2]), first.stride(), first.storage_offset())
+    return region, CellMap(heads, len(views), block_stride, layer_stride)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,12 @@ per-sequence start offset). A request needs
 ceil(sum of ceil(span / page_tokens) / heads_per_block) blocks of that layer: still less than one page per head
 above the plan's own token count. They are allocated once, at admission.
 
+All MoA layers share one KV cache group: a vLLM block holds one layer page (heads_per_block head pages) for each of
+the group's L layers, and a request's layers take their layer pages one after another from its one block list
+(layer l's region starts after the layer pages of layers 0..l-1), so the request holds
+ceil(sum over layers of their layer pages / L) blocks: under one block more than the layers' own pages
+(`group_blocks`).
+
 Slot of position p: p itself while p < sinks, else sinks + (p - sinks) mod window. Positions never exceed N - 1, so
 a ring whose span is N (dense head, or a short request) never wraps.
 """
@@ -73,3 +79,9 @@ def ring_slot(position: int, sinks: int, span: int) -> int:
     if window <= 0:
         raise ValueError(f"position {position} >= sinks {sinks} but the span {span} has no window")
     return sinks + (position - sinks) % window
+
+
+def group_blocks(layer_pages: Sequence[int], layers: int) -> int:
+    """vLLM blocks of the one MoA group a request holds when its layers take these layer pages (a block holds one
+    layer page of each of the group's `layers` layers; the regions are laid out one after another)."""
+    return cdiv(sum(layer_pages), layers)

@@ -7,7 +7,7 @@
   is a derived plan), load and verify the plan in the API-server process, before any worker starts; prefix caching
   stays as vLLM set it (off for the BST).
 - layer_kv_spec: Attention.get_kv_cache_spec; full-attention layers never reach the backend's customize_spec,
-  so each MoA layer's MoARingSpec (its own KV cache group, per-KV-head rings) is produced here.
+  so each MoA layer's MoARingSpec (the same for every MoA layer: one KV cache group, per-KV-head rings) is made here.
 - admission_lengths: KVCacheManager.allocate_slots, .free and .get_computed_blocks; sign each request with its span
   signature and record its N (on the span grid) and prompt length for the ring managers (which see only request
   ids) before vLLM sizes its allocation, retry a chunk without its optional prefix blocks when they do not fit, give
@@ -201,25 +201,24 @@ def _config_check() -> None:
 
 # ---- layer_kv_spec -------------------------------------------------------------------------------------------------
 def moa_layer_spec(layer, vllm_config):
-    """The MoARingSpec of one MoA attention layer: its plan rules for every KV head, and the TP layout."""
+    """The MoARingSpec of a MoA attention layer: the plan's rules for every layer and KV head and the TP layout, the
+    same for every MoA layer, so that vLLM puts them all in one KV cache group."""
     from moa_vllm.vllm_plugin.moa.backend import layer_index
     from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec
     from moa_vllm.vllm_plugin.settings import span_grid
 
     plan = layer.impl.plan
-    index = layer_index(layer.layer_name)
-    rules = plan.rules[index]
+    layer_index(layer.layer_name)  # a layer name without an index is refused here, before any cache is made
     return MoARingSpec(
         block_size=vllm_config.cache_config.block_size,
         num_kv_heads=layer.num_kv_heads,
         head_size=layer.head_size,
         head_size_v=layer.head_size_v,
         dtype=layer.kv_cache_torch_dtype,
-        layer_index=index,
         sink_tokens=plan.sink_tokens,
         min_span=plan.min_span,
-        alphas=tuple(r.alpha for r in rules),
-        betas=tuple(r.beta for r in rules),
+        alphas=tuple(tuple(r.alpha for r in rules) for rules in plan.rules),
+        betas=tuple(tuple(r.beta for r in rules) for rules in plan.rules),
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
         span_grid=span_grid(vllm_config),
         prefix_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
@@ -244,7 +243,7 @@ def _layer_kv_spec() -> None:
 
 # ---- admission_lengths -------------------------------------------------------------------------------------------
 def held_blocks(kv_cache_manager, request_id: str) -> int:
-    """Blocks a request holds across all MoA layers (one block = one layer's page of every KV head)."""
+    """Blocks a request holds in the MoA group (one block = one page of every KV head of every MoA layer)."""
     from moa_vllm.vllm_plugin.moa.kv_spec import held, ring_managers
 
     return sum(held(m, request_id) for m in ring_managers(kv_cache_manager))
@@ -259,6 +258,13 @@ def admission_length(kv_cache_manager, request) -> int:
     grid = managers[0].kv_cache_spec.span_grid if managers else 0
     n = request_length(request.num_prompt_tokens, request.max_tokens, kv_cache_manager.max_model_len)
     return span_length(n, kv_cache_manager.max_model_len, grid)
+
+
+def ring_block_bytes(kv_cache_manager) -> int:
+    from moa_vllm.vllm_plugin.moa.kv_spec import ring_managers
+
+    managers = ring_managers(kv_cache_manager)
+    return managers[0].kv_cache_spec.block_bytes if managers else 0
 
 
 def moa_block_size(kv_cache_manager) -> int:
@@ -304,7 +310,7 @@ def _admission_lengths() -> None:
                     logger.debug("moa-vllm: request %s continues without prefix blocks (no room)", rid)
             if first and result is not None and logger.isEnabledFor(10):  # DEBUG
                 blocks = held_blocks(self, rid)
-                page = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
+                page = ring_block_bytes(self)
                 logger.debug("moa-vllm: request %s N=%d holds %d blocks (%d bytes)", rid, n, blocks, blocks * page)
             return result
 
@@ -358,12 +364,12 @@ def sign_request(kv_cache_manager, request) -> None:
     managers = ring_managers(kv_cache_manager)
     if not managers:
         return
-    specs = sorted((m.kv_cache_spec for m in managers), key=lambda spec: spec.layer_index)
-    alphas = np.array([spec.alphas for spec in specs], dtype=np.float64)
-    betas = np.array([spec.betas for spec in specs], dtype=np.float64)
+    spec = managers[0].kv_cache_spec
+    alphas = np.array(spec.alphas, dtype=np.float64)
+    betas = np.array(spec.betas, dtype=np.float64)
     max_len = kv_cache_manager.max_model_len
     n = request_length(request.num_prompt_tokens, request.max_tokens, max_len)
-    signature = signature_for(alphas, betas, specs[0].min_span, n, max_len, specs[0].span_grid)
+    signature = signature_for(alphas, betas, spec.min_span, n, max_len, spec.span_grid)
     setattr(request, SIGNATURE_ATTR, signature)
     if request.block_hashes:  # hashed when the request was made, without the signature: again, with it
         request.block_hashes.clear()

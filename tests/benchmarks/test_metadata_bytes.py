@@ -1,5 +1,5 @@
 """benchmarks/metadata_bytes.py counts what the real classes allocate: the ring metadata's persistent buffers and
-vLLM's block tables, stock (one group) and under moa (one group per layer)."""
+vLLM's block tables, stock (one group) and under moa (one group for all MoA layers)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,11 @@ def test_bytes_follow_the_buffers_shapes():
     # CUDA: the kernels read vLLM's block table, only the spans remain, whatever max_model_len
     assert dense["ring_metadata_cuda"]["page_table_scratch"] == 0
     assert dense["ring_metadata_cuda"]["device"] == layers * 4 * heads * 8
-    vllm_moa = dense["vllm_block_tables_moa_config"]
-    assert vllm_moa["groups"] == layers and vllm_moa["device"] == layers * out["stock_vllm_block_tables"]["device"]
+    # one group: a dense plan's rings of every layer take stock's columns (a block = one page of each layer), and
+    # prefix caching adds one column per block of max_model_len
+    vllm_moa, no_caching = dense["vllm_block_tables_moa_config"], dense["vllm_block_tables_moa_no_prefix_caching"]
+    assert vllm_moa["groups"] == 1 and no_caching["device"] == out["stock_vllm_block_tables"]["device"]
+    assert vllm_moa["device"] == 2 * out["stock_vllm_block_tables"]["device"]
     reference = out["plans"]["reference"]
     assert reference["vllm_block_tables_moa_config"]["device"] < vllm_moa["device"]  # sparse rings: fewer columns
+    assert reference["vllm_moa_over_stock_device"] <= 4

@@ -48,3 +48,27 @@ def test_fp8_bytes_store_and_dequantize(quant):
     k, v = fmt.read(view, torch.tensor([[0]]), (0.5, 2.0))
     assert torch.equal(k[0], dequantize(quantize(key, quant, 0.5), quant, 0.5, torch.float32))
     assert torch.equal(v[0], dequantize(quantize(value, quant, 2.0), quant, 2.0, torch.float32))
+
+
+def test_region_cells_address_every_layers_pages_of_one_allocation():
+    """Layer-outer (vLLM's LBHNC: [L, blocks, H, page, 2D]) and block-outer ([blocks, L, ...]) allocations: cell c of
+    block b in the region is cell c % H of layer c // H's view of block b, whatever order the views come in."""
+    import pytest
+
+    from moa_vllm.ops.page_format import cells, region_cells
+
+    layers, blocks, heads, page, d = 3, 5, 2, 4, 8
+    for outer in ("layer", "block"):
+        shape = (layers, blocks) if outer == "layer" else (blocks, layers)
+        backing = torch.arange(layers * blocks * heads * page * 2 * d, dtype=torch.float32)
+        backing = backing.view(*shape, heads, page, 2 * d)
+        views = list(backing.unbind(0 if outer == "layer" else 1))
+        region, cell_map = region_cells(views[::-1])
+        assert (cell_map.heads, cell_map.layers) == (heads, layers)
+        for b in range(blocks):
+            for c in range(layers * heads):
+                cell = int(cell_map.cell(torch.tensor(b), torch.tensor(c)))
+                assert torch.equal(region[cell], cells(views[c // heads][b : b + 1])[c % heads]), (outer, b, c)
+    backing = torch.zeros(4, blocks, heads, page, 2 * d)
+    with pytest.raises(RuntimeError, match="evenly spaced"):
+        region_cells([backing[0], backing[1], backing[3]])

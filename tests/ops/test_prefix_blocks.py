@@ -22,7 +22,7 @@ def _setup(spans: list[int], sinks: int, hit: int):
     ring_ids = torch.arange(1, 1 + ring_blocks)
     prefix_ids = torch.arange(1 + ring_blocks, blocks)
     span_t = torch.tensor(spans)
-    tables = page_tables(span_t[None, None], ring_ids[None, None], PAGE, max(ring_pages))[0, 0]
+    tables = page_tables(span_t[None, None], ring_ids[None], PAGE, max(ring_pages))[0, 0]
     return view, prefix_ids, span_t, tables
 
 

@@ -1,5 +1,7 @@
 """A small simulated engine for the ring paths: the plugin's RingState + ring_forward + the real kernels, no vLLM
-engine. Each request's blocks of each layer are taken once from a shuffled pool (stale pages hold NaN); every step
+engine. Each request's blocks (one KV cache group for all layers, as in the plugin: a block holds one layer page
+per layer, in one backing allocation laid out layer-outer as vLLM does) are taken once from a shuffled pool (stale
+pages hold a huge value); every step
 runs decode rows first, then prefill chunks, and is checked against the token-exact reference over the full history.
 """
 
@@ -10,6 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from moa_vllm.ops.reference import reference_attention
+from moa_vllm.ops.page_format import region_cells
 from moa_vllm.ops.ring_layout import blocks_needed, ring_spans
 from moa_vllm.vllm_plugin.moa.backend import ring_forward
 from moa_vllm.vllm_plugin.moa.engine_context import EngineContext
@@ -37,27 +40,28 @@ class RingSim:
         self.lengths = lengths  # N of each request = tokens it will ever hold
         self.req_ids = [f"r{i}" for i in range(len(lengths))]
         self.spans = ring_spans(alphas, betas, torch.tensor(lengths), min_span)  # [L, R, H]
-        need = blocks_needed(self.spans, page, self.h)  # [L, R]
+        layer_pages = blocks_needed(self.spans, page, self.h)  # [L, R]
+        need = -(-layer_pages.sum(0) // self.layers)  # [R] blocks of the group (plan/ring.group_blocks)
         width = int(need.max()) + 2
         total = int(need.sum())
         pool = torch.randperm(total + 7, generator=self.gen) + 1  # block 0 is the null block
-        self.tables = torch.zeros(self.layers, len(lengths), width, dtype=torch.int32)
+        self.tables = torch.zeros(len(lengths), width, dtype=torch.int32)
         used = 0
-        for layer in range(self.layers):
-            for r in range(len(lengths)):
-                n = int(need[layer, r])
-                self.tables[layer, r, :n] = pool[used : used + n]
-                used += n
+        for r in range(len(lengths)):
+            n = int(need[r])
+            self.tables[r, :n] = pool[used : used + n]
+            used += n
         # Stale pages hold a huge finite value (STALE): a slot read as if it held a key dominates its query's scores
         # and its value the output, far past any tolerance. Not NaN: a page's tail past the ring's last key is read
         # by CPU_ATTN's tiles with weight exactly 0, as stock vLLM reads its last block's stale tail (0 x NaN = NaN).
         quant = getattr(kernels, "quant", None)
-        self.caches = [
-            torch.full((total + 8, self.h, page, 2 * d), STALE_FP8_BYTE, dtype=torch.uint8)
-            if quant is not None
-            else torch.full((total + 8, self.h, page, 2 * d), STALE, dtype=dtype)
-            for _ in range(self.layers)
-        ]
+        shape = (self.layers, total + 8, self.h, page, 2 * d)
+        backing = (
+            torch.full(shape, STALE_FP8_BYTE, dtype=torch.uint8) if quant is not None
+            else torch.full(shape, STALE, dtype=dtype)
+        )  # fmt: skip
+        self.caches = list(backing.unbind(0))  # each layer's view of the one allocation
+        self.region, self.cell_map = region_cells(self.caches)
         hq = self.h * g
         self.q = [[torch.randn(n, hq, d, generator=self.gen).to(dtype) for n in lengths] for _ in range(self.layers)]
         self.k = [
@@ -90,16 +94,16 @@ class RingSim:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         )
         err = 0.0
-        for layer in range(self.layers):  # what each layer's metadata builder does
-            self.state.step_for(common, batch)
-            self.state.fill_layer(layer, self.tables[layer, rows])
+        self.state.step_for(common, batch)  # what the group's metadata builder does
+        self.state.fill(self.tables[rows])
         for layer in range(self.layers):
             sl = [slice(self.done[r], self.done[r] + counts[r]) for r in rows]
             q = torch.cat([self.q[layer][r][s] for r, s in zip(rows, sl)])
             k = torch.cat([self.k[layer][r][s] for r, s in zip(rows, sl)])
             v = torch.cat([self.v[layer][r][s] for r, s in zip(rows, sl)])
             out = torch.zeros_like(q)
-            ring_forward(q, k, v, out, self.caches[layer], self.kernels, self.state.step, layer, self.sinks, self.scale)
+            ring_forward(q, k, v, out, self.region, self.cell_map, self.page, self.kernels, self.state.step, layer,
+                         self.sinks, self.scale)  # fmt: skip
             for i, r in enumerate(rows):
                 end = seq_lens[i]
                 windows = self.spans[layer, r] - self.sinks + self.reference_window_delta

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moa_vllm.ops.page_format import cells
 from moa_vllm.vllm_plugin.moa.backend import MoAMetadataBuilder, ring_forward
 from moa_vllm.vllm_plugin.moa.kernels_cuda import CudaRingKernels
 from tests.vllm_plugin.ring_sim import make_sim, rules
@@ -61,7 +60,7 @@ def _sim():
 
 
 def _build(sim, rows: list[int], counts: dict[int, int], padding: int = 0):
-    """What the builders do for a step (publish, step_for, fill_layer), with `padding` extra rows of no request."""
+    """What the group's builder does for a step (publish, step_for, fill), with `padding` extra rows of no request."""
     ids = [sim.req_ids[r] for r in rows] + [None] * padding
     batch = sim.context.publish(ids, [sim.lengths[r] for r in rows] + [0] * padding)
     qsl, seq = [0], []
@@ -77,11 +76,9 @@ def _build(sim, rows: list[int], counts: dict[int, int], padding: int = 0):
         seq_lens=torch.tensor(seq, dtype=torch.int32),
         seq_lens_cpu_upper_bound=torch.tensor(seq, dtype=torch.int32),
     )
-    for layer in range(sim.layers):
-        sim.state.step_for(common, batch)
-        width = sim.tables.shape[2]
-        table = torch.cat([sim.tables[layer, rows], torch.zeros(padding, width, dtype=torch.int32)])
-        sim.state.fill_layer(layer, table)
+    sim.state.step_for(common, batch)
+    width = sim.tables.shape[1]
+    sim.state.fill(torch.cat([sim.tables[rows], torch.zeros(padding, width, dtype=torch.int32)]))
     return sim.state.step
 
 
@@ -95,7 +92,8 @@ def test_decode_forward_reads_nothing_back_to_the_host(contract, monkeypatch):  
     out = torch.empty_like(q)
     with no_host_reads():
         for layer in range(sim.layers):
-            ring_forward(q, kv, kv, out, sim.caches[layer], sim.kernels, step, layer, sim.sinks, sim.scale)
+            ring_forward(q, kv, kv, out, sim.region, sim.cell_map, sim.page, sim.kernels, step, layer, sim.sinks,
+                         sim.scale)  # fmt: skip
     assert len(calls) == sim.layers
 
 
@@ -121,7 +119,7 @@ def test_the_cuda_path_keeps_no_page_tables(contract):  # noqa: F811
 
 def test_a_padding_row_writes_only_the_null_block(contract):  # noqa: F811
     sim = _sim()
-    before = [c.clone() for c in sim.caches]
+    before = sim.region.clone()
     step = _build(sim, [0, 1], {0: 1, 1: 1}, padding=2)
     assert int(step.spans[:, 2:].abs().sum()) == 0
     tokens = 4
@@ -131,15 +129,16 @@ def test_a_padding_row_writes_only_the_null_block(contract):  # noqa: F811
     step.num_decodes = tokens  # what a graph captured for 4 decode rows replays
     for layer in range(sim.layers):
         out = torch.zeros_like(q)
-        ring_forward(q, k, v, out, sim.caches[layer], sim.kernels, step, layer, sim.sinks, sim.scale)
-        changed = (cells(sim.caches[layer]) != cells(before[layer])) & ~(
-            cells(sim.caches[layer]).isnan() & cells(before[layer]).isnan()
-        )
+        ring_forward(q, k, v, out, sim.region, sim.cell_map, sim.page, sim.kernels, step, layer, sim.sinks,
+                     sim.scale)  # fmt: skip
+        changed = (sim.region != before) & ~(sim.region.isnan() & before.isnan())
         pages = changed.flatten(1).any(dim=1).nonzero()[:, 0].tolist()
         real = step.decode_slots(layer)[: 2 * sim.h] // sim.page
-        allowed = set(real.tolist()) | set(range(sim.h))  # the real rows' slots + block 0's cells
+        null = sim.cell_map.cell(torch.zeros(sim.layers * sim.h, dtype=torch.long), torch.arange(sim.layers * sim.h))
+        allowed = set(real.tolist()) | set(null.tolist())  # the real rows' slots + block 0's cells (every layer)
         assert set(pages) <= allowed, (layer, sorted(set(pages) - allowed))
         assert set(real.tolist()) <= set(pages)
+        before = sim.region.clone()
 
 
 def _capture_common(rows: int, width: int) -> SimpleNamespace:
@@ -158,25 +157,26 @@ def test_a_build_after_the_forward_without_a_publish_is_refused(contract):  # no
     (its rows would attend with another step's requests) nor run with rows of no request: it raises."""
     sim = _sim()
     used = _build(sim, [0, 1], {0: 1, 1: 1})
-    used.finalize(sim.sinks, sim.page)
+    used.finalize(sim.sinks, sim.page, sim.cell_map)
     with pytest.raises(RuntimeError, match="without being published"):
-        sim.state.step_for(_capture_common(2, sim.tables.shape[2]), sim.context.published)
+        sim.state.step_for(_capture_common(2, sim.tables.shape[1]), sim.context.published)
     with pytest.raises(RuntimeError, match="published no batch"):
-        sim.state.step_for(_capture_common(2, sim.tables.shape[2]), None)
+        sim.state.step_for(_capture_common(2, sim.tables.shape[1]), None)
 
 
 def test_capture_builds_publish_a_dummy_step_of_their_rows(contract):  # noqa: F811
-    """vLLM's capture path (build_for_cudagraph_capture, V1 and V2) after a real step: the first layer publishes
-    a dummy batch of the capture's rows, every layer shares that step, and no row holds a ring."""
+    """vLLM's capture path (build_for_cudagraph_capture, V1 and V2) after a real step: the group's builder
+    publishes a dummy batch of the capture's rows (a second build of the same capture reuses it), and no row holds
+    a ring."""
     sim = _sim()
     used = _build(sim, [0, 1], {0: 1, 1: 1})
-    used.finalize(sim.sinks, sim.page)
+    used.finalize(sim.sinks, sim.page, sim.cell_map)
     builders = []
-    for layer in range(sim.layers):  # the builders' own state, without a vLLM config to make them from
+    for _ in range(2):  # the builder's own state, without a vLLM config to make it from
         builder = MoAMetadataBuilder.__new__(MoAMetadataBuilder)
-        builder.context, builder.state, builder.layer = sim.context, sim.state, layer
+        builder.context, builder.state, builder.spec = sim.context, sim.state, None
         builders.append(builder)
-    common = _capture_common(4, sim.tables.shape[2])
+    common = _capture_common(4, sim.tables.shape[1])
     steps = [b.build_for_cudagraph_capture(common).step for b in builders]
     dummy = steps[0]
     assert all(s is dummy for s in steps) and dummy is not used

@@ -1,11 +1,12 @@
-"""The ring spec and manager inside vLLM's real KVCacheManager (no engine): admission takes the plan's blocks once."""
+"""The ring spec and manager inside vLLM's real KVCacheManager (no engine): admission takes the plan's blocks once,
+for all MoA layers in one KV cache group."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moa_vllm.plan.ring import layer_blocks
+from moa_vllm.plan.ring import group_blocks, layer_blocks
 
 BLOCK, HEADS, MAX_LEN = 16, 3, 1024
 RULES = [((0.0, 32.0, 100.0), (0.25, 0.0, 0.5)), ((64.0, 64.0, 64.0), (0.0, 0.0, 0.0))]  # (alphas, betas) per layer
@@ -23,20 +24,18 @@ def manager():
 
     groups = [
         KVCacheGroupSpec(
-            [f"model.layers.{i}.self_attn.attn"],
+            [f"model.layers.{i}.self_attn.attn" for i in range(len(RULES))],
             MoARingSpec(
                 block_size=BLOCK,
                 num_kv_heads=HEADS,
                 head_size=8,
                 dtype=torch.float32,
-                layer_index=i,
                 sink_tokens=4,
                 min_span=16,
-                alphas=a,
-                betas=b,
+                alphas=tuple(a for a, _ in RULES),
+                betas=tuple(b for _, b in RULES),
             ),
         )
-        for i, (a, b) in enumerate(RULES)
     ]
     config = KVCacheConfig(num_blocks=200, kv_cache_tensors=[], kv_cache_groups=groups)
     return KVCacheManager(
@@ -52,7 +51,8 @@ def _request(rid: str, prompt: int, max_tokens: int):
 
 
 def _want(n: int) -> list[int]:
-    return [layer_blocks(a, b, n, 16, BLOCK, HEADS) for a, b in RULES]
+    """The group's blocks: every layer's layer pages one after another, in blocks of one page per layer."""
+    return [group_blocks([layer_blocks(a, b, n, 16, BLOCK, HEADS) for a, b in RULES], len(RULES))]
 
 
 def test_admission_takes_the_plan_blocks_once_and_free_returns_them(manager):

@@ -178,11 +178,17 @@ def test_layer_kv_spec_builds_a_ring_spec_per_layer(model_dir):
         spec = layer.get_kv_cache_spec(cfg)
     plan = load_plan(PLANS / "uniform-d0.25.json")
     assert isinstance(spec, MoARingSpec)
-    assert (spec.layer_index, spec.sink_tokens, spec.min_span, spec.block_size) == (7, 64, plan.min_span, 32)
-    assert spec.alphas == tuple(r.alpha for r in plan.rules[7]) and spec.betas == tuple(r.beta for r in plan.rules[7])
-    # 0.25 * 512 = 128 tokens per head = 4 pages of 32; 3 heads -> 12 pages = 4 blocks of 3 head pages
-    assert spec.blocks_for_length(512) == layer_blocks(spec.alphas, spec.betas, 512, plan.min_span, 32, 3) == 4
+    assert (spec.sink_tokens, spec.min_span, spec.block_size) == (64, plan.min_span, 32)
+    # every layer's rules: the same spec for every MoA layer, so vLLM makes one KV cache group of them
+    assert spec.alphas == tuple(tuple(r.alpha for r in rules) for rules in plan.rules)
+    assert spec.betas == tuple(tuple(r.beta for r in rules) for rules in plan.rules)
+    # 0.25 * 512 = 128 tokens per head = 4 pages of 32; 3 heads -> 12 pages = 4 layer pages of 3 head pages per
+    # layer; 30 layers -> 120 layer pages = 4 blocks of one page per layer
+    layers = len(plan.rules)
+    assert layer_blocks(spec.alphas[7], spec.betas[7], 512, plan.min_span, 32, 3) == 4
+    assert spec.blocks_for_length(512) == 4 and spec.num_layers == layers
     assert spec.max_memory_usage_bytes(cfg) == spec.blocks_for_length(512) * spec.page_size_bytes
+    assert spec.block_bytes == layers * spec.page_size_bytes
 
 
 def test_request_lengths_publishes_rows_in_batch_order():
@@ -342,17 +348,18 @@ def test_engine_inspect_reports_each_requests_ring_blocks_and_bytes(monkeypatch)
     from moa_vllm.vllm_plugin.moa import request_lengths
     from moa_vllm.vllm_plugin.moa.kv_spec import MoARingManager
 
-    def ring_manager(blocks: dict[str, list[int]], page_bytes: int):
-        m = object.__new__(MoARingManager)  # only the two attributes the report reads
+    def ring_manager(blocks: dict[str, list[int]], page_bytes: int, layers: int):
+        m = object.__new__(MoARingManager)  # only the attributes the report reads
         m.req_to_blocks = {r: [SimpleNamespace(block_id=b, is_null=b == 0) for b in ids] for r, ids in blocks.items()}
-        m.kv_cache_spec = SimpleNamespace(page_size_bytes=page_bytes, block_size=32)
+        m.kv_cache_spec = SimpleNamespace(block_bytes=page_bytes * layers, num_layers=layers, block_size=32)
         return m
 
-    # "b" in the second layer also has a released prefix column (the null block): not counted
-    layers = [ring_manager({"a": [1, 2], "b": [3]}, 1000), ring_manager({"a": [4], "b": [5, 6, 7, 0]}, 1000)]
+    # one group for both MoA layers (a block: one 1000-byte page of each); "b" also has a released prefix column
+    # (the null block): not counted
+    group = ring_manager({"a": [1, 2, 4], "b": [3, 5, 6, 7, 0]}, 1000, layers=2)
     other = SimpleNamespace(req_to_blocks={"a": [9] * 50})  # a non-moa group is not counted
     pool = SimpleNamespace(num_gpu_blocks=100, get_num_free_blocks=lambda: 93)
-    manager = SimpleNamespace(coordinator=SimpleNamespace(single_type_managers=[*layers, other]), block_pool=pool)
+    manager = SimpleNamespace(coordinator=SimpleNamespace(single_type_managers=[group, other]), block_pool=pool)
     running = SimpleNamespace(status=SimpleNamespace(name="RUNNING"))
     scheduler = SimpleNamespace(kv_cache_manager=manager, requests={"a": running, "b": running, "c": running})
     monkeypatch.setattr(request_lengths, "_admitted", {"a": (700, 600), "b": (1500, 1400)})
@@ -360,10 +367,10 @@ def test_engine_inspect_reports_each_requests_ring_blocks_and_bytes(monkeypatch)
     report = EngineCore.moa_inspect(engine)
     assert report["serial"] == 1 and EngineCore.moa_inspect(engine)["serial"] == 2  # counted per engine
     assert report["requests"] == [
-        {"id": "a", "state": "running", "n": 700, "blocks": 3, "kv_bytes": 3000},
-        {"id": "b", "state": "running", "n": 1500, "blocks": 4, "kv_bytes": 4000},
+        {"id": "a", "state": "running", "n": 700, "blocks": 3, "kv_bytes": 6000},
+        {"id": "b", "state": "running", "n": 1500, "blocks": 4, "kv_bytes": 8000},
     ]  # "c" holds nothing yet: not listed
     assert report["totals"] == {
-        "requests": 2, "blocks": 7, "kv_bytes": 7000, "moa_layers": 2, "block_size": 32, "pool_blocks": 100,
+        "requests": 2, "blocks": 7, "kv_bytes": 14000, "moa_layers": 2, "block_size": 32, "pool_blocks": 100,
         "pool_free_blocks": 93,
     }  # fmt: skip

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moa_vllm.plan.prefix import cacheable_blocks
-from moa_vllm.plan.ring import cdiv, layer_blocks
+from moa_vllm.plan.ring import cdiv, group_blocks, layer_blocks
 from moa_vllm.plan.span import served_length
 
 BLOCK, HEADS, MAX_LEN, GRID = 16, 3, 1024, 8
@@ -27,22 +27,20 @@ def _manager(num_blocks: int = 400):
 
     groups = [
         KVCacheGroupSpec(
-            [f"model.layers.{i}.self_attn.attn"],
+            [f"model.layers.{i}.self_attn.attn" for i in range(len(RULES))],
             MoARingSpec(
                 block_size=BLOCK,
                 num_kv_heads=HEADS,
                 head_size=8,
                 dtype=torch.float32,
-                layer_index=i,
                 sink_tokens=SINKS,
                 min_span=MIN_SPAN,
-                alphas=a,
-                betas=b,
+                alphas=tuple(a for a, _ in RULES),
+                betas=tuple(b for _, b in RULES),
                 span_grid=GRID,
                 prefix_blocks=True,
             ),  # fmt: skip
         )
-        for i, (a, b) in enumerate(RULES)
     ]
     config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
     return KVCacheManager(
@@ -78,7 +76,9 @@ def _spans(n: int) -> list[int]:
 
 
 def _ring(n: int) -> list[int]:
-    return [layer_blocks(a, b, served_length(n, 0, MAX_LEN, GRID), MIN_SPAN, BLOCK, HEADS) for a, b in RULES]
+    """The one group's ring blocks (every layer's layer pages, one block holding a page of each layer)."""
+    n = served_length(n, 0, MAX_LEN, GRID)
+    return [group_blocks([layer_blocks(a, b, n, MIN_SPAN, BLOCK, HEADS) for a, b in RULES], len(RULES))]
 
 
 def _schedule(manager, req, chunk: int):
@@ -123,9 +123,9 @@ def test_prefix_columns_follow_the_ring_and_are_released_once_computed(manager):
     assert all(c[:4] == [0] * 4 and 0 not in c[4:8] for c in cols)  # the first chunk's blocks were released
     _prefill(manager, req)
     cols = _columns(manager, "a")
-    assert [len(c) for c in cols] == [cacheable_blocks(300, BLOCK)] * 2 and all(set(c) == {0} for c in cols)
+    assert [len(c) for c in cols] == [cacheable_blocks(300, BLOCK)] and all(set(c) == {0} for c in cols)
     assert free0 - pool.get_num_free_blocks() == sum(ring)  # only the rings are held; cached blocks count as free
-    assert len(pool.cached_block_hash_to_block) == 2 * cacheable_blocks(300, BLOCK)
+    assert len(pool.cached_block_hash_to_block) == cacheable_blocks(300, BLOCK)  # one block: every layer's page
     manager.free(req)
     assert pool.get_num_free_blocks() == free0
 
@@ -137,7 +137,7 @@ def test_a_hit_needs_the_same_tokens_and_spans(manager):
     same = _request("b", shared + list(range(500, 540)), 110)  # N 350 vs 360: one grid step -> same spans
     assert served_length(240, 110, MAX_LEN, GRID) == served_length(260, 100, MAX_LEN, GRID)
     assert _prefill(manager, same) == 192  # 12 blocks
-    assert _columns(manager, "b") == [[0] * cacheable_blocks(240, BLOCK)] * 2
+    assert _columns(manager, "b") == [[0] * cacheable_blocks(240, BLOCK)]
     other_spans = _request("c", shared + list(range(500, 540)), 700)  # N 940: wider spans on the beta > 0 heads
     hit = _prefill(manager, other_spans)
     # a block ending at e is shared iff every head's spans agree or both reach e
@@ -154,7 +154,7 @@ def test_a_hit_leaving_one_token_gives_back_a_block(manager):
     again = _request("b", list(range(161)), 19)  # the first 160 tokens (10 blocks) are cached
     blocks, hit = manager.get_computed_blocks(again)[:2]
     assert hit == 144  # 160 would leave a one-token first step (a "decode" row): one block is given back
-    assert [len(g) for g in blocks.blocks] == [9, 9]
+    assert [len(g) for g in blocks.blocks] == [9]
     exact = _request("e", list(range(160)), 20)  # vLLM itself stops at 159 tokens -> 9 blocks, 16 tokens left
     assert manager.get_computed_blocks(exact)[1] == 144
 
@@ -163,13 +163,13 @@ def test_no_room_for_prefix_blocks_means_no_caching_not_waiting():
     from moa_vllm.vllm_plugin.moa import request_lengths
 
     ring = sum(_ring(400))
-    manager = _manager(num_blocks=ring + 3)  # the ring fits, a 64-token chunk's 2 x 4 prefix blocks do not
+    manager = _manager(num_blocks=ring + 3)  # the ring fits, a 64-token chunk's 4 prefix blocks do not
     req = _request("a", list(range(300)), 100)
     assert manager.allocate_slots(req, 64) is not None
     assert not request_lengths.caching_allowed("a")
-    assert _columns(manager, "a") == [[0] * 4] * 2  # null columns keep the layout
+    assert _columns(manager, "a") == [[0] * 4]  # null columns keep the layout
     req.num_computed_tokens = 64
-    assert manager.allocate_slots(req, 64) is not None and _columns(manager, "a") == [[0] * 8] * 2
+    assert manager.allocate_slots(req, 64) is not None and _columns(manager, "a") == [[0] * 8]
     assert len(manager.block_pool.cached_block_hash_to_block) == 0
     manager.free(req)
     assert request_lengths.caching_allowed("a")  # forgotten with the request

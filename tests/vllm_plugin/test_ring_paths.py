@@ -175,10 +175,9 @@ def test_persistent_metadata_equals_a_fresh_build():
     )
     batch = EngineContext().publish(sim.req_ids[:2], sim.lengths[:2])
     new = fresh.step_for(common, batch)
-    for layer in range(2):
-        fresh.fill_layer(layer, sim.tables[layer, [0, 1]])
-    kept.finalize(4, PAGE)
-    new.finalize(4, PAGE)
+    fresh.fill(sim.tables[[0, 1]])
+    kept.finalize(4, PAGE, sim.cell_map)
+    new.finalize(4, PAGE, sim.cell_map)
     assert torch.equal(kept.spans, new.spans) and torch.equal(kept.visible, new.visible)
     for layer in range(2):
         assert torch.equal(kept.table(layer, fresh=True), new.table(layer, fresh=True))
@@ -194,7 +193,7 @@ def test_rows_with_missing_blocks_are_refused():
     )
     state.step_for(common, batch)
     with pytest.raises(RuntimeError, match="fewer blocks than their rings need"):
-        state.fill_layer(0, torch.tensor([[7, 0, 0, 0, 0, 0]], dtype=torch.int32))
+        state.fill(torch.tensor([[7, 0, 0, 0, 0, 0]], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

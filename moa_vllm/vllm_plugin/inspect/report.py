@@ -17,7 +17,7 @@ def request_report(kv_cache_manager, request_ids: list[str], states: dict[str, s
     managers = ring_managers(kv_cache_manager)
     rows = []
     for rid in request_ids:
-        held_by = [(ring_held(m, rid), m.kv_cache_spec.page_size_bytes) for m in managers]
+        held_by = [(ring_held(m, rid), m.kv_cache_spec.block_bytes) for m in managers]
         blocks = sum(b for b, _ in held_by)
         if blocks == 0:
             continue  # waiting, or finished and freed: holds nothing
@@ -37,7 +37,7 @@ def request_report(kv_cache_manager, request_ids: list[str], states: dict[str, s
             "requests": len(rows),
             "blocks": sum(r["blocks"] for r in rows),
             "kv_bytes": sum(r["kv_bytes"] for r in rows),
-            "moa_layers": len(managers),  # one ring manager (KV cache group) per MoA layer
+            "moa_layers": sum(m.kv_cache_spec.num_layers for m in managers),  # one ring manager for all of them
             "block_size": managers[0].kv_cache_spec.block_size if managers else None,
             "pool_blocks": pool.num_gpu_blocks,
             "pool_free_blocks": pool.get_num_free_blocks(),

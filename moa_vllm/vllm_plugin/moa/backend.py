@@ -26,9 +26,9 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from moa_vllm.ops.page_format import cells
+from moa_vllm.ops.page_format import region_cells
 from moa_vllm.ops.prefix_blocks import prefix_write_slots, restore_ring
-from moa_vllm.ops.ring_layout import RingPages, slot_positions
+from moa_vllm.ops.ring_layout import CellMap, RingPages, slot_positions
 from moa_vllm.ops.ring_prefill import prefill_attention, survivors
 from moa_vllm.vllm_plugin.hooks import check_runner_hooks
 from moa_vllm.vllm_plugin.moa.engine_context import EngineContext, engine_context
@@ -111,17 +111,19 @@ class MoABackend(AttentionBackend):
 
 @dataclass
 class MoAMetadata:
+    """One per step for every MoA layer (they are one KV cache group); each layer's forward indexes the step's
+    [L, ...] tensors with its own layer index."""
+
     num_actual_tokens: int
-    layer: int  # index into the step's [L, ...] tensors
     step: RingStep
 
 
 def _rank_heads(spec: MoARingSpec) -> range:
     if spec.tp_size == 1:
-        return range(len(spec.alphas))
+        return range(len(spec.alphas[0]))
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    return rank_heads(len(spec.alphas), spec.num_kv_heads, spec.tp_size)[get_tensor_model_parallel_rank()]
+    return rank_heads(len(spec.alphas[0]), spec.num_kv_heads, spec.tp_size)[get_tensor_model_parallel_rank()]
 
 
 def ring_state(context: EngineContext, vllm_config: VllmConfig, spec: MoARingSpec, device: torch.device) -> RingState:
@@ -177,7 +179,7 @@ def reserve_ring_buffers(context: EngineContext, vllm_config: VllmConfig, num_kv
 
 
 class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
-    """One builder per MoA layer (each layer is its own KV cache group); all of them share the step's RingStep."""
+    """One builder for all MoA layers (one KV cache group): one build and one block table per step."""
 
     reorder_batch_threshold: int | None = 1  # decode rows first: they form one kernel call
 
@@ -196,8 +198,12 @@ class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         if not isinstance(kv_cache_spec, MoARingSpec):
             raise TypeError(f"moa-vllm: layers {layer_names} got KV cache spec {type(kv_cache_spec).__name__}")
+        if len(layer_names) != kv_cache_spec.num_layers:
+            raise RuntimeError(
+                f"moa-vllm: vLLM put {len(layer_names)} of the plan's {kv_cache_spec.num_layers} MoA layers in one KV "
+                "cache group; the ring layout needs every MoA layer in one group"
+            )
         self.spec = kv_cache_spec
-        self.layer = kv_cache_spec.layer_index
         check_runner_hooks(vllm_config)  # a runner whose hook is missing would publish nothing: fail at startup
         self.context = engine_context(vllm_config)
         self.state = ring_state(self.context, vllm_config, kv_cache_spec, device)
@@ -207,11 +213,11 @@ class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
     ) -> MoAMetadata:
         c = common_attn_metadata
         step = self.state.step_for(c, self.context.published)
-        self.state.fill_layer(self.layer, c.block_table_tensor[: c.num_reqs])
+        self.state.fill(c.block_table_tensor[: c.num_reqs])
         if step.prefix_rows:
             ring_blocks = [self.spec.blocks_for_length(n) for n in step.lengths]
-            self.state.fill_prefix(self.layer, c.block_table_tensor[: c.num_reqs], ring_blocks)
-        return MoAMetadata(num_actual_tokens=c.num_actual_tokens, layer=self.layer, step=step)
+            self.state.fill_prefix(c.block_table_tensor[: c.num_reqs], ring_blocks)
+        return MoAMetadata(num_actual_tokens=c.num_actual_tokens, step=step)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> MoAMetadata:
         """vLLM's capture path (V1 and V2 call it for capture batches, whose rows are no request): the first layer's
@@ -289,6 +295,9 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         self.kv_sharing_target_layer_name = None
         vllm_config = get_current_vllm_config()
         self.plan = plan_from_vllm_config(vllm_config)
+        self._engine = engine_context(vllm_config)
+        self._layers = vllm_config.compilation_config.static_forward_context  # layer name -> module (bound caches)
+        self._index: int | None = None
         self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         _check_cache_dtype(kv_cache_dtype, vllm_config)
         reserve_ring_buffers(engine_context(vllm_config), vllm_config, self.num_kv_heads)
@@ -362,54 +371,72 @@ class MoAImpl(AttentionImpl[MoAMetadata]):
         v = value[:n].view(n, h, d)
         out = output[:n].view(n, self.num_heads, d)
         kernels = self._kernels_for(kv_cache, query.dtype)
+        if self._index is None:
+            self._index = layer_index(layer.layer_name)
         if kernels.quant is not None:
-            kernels.set_scales(*self._fp8_scales(layer, attn_metadata.layer, kernels.quant, kv_cache.device))
+            kernels.set_scales(*self._fp8_scales(layer, self._index, kernels.quant, kv_cache.device))
+        view, cell_map = self._region(kv_cache)
         ring_forward(
             q,
             k,
             v,
             out,
-            kv_cache,
+            view,
+            cell_map,
+            kv_cache.shape[2],
             kernels,
             attn_metadata.step,
-            attn_metadata.layer,
+            self._index,
             self.plan.sink_tokens,
             self.scale,
         )
         return output
 
+    def _region(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, CellMap]:
+        """The whole MoA KV cache as one view of one-KV-head cells, made once per engine and allocation from every
+        MoA layer's bound cache (a layer's rings may live in any layer page of its request's blocks)."""
+        key = kv_cache.untyped_storage().data_ptr()
+        region = self._engine.cache_region
+        if region is None or region[0] != key:
+            caches = [m.kv_cache for m in self._layers.values() if isinstance(getattr(m, "impl", None), MoAImpl)]
+            caches = [c[0] if isinstance(c, (list, tuple)) else c for c in caches]
+            region = (key, *region_cells(caches))
+            self._engine.cache_region = region
+        return region[1], region[2]
 
-def ring_forward(q, k, v, out, kv_cache, kernels, step: RingStep, layer: int, sinks: int, scale: float) -> None:
+
+def ring_forward(
+    q, k, v, out, view, cell_map: CellMap, page: int, kernels, step: RingStep, layer: int, sinks: int, scale: float
+) -> None:
     """One layer's attention for the step: decode rows through the paged kernel, then prefill/chunk rows.
 
-    q/out [T, Hq, D], k/v [T, H, D] (T = the step's tokens), kv_cache [num_blocks, H, page, 2D].
+    q/out [T, Hq, D], k/v [T, H, D] (T = the step's tokens), view: the MoA cache region's one-KV-head cells
+    [cells, 2 * page, D] (`region_cells`), cell_map: where a block's cells lie in it.
     """
     h, d = k.shape[1], k.shape[2]
-    view = cells(kv_cache)
-    page = kv_cache.shape[2]
-    step.finalize(sinks, page)
+    step.finalize(sinks, page, cell_map)
     nd = step.num_decodes
     prefill = nd < len(step.computed)
     heads_batched = nd > 0 and kernels.decode_heads is not None and step.equal_spans(layer)
-    if kernels.page_tables and (step.prefix_ids.get(layer) or prefill or not heads_batched):
+    if kernels.page_tables and (step.prefix_ids or prefill or not heads_batched):
         # This layer's ring page tables, into the scratch all layers share; fresh, so that a captured graph
         # always records the derivation. A decode-only step of interleaved rings needs none, nor do kernels that
         # read vLLM's block table themselves.
         step.table(layer, fresh=True)
-    if step.prefix_ids.get(layer):
+    if step.prefix_ids:
         _prefix_blocks(k, v, view, kernels, step, layer, sinks)
     if nd:
         g = q.shape[1] // h
         # Write first: the new token's slot held the one key its query may no longer see.
         kernels.write(view, step.decode_slots(layer), k[:nd].reshape(nd * h, d), v[:nd].reshape(nd * h, d))
-        if heads_batched:  # interleaved rings: one H-head sequence per request, vLLM's block table as its table
-            blocks = step.block_tables[layer][:nd, : step.widths[layer]].contiguous()  # P ring pages: P blocks
+        if heads_batched:  # interleaved rings: one H-head sequence per request over its layer pages
+            blocks = step.layer_pages(layer)  # [nd, P]: ring page k of every head is cell h of layer page k
             visible = step.visible[layer, : nd * h].view(nd, h)[:, 0].contiguous()
             kernels.decode_heads(q[:nd], view, h, blocks, visible, scale, out[:nd])
         elif kernels.decode_rings is not None:  # the kernel looks each ring page up in vLLM's block table
             layout = step.layout(layer)
-            kernels.decode_rings(q[:nd], view, step.block_tables[layer][:nd], RingPages(*(t[:nd] for t in layout)),
-                                 step.visible[layer, : nd * h], scale, out[:nd])  # fmt: skip
+            kernels.decode_rings(q[:nd], view, step.block_table[:nd], RingPages(*(t[:nd] for t in layout)),
+                                 step.visible[layer, : nd * h], scale, out[:nd], cell_map)  # fmt: skip
         else:
             kernels.decode(
                 q[:nd].reshape(nd * h, g, d),
@@ -429,7 +456,7 @@ def _prefix_blocks(k, v, view, kernels, step: RingStep, layer: int, sinks: int) 
     """Prefix caching: the step's prompt tokens into their position-ordered prefix blocks, then the rings of rows
     that hit the cache restored from the hit's blocks. Writes come first: a request may hit blocks whose tokens
     another row of this very step computes (vLLM caches blocks when it allocates them)."""
-    rows = step.prefix_ids[layer]
+    rows = {r: step.prefix_pages(r, layer) for r in step.prefix_ids}  # this layer's pages of the prefix blocks
     heads, page = k.shape[1], kernels.format.page
     for r, ids in rows.items():
         start = step.computed[r]

@@ -34,6 +34,7 @@ class EngineContext:
         self.published: PublishedBatch | None = None
         self.ring_state: RingState | None = None
         self.ring_buffers: RingBuffers | None = None
+        self.cache_region: tuple | None = None  # (allocation id, cells view, CellMap) of the MoA layers' KV cache
         self.dummy_runs = 0  # > 0 while the V1 runner is inside _dummy_run (warm-up, profiling)
         self.span_grid = span_grid  # steps per octave N is rounded up to (settings.span_grid)
         self.fresh_ids: set[str] = set()  # requests whose block lists the runner (re)assigned, until published

@@ -22,7 +22,7 @@ from moa_kernels.blocks import pick_blocks
 from moa_kernels.ring_decode import split_scratch
 from moa_kernels.ring_prefill import interpreting, plan_launch
 from moa_vllm.ops.page_format import PageFormat, write_token_major
-from moa_vllm.ops.ring_layout import RingPages, ring_slot_of
+from moa_vllm.ops.ring_layout import CellMap, RingPages, ring_slot_of
 from moa_vllm.vllm_plugin.moa.ring_kernels import RingKernels
 
 # Split-KV decode while a step has at most this many rings (few rings, long spans: one program per ring would
@@ -65,6 +65,7 @@ class CudaRingKernels(RingKernels):
         visible: torch.Tensor,  # [R * H] int32
         scale: float,
         out: torch.Tensor,  # [R, H * G, D]
+        cell_map: CellMap | None = None,  # where a block's cells lie in cell_view
     ) -> None:
         """One decode token per row over its H rings, through moa_kernels.ring_decode. Split-KV where the step's
         rings fit the scratch: a captured graph has a fixed row count, so the choice is fixed per graph."""
@@ -72,7 +73,7 @@ class CudaRingKernels(RingKernels):
         split = self._split is not None and rings <= self._split[1].shape[0]
         ring_decode(query, self._typed(cell_view), block_table, layout.base, layout.stride, visible, scale, out,
                     segments=NUM_SEGMENTS if split else 1, scratch=self._split if split else None,
-                    scales=(self.k_scale, self.v_scale))  # fmt: skip
+                    scales=(self.k_scale, self.v_scale), cell_map=cell_map)  # fmt: skip
 
     def prefill(self, q, k, v, out, cell_view, step, layer: int, sinks: int, scale: float) -> None:
         """Every prefill / chunk row of the step in one launch over (ring before the step) + (fresh chunk), then the
@@ -83,29 +84,29 @@ class CudaRingKernels(RingKernels):
         rows = [r for r in range(step.num_decodes, len(step.computed)) if qsl[r + 1] > qsl[r]]
         if not rows:
             return
-        block_table, layout, spans = step.block_tables[layer], step.layout(layer), step.spans[layer]
+        block_table, layout, spans = step.block_table, step.layout(layer), step.spans[layer]
         blocks = pick_blocks(self.head_dim, q.shape[1] // k.shape[1], interpret=interpreting())
         if step.prefill_launch is None:  # the step's first layer: its tiles, shared by every layer
             step.prefill_launch = plan_launch(step.computed, qsl, rows, blocks.block_t, q.device)
         k_seen, v_seen = self.as_cached(k, v)  # fp8: the chunk's keys as its later decode steps will read them
         ring_prefill(q, k_seen, v_seen, self._typed(cell_view), block_table, layout.base, layout.stride, spans,
                      step.computed, qsl, rows, sinks, scale, out, blocks=blocks, launch=step.prefill_launch,
-                     scales=(self.k_scale, self.v_scale))  # fmt: skip
+                     scales=(self.k_scale, self.v_scale), cell_map=step.cell_map)  # fmt: skip
         flat = torch.cat([
             self._survivor_slots(block_table[r], layout.base[r], layout.stride[r], spans[r], step.computed[r], qsl[r],
-                                 qsl[r + 1], sinks)
+                                 qsl[r + 1], sinks, step.cell_map)
             for r in rows
         ])  # fmt: skip
         tokens = torch.cat([torch.arange(qsl[r], qsl[r + 1], device=q.device) for r in rows])
         self.write(cell_view, flat.reshape(-1), k[tokens].reshape(-1, k.shape[2]), v[tokens].reshape(-1, v.shape[2]))
 
-    def _survivor_slots(self, blocks, base, stride, spans, computed: int, start: int, end: int, sinks: int):
+    def _survivor_slots(self, blocks, base, stride, spans, computed: int, start: int, end: int, sinks: int,
+                        cell_map: CellMap):  # fmt: skip
         """Flat one-head slots [n, H] of a row's chunk tokens: their ring slot where they survive, else 0."""
         pos = torch.arange(computed, end - start + computed, device=spans.device)[:, None]
         window = spans[None, :] - sinks
         keep = (pos < sinks) | ((window > 0) & (pos >= end - start + computed - window))
         slot = ring_slot_of(pos, spans[None, :], sinks)
-        heads = spans.shape[0]
         flat = base.long()[None, :] + torch.div(slot, self.page, rounding_mode="floor") * stride.long()[None, :]
-        page_id = blocks.long()[torch.div(flat, heads, rounding_mode="floor")] * heads + flat % heads
+        page_id = cell_map.flat_cell(blocks[None, :], flat.reshape(1, -1)).view_as(flat)
         return torch.where(keep, page_id * self.page + slot % self.page, 0)

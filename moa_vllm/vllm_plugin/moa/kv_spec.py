@@ -1,11 +1,13 @@
 """KV cache spec and manager for MoA layers: per-KV-head rings, sized by the plan for each request, allocated once;
 with prefix caching on, position-ordered prefix blocks that vLLM's block pool caches and evicts.
 
-Every MoA layer gets its own spec (the layer index is a field), so vLLM makes one KV cache group per layer. The
-groups share one block pool and alias one memory region, so a block is one layer's page of [H, block_size] tokens
-and a request holds, per layer, exactly ceil(sum of its head pages / H) ring blocks (moa_vllm/plan/ring.py). The
-manager takes them all when the request is admitted, from the request's N, and never allocates or frees them during
-decode; finish, abort and preemption return them through vLLM's own free path.
+Every MoA layer gets the same spec (it carries the rules of all MoA layers), so vLLM makes ONE KV cache group for
+all of them: one manager, one block table, one set of per-request calls per step, whatever the layer count. A block
+is one layer page of [H, block_size] tokens for each of the L layers (vLLM's own layout); the worker sees the whole
+region as one-KV-head cells and lays each request's layers out one after another in its block list, so a request
+holds ceil(sum over layers of ceil(head pages / H) / L) blocks (moa_vllm/plan/ring.py `group_blocks`). The manager
+takes them all when the request is admitted, from the request's N, and never allocates or frees them during decode;
+finish, abort and preemption return them through vLLM's own free path.
 
 Prefix caching (spec.prefix_blocks). A ring overwrites its slots, so the cacheable copy of a prompt lives elsewhere:
 in ordinary position-ordered blocks (block i = positions [i*B, (i+1)*B) of every KV head, vLLM's own layout), one
@@ -32,7 +34,7 @@ from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 
 from moa_vllm.plan.prefix import cacheable_blocks
-from moa_vllm.plan.ring import cdiv, layer_blocks
+from moa_vllm.plan.ring import cdiv, group_blocks, layer_blocks
 from moa_vllm.vllm_plugin.moa import request_lengths
 
 logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
@@ -40,7 +42,7 @@ logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config print
 
 @functools.lru_cache(maxsize=65536)
 def _blocks_for_length(spec: MoARingSpec, n: int) -> int:
-    """Memoised: the scheduler asks every layer's manager several times per request and step."""
+    """Memoised: the scheduler asks several times per request and step."""
     return spec._blocks_uncached(n)
 
 
@@ -53,33 +55,51 @@ def rank_heads(num_heads: int, heads_per_rank: int, tp_size: int) -> list[range]
 
 @dataclass(frozen=True, kw_only=True)
 class MoARingSpec(AttentionSpec):
-    layer_index: int
+    """The one spec of every MoA layer (equal specs make one KV cache group). page_size_bytes is one layer's page,
+    as for any attention spec; a block of the group holds one such page per layer (`block_bytes`)."""
+
     sink_tokens: int
     min_span: int
-    alphas: tuple[float, ...]  # every KV head of the layer (all ranks)
-    betas: tuple[float, ...]
+    alphas: tuple[tuple[float, ...], ...]  # [layer][KV head] of every MoA layer (all ranks)
+    betas: tuple[tuple[float, ...], ...]
     tp_size: int = 1
     span_grid: int = 0  # steps per octave N is rounded up to before spans are taken (plan/span.span_length)
     prefix_blocks: bool = False  # prefix caching on: keep position-ordered prefix blocks after the ring
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.alphas)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of the group: one layer page per MoA layer."""
+        return self.page_size_bytes * self.num_layers
+
     def blocks_for_length(self, n: int) -> int:
-        """Blocks of this layer a request of length n holds (the widest rank's need, as ranks share block ids)."""
+        """Blocks a request of length n holds (the widest rank's need, as ranks share block ids)."""
         return _blocks_for_length(self, n)
 
     def _blocks_uncached(self, n: int) -> int:
         return max(
-            layer_blocks(
-                [self.alphas[h] for h in heads],
-                [self.betas[h] for h in heads],
-                n,
-                self.min_span,
-                self.block_size,
-                self.num_kv_heads,
+            group_blocks(
+                [
+                    layer_blocks(
+                        [alphas[h] for h in heads],
+                        [betas[h] for h in heads],
+                        n,
+                        self.min_span,
+                        self.block_size,
+                        self.num_kv_heads,
+                    )
+                    for alphas, betas in zip(self.alphas, self.betas, strict=True)
+                ],
+                self.num_layers,
             )
-            for heads in rank_heads(len(self.alphas), self.num_kv_heads, self.tp_size)
+            for heads in rank_heads(len(self.alphas[0]), self.num_kv_heads, self.tp_size)
         )
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
+        """One layer's share (vLLM sums this over the group's layers and divides it by the page size per block)."""
         return self.blocks_for_length(vllm_config.model_config.max_model_len) * self.page_size_bytes
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
@@ -239,17 +259,18 @@ class MoARingManager(SingleTypeKVCacheManager):
 
 
 def ring_managers(kv_cache_manager) -> list[MoARingManager]:
-    """The MoA layers' ring managers among a KV cache manager's per-group managers (one per MoA layer)."""
+    """The MoA group's ring manager among a KV cache manager's per-group managers (one for all MoA layers; a list,
+    so that an engine without MoA layers gets none)."""
     return [m for m in kv_cache_manager.coordinator.single_type_managers if isinstance(m, MoARingManager)]
 
 
 def held(manager: MoARingManager, request_id: str) -> int:
-    """Real blocks a request holds in one MoA layer (its ring and the prefix blocks not yet released)."""
+    """Real blocks a request holds in the MoA group (its rings and the prefix blocks not yet released)."""
     return sum(not block.is_null for block in manager.req_to_blocks.get(request_id, ()))
 
 
 def ring_held(manager: MoARingManager, request_id: str) -> int:
-    """Ring blocks a request holds in one MoA layer (its allocation for life; prefix blocks in flight left out)."""
+    """Ring blocks a request holds in the MoA group (its allocation for life; prefix blocks in flight left out)."""
     blocks = manager.req_to_blocks.get(request_id, ())
     if blocks and request_lengths.is_admitted(request_id) and hasattr(manager.kv_cache_spec, "blocks_for_length"):
         blocks = blocks[: manager.ring_blocks(request_id)]

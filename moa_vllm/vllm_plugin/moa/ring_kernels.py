@@ -35,7 +35,7 @@ class RingKernels:
     # they look pages up in vLLM's block table themselves and `decode_rings` decodes (CUDA), no scratch at all.
     page_tables = True
     decode_rings = None  # or a method (query [R, Hq, D], cell_view, block_table [R, B], RingPages [R, H],
-    # visible [R * H], scale, out [R, Hq, D]) -> None
+    # visible [R * H], scale, out [R, Hq, D], cell_map) -> None
 
     def __init__(
         self, dtype: torch.dtype, page: int, head_dim: int, max_rows: int = 1024, kv_cache_dtype: str = "auto"

@@ -4,8 +4,10 @@ Per step the model runner publishes the batch's request ids and lengths N into t
 (engine_context.py; patches.py, for runner V1 and V2), and each builder passes it to `step_for`. The first MoA
 metadata builder called in a step makes the step's `RingStep` for every layer at once: spans [L, R, H] (recomputed
 only when the batch's requests change) and, at the first attention call, the visible lengths of all layers
-[L, R*H]. Each layer's builder hands the step that layer's vLLM block table; a request's blocks are checked against
-what its rings need when it is first scheduled (and again after a restart or a change of N).
+[L, R*H]. All MoA layers are one KV cache group, so there is one builder call per step and one vLLM block table:
+each layer's rings sit at known offsets of the request's block list (`layer_offsets`, derived per step for all
+layers), and the cache is addressed as one region of one-KV-head cells (`CellMap`). A request's blocks are checked
+against what its rings need when it is first scheduled (and again after a restart or a change of N).
 
 Page tables are not kept. A ring's one-head page ids [R*H, P] cost H x vLLM's block tables per layer; keeping them
 for every layer and max_num_seqs rows was ~2 GiB at 8B / 128k / 256 seqs (benchmarks/metadata_bytes.py). On CUDA
@@ -32,12 +34,15 @@ from dataclasses import dataclass, field
 import torch
 
 from moa_vllm.ops.ring_layout import (
+    CellMap,
     DecodeSlotParts,
     RingPages,
     blocks_needed,
     decode_slot_parts,
     decode_slots,
+    layer_offsets,
     layer_page_table,
+    layer_pages,
     ring_page_layout,
     ring_pages,
     ring_spans,
@@ -96,8 +101,9 @@ class RingStep:
     page: int
     widths: list[int]  # [L] host: page-table width per layer (the widest ring of the step's rows at that layer)
     scratch: torch.Tensor  # flat int32 (device): the one layer's tables `table` derives
-    block_tables: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> vLLM's block table [R, B]
-    filled_layers: set[int] = field(default_factory=set)
+    block_table: torch.Tensor | None = None  # vLLM's block table [R, B] of the MoA group (all layers)
+    cell_map: CellMap | None = None  # where a block's cells lie in the cache region (set at the first forward)
+    offsets: torch.Tensor | None = None  # [L, R]: each layer's region in its row's flat page list
     visible: torch.Tensor | None = None  # [L, R*H] int32
     decode_parts: DecodeSlotParts | None = None  # [L, num_decodes, H]: the decode tokens' slots short of block ids
     layouts: RingPages | None = None  # [L, R, H]: where each ring's pages sit in its row's flat page list
@@ -105,26 +111,33 @@ class RingStep:
     lengths: list[int] = field(default_factory=list)  # [R] N per row (grid-rounded)
     prompts: list[int] | None = None  # [R] prompt tokens per row (None: the runner did not publish them)
     restore: list[int] = field(default_factory=list)  # rows whose fresh ring is restored from a cache hit first
-    prefix_ids: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # layer -> row -> prefix block ids
+    prefix_ids: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> its prefix columns' block ids
     prefix_rows: list[int] = field(default_factory=list)  # rows with prompt tokens to write or a ring to restore
 
     _table_layer: int | None = None  # the layer whose tables the scratch holds
     _equal_spans: list[bool] | None = None  # per layer: every decode row's H rings have one span (host)
 
-    def finalize(self, sinks: int, page: int) -> None:
-        """Visible lengths and the decode tokens' slot parts of all layers in one go (once per step, at the first
-        attention call)."""
+    def finalize(self, sinks: int, page: int, cell_map: CellMap) -> None:
+        """The layers' region offsets, visible lengths and the decode tokens' slot parts of all layers in one go
+        (once per step, at the first attention call; fixed shapes, from the persistent spans)."""
         if self.visible is None:
+            if cell_map.layers != self.spans.shape[0] or cell_map.heads != self.spans.shape[2]:
+                raise RuntimeError(
+                    f"moa-vllm: the KV cache region holds {cell_map.layers} layer pages of {cell_map.heads} KV heads "
+                    f"per block but the plan has {self.spans.shape[0]} layers of {self.spans.shape[2]} heads"
+                )
+            self.cell_map = cell_map
+            self.offsets = layer_offsets(self.spans, page, self.spans.shape[2])
             self.visible = visible_lengths(self.seq_lens, self.spans)
             nd = self.num_decodes
             positions = torch.clamp(self.seq_lens[:nd].to(torch.int64) - 1, min=0)  # padding rows: spans 0
-            self.decode_parts = decode_slot_parts(self.spans[:, :nd], positions, sinks, page)
+            self.decode_parts = decode_slot_parts(self.spans[:, :nd], positions, sinks, page, self.offsets[:, :nd])
 
     def layout(self, layer: int) -> RingPages:
         """The layer's RingPages [R, H] (kernels that read vLLM's block table themselves: CUDA), all layers' made at
         the step's first call (inside the forward, fixed shapes); CPU_ATTN's page tables never need them."""
         if self.layouts is None:
-            self.layouts = ring_page_layout(ring_pages(self.spans, self.page))
+            self.layouts = ring_page_layout(ring_pages(self.spans, self.page), self.offsets)
         return RingPages(self.layouts.base[layer], self.layouts.stride[layer])
 
     def table(self, layer: int, fresh: bool = False) -> torch.Tensor:
@@ -141,7 +154,7 @@ class RingStep:
             )
         out = self.scratch[: rows * heads * width].view(rows, heads, width)
         if self._table_layer != layer or fresh:
-            layer_page_table(self.spans[layer], self._block_table(layer), self.page, out)
+            layer_page_table(self.spans[layer], self._blocks(), self.page, out, self.offsets[layer], self.cell_map)
             self._table_layer = layer
         return out
 
@@ -152,7 +165,20 @@ class RingStep:
             return self.table(layer)[row]
         spans = self.spans[layer, row : row + 1]
         out = torch.zeros(1, spans.shape[1], self.widths[layer], dtype=torch.int32, device=spans.device)
-        return layer_page_table(spans, self._block_table(layer)[row : row + 1], self.page, out)[0]
+        return layer_page_table(spans, self._blocks()[row : row + 1], self.page, out,
+                                self.offsets[layer, row : row + 1], self.cell_map)[0]  # fmt: skip
+
+    def layer_pages(self, layer: int) -> torch.Tensor:
+        """Layer-page ids [num_decodes, width] of an interleaved layer's decode rows (ring page k of every head is
+        cell h of layer page k, vLLM's own layout): the page table of one H-head sequence per request."""
+        nd, heads = self.num_decodes, self.spans.shape[2]
+        first = torch.div(self.offsets[layer, :nd], heads, rounding_mode="floor")
+        return layer_pages(self._blocks()[:nd], first, self.widths[layer], self.cell_map)
+
+    def prefix_pages(self, row: int, layer: int) -> torch.Tensor:
+        """Layer-page ids of the row's prefix columns at this layer (null columns stay 0): block b holds the
+        layer's positions in its layer page `layer`, vLLM's own layout."""
+        return self.cell_map.layer_page(self.prefix_ids[row].long(), layer)
 
     def equal_spans(self, layer: int) -> bool:
         """Whether every decode row's rings at this layer have the same span (then they are interleaved and one
@@ -167,12 +193,12 @@ class RingStep:
         """Flat one-head slots [num_decodes*H] of the decode rows' new tokens at this layer (from the layer's vLLM
         block table: the scratch is not needed for them). After `finalize`."""
         parts = DecodeSlotParts(*(t[layer] for t in self.decode_parts))
-        return decode_slots(self._block_table(layer)[: self.num_decodes], parts, self.spans.shape[2], self.page)
+        return decode_slots(self._blocks()[: self.num_decodes], parts, self.page, self.cell_map)
 
-    def _block_table(self, layer: int) -> torch.Tensor:
-        if layer not in self.block_tables:
-            raise RuntimeError(f"moa-vllm: layer {layer} attends but its builder passed no block table")
-        return self.block_tables[layer]
+    def _blocks(self) -> torch.Tensor:
+        if self.block_table is None:
+            raise RuntimeError("moa-vllm: a MoA layer attends but the step's builder passed no block table")
+        return self.block_table
 
 
 class RingState:
@@ -292,7 +318,6 @@ class RingState:
                 self.page,
                 self._widths,
                 self.buffers.tables,
-                filled_layers=set(range(self.alphas.shape[0])),
                 **rows_info,
             )
             self._pending = []
@@ -332,36 +357,35 @@ class RingState:
         self._pending = pending
         return self.step
 
-    def fill_layer(self, layer: int, block_table: torch.Tensor) -> None:
-        """Keep this layer's block table for the forward; check it against the rings of the step's new rows (once
-        per request and N)."""
+    def fill(self, block_table: torch.Tensor) -> None:
+        """Keep the MoA group's block table for the forward; check it against the rings of the step's new rows
+        (once per request and N): every layer's layer pages, one after another, in whole blocks."""
         step = self.step
-        step.block_tables[layer] = block_table
-        if layer in step.filled_layers:
+        if step.block_table is not None:
             return
-        step.filled_layers.add(layer)
+        step.block_table = block_table
         if not self._pending:
             return
         rows = torch.tensor(self._pending, device=block_table.device)
-        spans = step.spans[layer, rows]  # [r, H]
-        need = blocks_needed(spans, self.page, self.heads)
+        spans = step.spans[:, rows]  # [L, r, H]
+        layers = spans.shape[0]
+        need = torch.div(blocks_needed(spans, self.page, self.heads).sum(0) + layers - 1, layers, rounding_mode="floor")
         table = block_table[rows]
         width = table.shape[1]
         if int(need.max()) > width:
             raise RuntimeError(
-                f"moa-vllm: layer {layer}: a request needs {int(need.max())} blocks but the block table "
-                f"has {width} columns; refusing to read another request's pages"
+                f"moa-vllm: a request needs {int(need.max())} blocks but the block table has {width} columns; "
+                "refusing to read another request's pages"
             )
         cols = torch.arange(width, device=table.device)[None, :]
         missing = ((cols < need[:, None].to(table.device)) & (table <= 0)).any(dim=1)
         if bool(missing.any()):
             bad = [step.req_ids[self._pending[i]] for i in missing.nonzero()[:, 0].tolist()]
             raise RuntimeError(
-                f"moa-vllm: layer {layer}: requests {bad} hold fewer blocks than their rings need "
-                f"({need.tolist()} blocks); refusing to read another request's pages"
+                f"moa-vllm: requests {bad} hold fewer blocks than their rings need ({need.tolist()} blocks); "
+                "refusing to read another request's pages"
             )
-        if len(step.filled_layers) == self.alphas.shape[0]:
-            self._commit_pending()
+        self._commit_pending()
 
     def _prefix_rows(self, req_ids, computed: list[int], prompts: list[int] | None, restore: list[int]) -> list[int]:
         """Rows that still have full prompt blocks to write (any query length: a chunk may be one token) or a ring
@@ -375,11 +399,12 @@ class RingState:
             if rid is not None and (r in wanted or computed[r] < prompts[r] // page * page)
         ]
 
-    def fill_prefix(self, layer: int, block_table: torch.Tensor, ring_blocks: list[int]) -> None:
-        """The prefix block ids of this layer's prefill rows (prefix caching): the columns right after each row's
-        ring_blocks[r] ring blocks, one per full prompt block the step's tokens reach (as the scheduler gave them)."""
+    def fill_prefix(self, block_table: torch.Tensor, ring_blocks: list[int]) -> None:
+        """The prefix block ids of the step's prefill rows (prefix caching): the columns right after each row's
+        ring_blocks[r] ring blocks, one per full prompt block the step's tokens reach (as the scheduler gave them).
+        A block holds the prompt block's positions for every layer, each in its own layer page."""
         step = self.step
-        if not self.prefix or layer in step.prefix_ids:
+        if not self.prefix or step.prefix_ids:
             return
         rows: dict[int, torch.Tensor] = {}
         width = block_table.shape[1]
@@ -390,11 +415,11 @@ class RingState:
                 continue
             if ring_blocks[r] + cols > width:
                 raise RuntimeError(
-                    f"moa-vllm: layer {layer}: request {step.req_ids[r]!r} needs {ring_blocks[r]} ring + {cols} "
+                    f"moa-vllm: request {step.req_ids[r]!r} needs {ring_blocks[r]} ring + {cols} "
                     f"prefix columns but the block table has {width}; refusing to write another request's blocks"
                 )
             rows[r] = block_table[r, ring_blocks[r] : ring_blocks[r] + cols]
-        step.prefix_ids[layer] = rows
+        step.prefix_ids = rows
 
     def _commit_pending(self) -> None:
         for r in self._pending:
