@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, x in r["plans"].items():
             print(
                 f"  {name}: vLLM block tables (moa, {x['vllm_block_tables_moa_config']['groups']} group) "
-                f"{x['vllm_block_tables_moa_config']['device'] / 2**20:.1f} MiB = {x['vllm_moa_over_stock_device']:.2f}x "
+                f"{x['vllm_block_tables_moa_config']['device'] / 2**20:.1f} MiB = "
+                f"{x['vllm_moa_over_stock_device']:.2f}x "
                 f"stock with prefix caching, {x['vllm_block_tables_moa_no_prefix_caching']['device'] / 2**20:.1f} MiB "
                 f"= {x['vllm_moa_no_prefix_caching_over_stock_device']:.2f}x without; ring metadata "
                 + "; ".join(

@@ -41,8 +41,8 @@ def error(batch, segments: int = 1, mutate=None) -> float:
     rings = batch.visible.shape[0]
     scratch = split_scratch(rings, segments, batch.query.shape[1] // batch.base.shape[1], batch.query.shape[2],
                             "cpu") if segments > 1 else None  # fmt: skip
-    ring_decode(*args, got, segments=segments, scratch=scratch, scales=batch.scales)
-    ring_decode_reference(*batch.args(), want, scales=batch.scales)
+    ring_decode(*args, got, segments=segments, scratch=scratch, scales=batch.scales, cell_map=batch.cell_map)
+    ring_decode_reference(*batch.args(), want, scales=batch.scales, cell_map=batch.cell_map)
     return float((got.double() - want.double()).abs().max())
 
 
@@ -60,6 +60,18 @@ def cases() -> dict[str, float]:
         spans, seq = random_rows(40 + group, heads=8)
         batch = make_decode_batch(spans, seq, group=group, head_dim=128, seed=40 + group)
         out[f"geometry-h8-g{group}-d128"] = error(batch, segments=16)
+    # The rings of one layer of a group of 5 (all MoA layers in one KV cache group): a block holds a page per layer,
+    # the layer's region starts after the earlier layers' pages (cell map of vLLM's layer-outer allocation).
+    spans, seq = random_rows(70, heads=3)
+    batch = make_decode_batch(spans, seq, group=3, seed=70, layers=5)
+    out["group-of-5-layers"] = error(batch)
+    out["group-of-5-layers-split4"] = error(batch, segments=4)
+    cell_map = batch.cell_map
+    batch.cell_map = None  # read as if each block held one layer page: other cells than the rings'
+    got, want = torch.full_like(batch.query, 7.0), torch.full_like(batch.query, 7.0)
+    ring_decode(*batch.args(), got)
+    ring_decode_reference(*batch.args(), want, cell_map=cell_map)
+    out["mutation-group-read-without-cell-map"] = float((got.double() - want.double()).abs().max())
     # Head dim not a power of two, a page larger than most rings.
     spans, seq = random_rows(6, heads=2)
     out["head-dim-48"] = error(make_decode_batch(spans, seq, group=2, head_dim=48, page=64, seed=6))

@@ -37,8 +37,9 @@ def error(batch, rows=None, kernel_span_delta: int = 0, reference_window_delta: 
     args = batch.args(rows)
     if kernel_span_delta:
         args = (*args[:7], args[7] + kernel_span_delta, *args[8:])
-    ring_prefill(*args, got, scales=batch.scales)
-    ring_prefill_reference(*batch.args(rows), want, window_delta=reference_window_delta, scales=batch.scales)
+    ring_prefill(*args, got, scales=batch.scales, cell_map=batch.cell_map)
+    ring_prefill_reference(*batch.args(rows), want, window_delta=reference_window_delta, scales=batch.scales,
+                           cell_map=batch.cell_map)  # fmt: skip
     return float((got.double() - want.double()).abs().max())
 
 
@@ -72,6 +73,11 @@ def cases() -> dict[str, float]:
     # The chunk starts below the sinks: sink keys come from the fresh K/V; one ring never wraps (span > seq).
     batch = make_batch([[40, 200]], [2], [60], group=3, sinks=8, seed=5)
     out["sinks-in-chunk"] = error(batch)
+    # One layer of a group of 5 (all MoA layers in one KV cache group): its region after the earlier layers' pages,
+    # cells through the layer-outer cell map.
+    spans, computed, chunks = random_rows(70, 4, heads=2)
+    batch = make_batch(spans, computed, chunks, group=3, seed=70, layers=5)
+    out["group-of-5-layers"] = error(batch)
     # Head dim not a power of two (masked lanes), page larger than the ring.
     batch = make_batch([[24, 37]], [130], [45], group=2, head_dim=48, page=64, seed=6)
     out["head-dim-48"] = error(batch)

@@ -43,3 +43,8 @@ def test_fp8_cells_match_the_reference(errors, fp8):
 @pytest.mark.parametrize("case", ["base-plus-one", "packed-read-interleaved", "visible-plus-one"])
 def test_a_ring_read_at_the_wrong_pages_fails(errors, case):
     assert not errors[f"mutation-{case}"] < 1e-2  # NaN (a never-written slot was read) fails too
+
+
+def test_one_layer_of_a_group_of_layers_matches_the_reference_and_needs_its_cell_map(errors):
+    assert errors["group-of-5-layers"] < TOL["float32"] and errors["group-of-5-layers-split4"] < TOL["float32"]
+    assert not errors["mutation-group-read-without-cell-map"] < 1e-2

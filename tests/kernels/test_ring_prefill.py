@@ -24,7 +24,7 @@ def test_random_rings_match_the_reference(errors, dtype, group, sinks):
     assert errors[f"random-{dtype}-g{group}-s{sinks}"] < TOL[dtype]
 
 
-@pytest.mark.parametrize("case", ["sinks-in-chunk", "head-dim-48", "row-subset"])
+@pytest.mark.parametrize("case", ["sinks-in-chunk", "head-dim-48", "row-subset", "group-of-5-layers"])
 def test_edge_cases_match_the_reference(errors, case):
     assert errors[case] < TOL["float32"]
 

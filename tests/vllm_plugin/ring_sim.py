@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import torch
 
-from moa_vllm.ops.reference import reference_attention
 from moa_vllm.ops.page_format import region_cells
+from moa_vllm.ops.reference import reference_attention
 from moa_vllm.ops.ring_layout import blocks_needed, ring_spans
 from moa_vllm.vllm_plugin.moa.backend import ring_forward
 from moa_vllm.vllm_plugin.moa.engine_context import EngineContext

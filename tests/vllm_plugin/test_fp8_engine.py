@@ -71,8 +71,8 @@ def runs(model_dir, plans, prompts):
         calls: dict[int, list] = {}
         real = backend.ring_forward
 
-        def recording(q, k, v, out_, kv_cache, kernels, step, layer, sinks, scale):
-            real(q, k, v, out_, kv_cache, kernels, step, layer, sinks, scale)
+        def recording(q, k, v, out_, view, cell_map, page, kernels, step, layer, sinks, scale):
+            real(q, k, v, out_, view, cell_map, page, kernels, step, layer, sinks, scale)
             calls.setdefault(layer, []).append((q.clone(), k.clone(), v.clone(), out_.clone(), kernels.k_scale,
                                                 kernels.v_scale, scale))  # fmt: skip
 

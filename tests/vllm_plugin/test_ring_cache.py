@@ -10,7 +10,7 @@ import pytest
 
 from moa_vllm.data import natural_prompt
 from moa_vllm.plan import Plan, PlanMetadata, Rule, fingerprint_from_hf_config, load_hf_config, save_plan
-from moa_vllm.plan.ring import layer_blocks
+from moa_vllm.plan.ring import group_blocks, layer_blocks
 from moa_vllm.plan.span import served_length
 from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 from tests.vllm_plugin.conftest import close_llm, engine_core, make_llm
@@ -95,14 +95,15 @@ def runs(model_dir, plan, prompts, tmp_path_factory):
 def test_blocks_equal_the_plan_formula_and_never_change(runs, plan, prompts):
     for rid, (prompt, max_tokens) in zip(runs["plain"][0], prompts):
         n = served_length(len(prompt), max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
-        want = [
+        per_layer = [
             layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, BLOCK, len(rules))
             for rules in plan.rules
         ]
+        want = [group_blocks(per_layer, len(plan.rules))]  # one group: every layer's layer pages in its blocks
         trace = [t for t in runs["traces"][rid] if any(t)]  # steps while the request was admitted
         assert trace, "request never held blocks"
         assert all(t == want for t in trace), f"N={n}: held {trace[0]} vs plan {want}"
-        assert len(set(want)) > 1  # the plan really gives layers different sizes
+        assert len(set(per_layer)) > 1  # the plan really gives layers different sizes
 
 
 def test_every_block_returns_to_the_pool(runs):

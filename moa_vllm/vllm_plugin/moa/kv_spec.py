@@ -66,6 +66,12 @@ class MoARingSpec(AttentionSpec):
     span_grid: int = 0  # steps per octave N is rounded up to before spans are taken (plan/span.span_length)
     prefix_blocks: bool = False  # prefix caching on: keep position-ordered prefix blocks after the ring
 
+    def __hash__(self) -> int:
+        """A cheap hash (equal specs hash equally): the generated one would hash every layer's rules on each call,
+        and the scheduler hashes the spec for every memoised block count (`_blocks_for_length`)."""
+        return hash((self.block_size, self.num_kv_heads, self.head_size, self.sink_tokens, self.min_span,
+                     len(self.alphas), self.tp_size, self.span_grid, self.prefix_blocks))  # fmt: skip
+
     @property
     def num_layers(self) -> int:
         return len(self.alphas)
