@@ -56,7 +56,9 @@ def test_equal_span_layers_decode_each_request_as_one_sequence(kv, d, heads, g, 
     alphas[0], betas[0] = 50.0, 0.0  # layer 0: every head's span is 50 (a uniform window)
     calls = []
     fast = CpuRingKernels.decode_heads
-    monkeypatch.setattr(CpuRingKernels, "decode_heads", lambda self, *a: (calls.append(a[2]), fast(self, *a)))
+    monkeypatch.setattr(
+        CpuRingKernels, "decode_heads", lambda self, *a, **kw: (calls.append(a[2]), fast(self, *a, **kw))
+    )
     sim = make_sim(CpuRingKernels, torch.float32, alphas, betas, [230, 170], seed=41, g=g, d=d, scale=d**-0.5, kv=kv)
     if kv != "auto":
         sim.kernels.set_scales(0.5, 0.25)

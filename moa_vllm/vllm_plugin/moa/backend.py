@@ -431,8 +431,9 @@ def ring_forward(
         kernels.write(view, step.decode_slots(layer), k[:nd].reshape(nd * h, d), v[:nd].reshape(nd * h, d))
         if heads_batched:  # interleaved rings: one H-head sequence per request over its layer pages
             blocks = step.layer_pages(layer)  # [nd, P]: ring page k of every head is cell h of layer page k
-            visible = step.visible[layer, : nd * h].view(nd, h)[:, 0].contiguous()
-            kernels.decode_heads(q[:nd], view, h, blocks, visible, scale, out[:nd])
+            key, visible = step.head_visible(layer)  # layers of equal spans share it (and the kernel's metadata)
+            kernels.decode_heads(q[:nd], view, h, blocks, visible, scale, out[:nd], key=key,
+                                 cache=step.kernel_metadata)  # fmt: skip
         elif kernels.decode_rings is not None:  # the kernel looks each ring page up in vLLM's block table
             layout = step.layout(layer)
             kernels.decode_rings(q[:nd], view, step.block_table[:nd], RingPages(*(t[:nd] for t in layout)),

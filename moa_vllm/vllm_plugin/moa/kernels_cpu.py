@@ -63,6 +63,8 @@ class CpuRingKernels(RingKernels):
         seq_lens: torch.Tensor,  # [R] int32: keys in every ring of the request (equal spans)
         scale: float,
         out: torch.Tensor,  # [R, H * G, D]
+        key: tuple | None = None,  # equal keys: the same seq_lens (layers of one step with equal spans)
+        cache: dict | None = None,  # the step's CPU_ATTN metadata by key, shared by every layer's kernels
     ) -> None:
         """Decode of requests whose H rings have equal spans: interleaved rings (head h's page k is cell h of block
         k) are vLLM's own layout, so CPU_ATTN reads each request as one sequence with H KV heads. One sequence per
@@ -71,7 +73,7 @@ class CpuRingKernels(RingKernels):
         layered = cell_view.view(cell_view.shape[0] // heads, heads, 2 * self.page, cell_view.shape[-1])
         qsl = self._query_start_loc(blocks.shape[0], query.device)
         pages = (layered[:, :, : self.page], layered[:, :, self.page :])
-        self._run(query, pages, heads, blocks, seq_lens, qsl, scale, out)
+        self._run(query, pages, heads, blocks, seq_lens, qsl, scale, out, key, cache)
 
     def attend(
         self,
@@ -97,9 +99,22 @@ class CpuRingKernels(RingKernels):
         qsl: torch.Tensor,
         scale: float,
         out: torch.Tensor,
+        key: tuple | None = None,
+        cache: dict | None = None,
     ) -> None:
-        """One CPU_ATTN call (scheduler metadata + attention) over paged K/V with `kv_heads` heads per page."""
-        metadata = ops.cpu_attn_get_scheduler_metadata(
+        """One CPU_ATTN call (scheduler metadata + attention) over paged K/V with `kv_heads` heads per page. The
+        scheduler metadata depends only on the shapes and seq_lens: calls with one key (same seq_lens) share it
+        through `cache`, as stock vLLM builds it once per step for every layer."""
+        shape_key = (key, tables.shape[0], query.shape[1], kv_heads, query.shape[2], self.dtype)
+        metadata = cache.get(shape_key) if key is not None and cache is not None else None
+        if metadata is None:
+            metadata = self._metadata_for(query, kv_heads, tables, seq_lens, qsl)
+            if key is not None and cache is not None:
+                cache[shape_key] = metadata
+        self._attend(query, pages, tables, seq_lens, qsl, scale, out, metadata)
+
+    def _metadata_for(self, query, kv_heads: int, tables, seq_lens, qsl):
+        return ops.cpu_attn_get_scheduler_metadata(
             num_reqs=tables.shape[0],
             num_heads=query.shape[1],
             num_kv_heads=kv_heads,
@@ -113,6 +128,8 @@ class CpuRingKernels(RingKernels):
             enable_kv_split=self._split_kv,
             **({"kv_cache_dtype": self.kv_cache_dtype} if self.quant else {}),
         )
+
+    def _attend(self, query, pages, tables, seq_lens, qsl, scale: float, out, metadata) -> None:
         ops.cpu_attention_with_kv_cache(
             query=query,
             key_cache=pages[0],

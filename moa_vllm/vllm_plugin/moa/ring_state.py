@@ -116,6 +116,8 @@ class RingStep:
 
     _table_layer: int | None = None  # the layer whose tables the scratch holds
     _equal_spans: list[bool] | None = None  # per layer: every decode row's H rings have one span (host)
+    _head_visible: dict | None = None  # layer -> (key, [num_decodes] int32): shared by layers of equal spans
+    kernel_metadata: dict = field(default_factory=dict)  # a kernel's per-call metadata that layers share (CPU_ATTN)
 
     def finalize(self, sinks: int, page: int, cell_map: CellMap) -> None:
         """The layers' region offsets, visible lengths and the decode tokens' slot parts of all layers in one go
@@ -188,6 +190,24 @@ class RingStep:
             spans = self.spans[:, : self.num_decodes]
             self._equal_spans = (spans == spans[..., :1]).all(dim=2).all(dim=1).tolist()
         return self._equal_spans[layer]
+
+    def head_visible(self, layer: int) -> tuple[tuple, torch.Tensor]:
+        """An equal-span layer's keys per decode row [num_decodes] int32, and a key that layers with the same
+        decode spans share (the dense plan's layers all do): a kernel may reuse its per-call metadata across them.
+        Host reads once per step (CPU kernels only, as `equal_spans`)."""
+        if self._head_visible is None:
+            nd = self.num_decodes
+            rows = self.spans[:, :nd, 0]
+            groups: dict[tuple, tuple] = {}
+            self._head_visible = {}
+            for index, spans in enumerate(rows.tolist()):
+                if not self.equal_spans(index):
+                    continue
+                if tuple(spans) not in groups:
+                    visible = torch.minimum(self.seq_lens[:nd].to(rows.device), rows[index]).to(torch.int32)
+                    groups[tuple(spans)] = ((self.serial, len(groups)), visible.contiguous())
+                self._head_visible[index] = groups[tuple(spans)]
+        return self._head_visible[layer]
 
     def decode_slots(self, layer: int) -> torch.Tensor:
         """Flat one-head slots [num_decodes*H] of the decode rows' new tokens at this layer (from the layer's vLLM
