@@ -130,18 +130,20 @@ def _label(name: str, plan: str) -> str:
 def plan_concurrency(plan_path: str, config: dict, n: int, budget: int) -> dict:
     """The ring formula's blocks per request of N tokens and the concurrency the budget gives at that."""
     from moa_vllm.plan import load_plan
-    from moa_vllm.plan.ring import layer_blocks
+    from moa_vllm.plan.ring import group_blocks, layer_blocks
 
     plan = load_plan(plan_path)
     heads, dim = (
         config["num_key_value_heads"],
         config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
     )
-    block_bytes = heads * BLOCK * 2 * dim * 4  # one layer's block: H pages of K and V, fp32
-    blocks = sum(
-        layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, BLOCK, heads)
-        for rules in plan.rules
-    )
+    layers = len(plan.rules)
+    block_bytes = layers * heads * BLOCK * 2 * dim * 4  # one block of the MoA group: a layer page per layer, fp32
+    blocks = group_blocks(
+        [layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, BLOCK, heads)
+         for rules in plan.rules],
+        layers,
+    )  # fmt: skip
     pages = sum(-(-r.span(n, plan.min_span) // BLOCK) for layer in plan.rules for r in layer)
     tokens = sum(r.span(n, plan.min_span) for layer in plan.rules for r in layer)
     return {

@@ -20,7 +20,7 @@ import pytest
 
 from moa_vllm.plan import load_plan
 from moa_vllm.plan.io import plan_digest
-from moa_vllm.plan.ring import layer_blocks
+from moa_vllm.plan.ring import group_blocks, layer_blocks
 from moa_vllm.plan.span import served_length
 from moa_vllm.server_process import SERVER_ENV, free_port, stop, wait_ready
 from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
@@ -133,9 +133,12 @@ def test_requests_route_and_gauges_follow_the_load(server, folder, tokenizer):
     report = max(seen, key=lambda r: r["totals"]["requests"])
     block = report["totals"]["block_size"]
     n = served_length(prompt_tokens, 200, 2048, DEFAULT_SPAN_GRID)  # the server caches prefixes
-    expected_blocks = sum(
-        layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, block, len(rules))
-        for rules in plan.rules
+    expected_blocks = group_blocks(  # one KV cache group: every layer's layer pages in the request's blocks
+        [
+            layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, block, len(rules))
+            for rules in plan.rules
+        ],
+        len(plan.rules),
     )
     for row in report["requests"]:
         assert row["n"] == n and row["blocks"] == expected_blocks and row["state"] == "running"
