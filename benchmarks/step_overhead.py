@@ -100,7 +100,7 @@ def run_one(model_dir: Path, plan: str | None) -> list[dict]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     import numpy as np
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
     from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -109,6 +109,7 @@ def run_one(model_dir: Path, plan: str | None) -> list[dict]:
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     import moa_vllm
+    from benchmarks.real_shapes import STOCK, make_llm  # the dummy-weight engine of the real-shape harness
 
     moa_vllm.register()
     from moa_vllm.vllm_plugin.moa.backend import MoAImpl
@@ -143,20 +144,7 @@ def run_one(model_dir: Path, plan: str | None) -> list[dict]:
 
     Scheduler.schedule = schedule
     EngineCore.step = step
-    moa = {} if plan is None else {"attention_backend": "moa", "additional_config": {"moa": {"plan": plan}}}
-    llm = LLM(
-        model=str(model_dir),
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        max_model_len=MAX_LEN,
-        max_num_seqs=REQUESTS,
-        dtype="float32",
-        enforce_eager=True,
-        block_size=128,
-        seed=0,
-        kv_cache_memory_bytes=int(KV_GIB * 2**30),
-        **moa,
-    )
+    llm = make_llm(model_dir, plan or STOCK, KV_GIB, MAX_LEN, max_num_seqs=REQUESTS)
     rng = np.random.default_rng(0)
     prompts = [TokensPrompt(prompt_token_ids=rng.integers(3, 2000, PROMPT).tolist()) for _ in range(REQUESTS)]
     timers.steps.clear()
