@@ -7,8 +7,7 @@
 # The base commit runs from a git worktree through PYTHONPATH, which shadows the editable install of this tree.
 set -euo pipefail
 base=$1; out=$(realpath -m "$2"); shift 2
-parts=("${@:-decode prefill concurrency serve}")
-read -r -a parts <<< "${parts[*]}"
+[ $# -gt 0 ] || set -- decode prefill concurrency serve
 head_dir=$(cd "$(dirname "$0")/.." && pwd)
 py="$head_dir/.venv/bin/python"
 wt="$out/worktree"
@@ -22,7 +21,7 @@ at() {  # at base|head CMD...: run a harness module from that tree
     if [ "$side" = base ]; then (cd "$wt" && PYTHONPATH="$wt:$wt/kernels" "$py" "$@")
     else (cd "$head_dir" && "$py" "$@"); fi
 }
-for part in "${parts[@]}"; do
+for part in "$@"; do
     case $part in
         decode)      for s in base head; do at $s benchmarks/decode_speed.py equal-batch --out "$out/$s"; done ;;
         prefill)     for s in base head; do at $s -m benchmarks.prefill_speed alone --out "$out/$s"; done ;;
