@@ -2,7 +2,7 @@
 error, every completed greedy output equal to the same request run alone, vLLM's KV usage back to 0 (every block
 back in the pool) after each round, resident memory not growing across rounds.
 
-CI runs the short version (8 clients, prompts up to 1.5k tokens, 2 rounds); `pytest -m slow tests/server` runs the
+CI runs the short version (8 clients, prompts up to 1k tokens, 2 rounds); `pytest -m slow tests/server` runs the
 full one (32 clients, prompts up to 8k, 10% disconnecting, 2 rounds)."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Load:
     kv_gib: int
 
 
-SHORT = Load(clients=8, max_prompt=1500, max_model_len=2048, rounds=2, disconnect_every=4, max_tokens=24, kv_gib=1)
+SHORT = Load(clients=8, max_prompt=1000, max_model_len=2048, rounds=2, disconnect_every=4, max_tokens=24, kv_gib=1)
 FULL = Load(clients=32, max_prompt=8000, max_model_len=8192, rounds=2, disconnect_every=10, max_tokens=32, kv_gib=2)
 
 

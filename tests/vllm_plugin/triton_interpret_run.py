@@ -28,7 +28,7 @@ def main() -> int:
     if heads == 3:
         alphas = torch.tensor([[20.0, 40.0, 70.0]]).double()
         betas = torch.tensor([[0.0, 0.1, 0.0]]).double()
-        lengths, tail = [130, 110], 90
+        lengths, tail = [96, 80], 48  # spans 20 / ~49 / 70 (+ sinks): one ring wraps in prefill, all in decode
     else:  # spans 16..44 tokens at N 64 / 72, a 24-token decode tail: every ring wraps, in prefill or decode
         alphas = torch.linspace(16.0, 44.0, heads).double()[None]
         betas = torch.zeros(1, heads).double()
