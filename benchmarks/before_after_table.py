@@ -1,6 +1,6 @@
 """The table of a benchmarks/before_after.sh run: per harness and configuration the figure on the base commit and on
 the head, each as a ratio to stock vLLM measured in the same harness run (so a drift of the machine between runs
-cancels), and head / base of those ratios.
+cancels; the served prefix_cache runs share one stock run, on the head side), and head / base of those ratios.
 
     python -m benchmarks.before_after_table OUT > OUT/README.md
 """
@@ -35,6 +35,34 @@ PARTS = (  # file, config key, figure, label, lower is better
 )
 
 
+SERVED = (  # prefix_cache workload, figure, label, lower is better
+    ("prefix", "output_throughput", "served prefix_repetition output tok/s", False),
+    ("prefix", "median_ttft_ms", "served prefix_repetition TTFT p50 (ms)", True),
+    ("random", "output_throughput", "served random output tok/s", False),
+    ("chat", "output_throughput", "served multi-turn chat output tok/s", False),
+    ("chat", "prefix_cache_hits_total_delta", "served multi-turn chat hit tokens", False),
+)
+
+
+def _served(side: Path, stock: Path, workload: str, value: str, lower: bool) -> dict[str, tuple[float, float]]:
+    """config -> (figure, relative to stock) from prefix_cache's per-run JSON; stock runs once (head side)."""
+    runs = sorted(side.glob(f"prefix_cache/runs/*/{workload}.json"))
+    ref = stock / "prefix_cache" / "runs" / "stock" / f"{workload}.json"
+    if not runs or not ref.exists():
+        return {}
+    rows = [json.loads(ref.read_text()) | {"config": STOCK[0]}, *(json.loads(p.read_text()) for p in runs if p != ref)]
+    return _ratios(rows, "config", value, lower)
+
+
+def _lines(label: str, base: dict, head: dict) -> list[str]:
+    return [
+        f"| {label} | {c} | {base[c][0]:.4g} | {base[c][1]:.2f} | {head[c][0]:.4g} | {head[c][1]:.2f} | "
+        f"{head[c][1] / base[c][1]:.2f} |"
+        for c in head
+        if c in base
+    ]
+
+
 def table(out: Path) -> str:
     base_commit = (out / "base" / "commit").read_text().strip()[:7]
     head_commit = (out / "head" / "commit").read_text().strip()[:7]
@@ -50,9 +78,11 @@ def table(out: Path) -> str:
         if base is None or head is None:
             continue
         b, h = _ratios(base, key, value, lower), _ratios(head, key, value, lower)
-        for config in [c for c in h if c in b]:
-            (bv, br), (hv, hr) = b[config], h[config]
-            lines.append(f"| {label} | {config} | {bv:g} | {br:.2f} | {hv:g} | {hr:.2f} | {hr / br:.2f} |")
+        lines += _lines(label, b, h)
+    for workload, value, label, lower in SERVED:
+        b = _served(out / "base", out / "head", workload, value, lower)
+        h = _served(out / "head", out / "head", workload, value, lower)
+        lines += _lines(label, b, h)
     return "\n".join(lines)
 
 
