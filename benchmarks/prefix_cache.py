@@ -45,6 +45,10 @@ def configs() -> list[Config]:
         Config("moa-d0.25", str(PLANS / "moa-d0.25.json"), prefix_caching=True),
         Config("moa-d0.50", str(PLANS / "moa-d0.50.json"), prefix_caching=True),
         Config("moa-d0.25-nocache", str(PLANS / "moa-d0.25.json"), prefix_caching=False),
+        # a conversation's spans held still: by the server (span_length) or by the client (moa_span_length)
+        Config("moa-d0.25-span8192", str(PLANS / "moa-d0.25.json"), True, moa_settings=(("span_length", 8192),)),
+        Config("moa-d0.25-hint8192", str(PLANS / "moa-d0.25.json"), True, span_hint=8192),
+        Config("moa-d0.25-grid8", str(PLANS / "moa-d0.25.json"), True, moa_settings=(("span_grid", 8),)),
     ]
 
 
@@ -67,13 +71,16 @@ def _words(rng: random.Random, n: int) -> str:
 
 
 def chat(port: int, conversations: int, turns: int, system_sentences: int, user_sentences: int, out_tokens: int,
-         seed: int) -> dict:  # fmt: skip
+         seed: int, span_hint: int | None = None) -> dict:  # fmt: skip
     """Conversations in parallel through the OpenAI client; per turn its time to first token (streamed)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
     records: list[dict] = []
     lock = threading.Lock()
+    body: dict = {"ignore_eos": True}
+    if span_hint is not None:
+        body["vllm_xargs"] = {"moa_span_length": span_hint}
 
     def converse(c: int) -> None:
         rng = random.Random(seed * 1000 + c)
@@ -84,7 +91,7 @@ def chat(port: int, conversations: int, turns: int, system_sentences: int, user_
             first, text, usage = None, [], None
             stream = client.chat.completions.create(
                 model=SERVED_NAME, messages=messages, max_tokens=out_tokens, temperature=0, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                stream_options={"include_usage": True}, extra_body=body,
             )  # fmt: skip
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
@@ -119,10 +126,10 @@ def chat(port: int, conversations: int, turns: int, system_sentences: int, user_
     }
 
 
-def run_workload(name: str, port: int, model: str, args, result: Path) -> dict:
+def run_workload(name: str, port: int, model: str, args, result: Path, span_hint: int | None = None) -> dict:
     if name == "chat":
         return chat(port, args.chat_conversations, args.chat_turns, args.chat_system_sentences,
-                    args.chat_user_sentences, args.output_len, args.seed)  # fmt: skip
+                    args.chat_user_sentences, args.output_len, args.seed, span_hint)  # fmt: skip
     if name == "prefix":
         run = dict(dataset="prefix_repetition", prefix_len=args.prefix_len, suffix_len=args.suffix_len,
                    num_prefixes=args.num_prefixes, output_len=args.output_len)  # fmt: skip
@@ -146,7 +153,7 @@ def run_config(config: Config, model: str, args, logs: Path) -> dict[str, dict]:
             print(f"{config.name}: {w}", flush=True)
             before = prefix_cache_counters(server.port)
             raw = runs / f"{w}.bench.json"
-            figures = run_workload(w, server.port, model, args, raw)
+            figures = run_workload(w, server.port, model, args, raw, config.span_hint)
             after = prefix_cache_counters(server.port)
             row = {"config": config.name, "workload": w, "prefix_caching": config.prefix_caching, **capacity,
                    **{k: v for k, v in figures.items() if k != "records"},

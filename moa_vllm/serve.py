@@ -69,12 +69,43 @@ def server_argv(model: str, plan_path: str | None, extra: list[str], served_name
     """vLLM's server command; without plan_path the plugin finds the plan the model folder carries."""
     argv = [sys.executable, "-m", SERVER_MODULE, "--model", model, "--attention-backend", "moa"]
     if plan_path is not None:
-        argv += ["--additional-config", json.dumps({"moa": {"plan": str(Path(plan_path).resolve())}})]
+        config, extra = _without_flag(extra, "--additional-config")
+        merged = additional_config(config)
+        merged["moa"] = {**merged.get("moa", {}), "plan": str(Path(plan_path).resolve())}
+        argv += ["--additional-config", json.dumps(merged)]
     if not _has_flag(extra, "--host"):
         argv += ["--host", DEFAULT_HOST]
     if served_name and not _has_flag(extra, "--served-model-name"):
         argv += ["--served-model-name", served_name]
     return argv + extra
+
+
+def additional_config(text: str | None) -> dict:
+    """The user's --additional-config JSON (its moa section is where --plan goes), checked to be an object."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PlanError(f"--additional-config: not JSON ({err.msg} at character {err.pos}): {text!r}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("moa", {}), dict):
+        raise PlanError(f'--additional-config: expected a JSON object (with an object under "moa"), got {text!r}')
+    return value
+
+
+def _without_flag(args: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """(the flag's last value, args without it)."""
+    value, rest, skip = None, [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg == flag and i + 1 < len(args):
+            value, skip = args[i + 1], True
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return value, rest
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:

@@ -52,7 +52,7 @@ def _per_kv_head(rec, query: int, keys: torch.Tensor, group: int) -> np.ndarray:
 
 def sees(plan: Plan, case: ProseCase, max_model_len: int) -> np.ndarray:
     """[layers, kv_heads] bool: the head's span lets the last prompt position see a token of every fact."""
-    n = served_length(case.prompt_tokens, case.max_tokens, max_model_len, SPAN_GRID)
+    n, cap = served_length(case.prompt_tokens, case.max_tokens, max_model_len, SPAN_GRID)
     query = case.prompt_tokens - 1
     return np.array(
         [
@@ -60,7 +60,7 @@ def sees(plan: Plan, case: ProseCase, max_model_len: int) -> np.ndarray:
                 all(any(visible(query, k, plan.sink_tokens, w) for k in range(a, b)) for a, b in case.fact_spans)
                 for w in layer
             ]
-            for layer in plan.windows(n)
+            for layer in plan.windows(n, cap)
         ]
     )
 

@@ -18,7 +18,7 @@ from moa_vllm.plan.span import served_length
 
 Z95 = 1.959963984540054
 BOOTSTRAP = 2000
-SPAN_GRID = 8  # the server's with prefix caching on (vllm_plugin.settings.DEFAULT_SPAN_GRID): spans at served N
+SPAN_GRID = 1  # the server's with prefix caching on (vllm_plugin.settings.DEFAULT_SPAN_GRID): spans at served N
 
 
 def wilson(successes: int, n: int) -> tuple[float, float]:
@@ -43,9 +43,9 @@ def answer_key(case: ProseCase) -> tuple[str, int]:
 
 def heads_seeing_facts(plan: Plan, case: ProseCase, max_model_len: int) -> float:
     """Share of (layer, KV head) whose span lets the last prompt token see a token of every fact."""
-    n = served_length(case.prompt_tokens, case.max_tokens, max_model_len, SPAN_GRID)
+    n, cap = served_length(case.prompt_tokens, case.max_tokens, max_model_len, SPAN_GRID)
     query = case.prompt_tokens - 1
-    windows = [w for layer in plan.windows(n) for w in layer]
+    windows = [w for layer in plan.windows(n, cap) for w in layer]
     sees = sum(
         all(any(visible(query, k, plan.sink_tokens, w) for k in range(a, b)) for a, b in case.fact_spans)
         for w in windows

@@ -3,6 +3,7 @@ log, vLLM's KV usage gauge sampled while it works, stopped cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -25,6 +26,8 @@ class Config:
     plan: str | None  # None: stock vLLM with its own attention backend
     prefix_caching: bool = False  # the serving grid measures without it; benchmarks/prefix_cache.py with it
     kv_cache_dtype: str = "auto"  # fp8 / fp8_e4m3 / fp8_e5m2: one byte per cached value
+    moa_settings: tuple[tuple[str, int], ...] = ()  # additional_config.moa beside the plan (span_length, span_grid)
+    span_hint: int | None = None  # the client's moa_span_length on every request (benchmarks/prefix_cache.py chat)
 
 
 def server_cmd(model: str, config: Config, port: int, kv_bytes: int, max_model_len: int, dtype: str) -> list[str]:
@@ -36,6 +39,8 @@ def server_cmd(model: str, config: Config, port: int, kv_bytes: int, max_model_l
     ]  # fmt: skip
     if config.plan is None:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *common]
+    if config.moa_settings:
+        common += ["--additional-config", json.dumps({"moa": dict(config.moa_settings)})]
     return [sys.executable, "-m", "moa_vllm.cli", "serve", model, "--plan", config.plan, *common]
 
 

@@ -71,11 +71,15 @@ def layer_offsets(spans: torch.Tensor, page: int, heads: int) -> torch.Tensor:
     return (torch.cumsum(blocks, dim=0) - blocks) * heads
 
 
-def ring_spans(alphas: torch.Tensor, betas: torch.Tensor, n: torch.Tensor, min_span: int) -> torch.Tensor:
-    """Spans [L, R, H] for rules [L, H] and request lengths n [R]; same rounding as moa_vllm.plan.span."""
+def ring_spans(
+    alphas: torch.Tensor, betas: torch.Tensor, n: torch.Tensor, min_span: int, cap: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Spans [L, R, H] for rules [L, H] at span lengths n [R] of requests of `cap` [R] tokens (None: n); same rounding
+    as moa_vllm.plan.span.span_tokens."""
     n64 = n.to(torch.float64)[None, :, None]
+    top = n64 if cap is None else torch.minimum(n64, cap.to(torch.float64)[None, :, None])
     raw = torch.floor(alphas.to(torch.float64)[:, None, :] + betas.to(torch.float64)[:, None, :] * n64 + 0.5)
-    return torch.minimum(torch.clamp(raw, min=float(min_span)), n64).to(torch.int64)
+    return torch.minimum(torch.clamp(raw, min=float(min_span)), top).to(torch.int64)
 
 
 def ring_pages(spans: torch.Tensor, page: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import hashlib
 
 import numpy as np
 
-from moa_vllm.plan.span import span_length
+from moa_vllm.plan.span import span_length, span_tokens
 
 
 class SpanSignature:
@@ -37,11 +37,11 @@ class SpanSignature:
 
 
 def request_spans(
-    alphas: np.ndarray, betas: np.ndarray, n: int, min_span: int
+    alphas: np.ndarray, betas: np.ndarray, n: int, min_span: int, cap: int | None = None
 ) -> np.ndarray:
-    """Spans of every (layer, KV head) for a request of length n (same rounding as span.span_tokens)."""
-    raw = np.floor(np.asarray(alphas, dtype=np.float64) + np.asarray(betas, dtype=np.float64) * n + 0.5)
-    return np.minimum(np.maximum(raw, min_span), n).astype(np.int64)
+    """Spans of every (layer, KV head) at length n for a request of `cap` tokens (span.span_tokens, vectorised)."""
+    spans = [span_tokens(a, b, n, min_span, cap) for a, b in zip(np.ravel(alphas), np.ravel(betas), strict=True)]
+    return np.asarray(spans, dtype=np.int64).reshape(np.shape(alphas))
 
 
 def signature_for(
@@ -51,9 +51,12 @@ def signature_for(
     n: int,
     max_model_len: int,
     grid: int,
+    hint: int | None = None,
+    floor: int = 0,
 ) -> SpanSignature:
-    """The span signature of a request of length n (prompt + max_tokens), spans taken at its grid length."""
-    return SpanSignature(request_spans(alphas, betas, span_length(n, max_model_len, grid), min_span))
+    """The span signature of a request of length n (prompt + max_tokens), spans taken at its span length."""
+    length = span_length(n, max_model_len, grid, hint, floor)
+    return SpanSignature(request_spans(alphas, betas, length, min_span, n))
 
 
 def cacheable_blocks(prompt_tokens: int, block_size: int) -> int:

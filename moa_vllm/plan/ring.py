@@ -65,9 +65,11 @@ def layer_blocks(
     min_span: int,
     page_tokens: int,
     heads_per_block: int,
+    cap: int | None = None,
 ) -> int:
-    """Blocks of one layer for a request of length n, for the KV heads held by one rank (their rules given)."""
-    spans = [span_tokens(a, b, n, min_span) for a, b in zip(alphas, betas, strict=True)]
+    """Blocks of one layer for spans at length n of a request of `cap` tokens (None: n), for the KV heads held by
+    one rank (their rules given)."""
+    spans = [span_tokens(a, b, n, min_span, cap) for a, b in zip(alphas, betas, strict=True)]
     return blocks_for_spans(spans, page_tokens, heads_per_block)
 
 

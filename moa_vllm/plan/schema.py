@@ -52,8 +52,8 @@ class Rule(_Strict):
             raise ValueError("alpha must be finite")
         return v
 
-    def span(self, n: int, min_span: int) -> int:
-        return span_tokens(self.alpha, self.beta, n, min_span)
+    def span(self, n: int, min_span: int, cap: int | None = None) -> int:
+        return span_tokens(self.alpha, self.beta, n, min_span, cap)
 
 
 class PlanMetadata(_Strict):
@@ -102,12 +102,12 @@ class Plan(_Strict):
         return self
 
     # ---- span math over the whole plan -------------------------------------------------------------------------
-    def spans(self, n: int) -> list[list[int]]:
-        """Tokens kept per [layer][kv_head] for a request of length n."""
-        return [[r.span(n, self.min_span) for r in layer] for layer in self.rules]
+    def spans(self, n: int, cap: int | None = None) -> list[list[int]]:
+        """Tokens kept per [layer][kv_head] for spans taken at length n, a request of `cap` tokens (None: n)."""
+        return [[r.span(n, self.min_span, cap) for r in layer] for layer in self.rules]
 
-    def windows(self, n: int) -> list[list[int]]:
-        return [[window_tokens(s, self.sink_tokens) for s in layer] for layer in self.spans(n)]
+    def windows(self, n: int, cap: int | None = None) -> list[list[int]]:
+        return [[window_tokens(s, self.sink_tokens) for s in layer] for layer in self.spans(n, cap)]
 
     def layer_max_window(self, layer: int, n: int) -> int:
         return max(window_tokens(r.span(n, self.min_span), self.sink_tokens) for r in self.rules[layer])

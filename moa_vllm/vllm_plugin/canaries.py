@@ -103,6 +103,9 @@ CANARIES: tuple[Canary, ...] = (
     Canary(
         "beam_search", "vllm.entrypoints.generate.beam_search.offline", "BeamSearchOfflineMixin.beam_search", ("self",)
     ),
+    Canary("span_hint", "vllm.sampling_params", "SamplingParams._verify_extra_args", ("self",)),
+    Canary("span_hint", "vllm.sampling_params", "SamplingParams._verify_args", ("self",)),
+    Canary("span_hint", "vllm.exceptions", "VLLMValidationError", kind="class"),
     Canary("engine_death_exit", "vllm.entrypoints.launchers.api_server.entry", "serve_http", kind="name"),
     Canary("engine_death_exit", "vllm.entrypoints.launchers.launcher", "serve_http", ("app",)),
     Canary("engine_inspect", "vllm.v1.engine.core", "EngineCore", kind="class"),

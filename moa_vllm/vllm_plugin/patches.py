@@ -25,7 +25,11 @@
   records V2's new requests (a preempted one comes back as new).
   hooks.check_runner_hooks refuses to serve (config time and worker start) when the runner in use lacks its hook.
 - beam_search: BeamSearchOnlineMixin.beam_search and BeamSearchOfflineMixin.beam_search; refused with the moa
-  backend (every beam step is a new request with another N, so the spans would change along a beam).
+  backend unless the server's span_length reaches max_model_len (every beam step is a new request with another N,
+  so without one span length for all steps the spans would change along a beam).
+- span_hint: SamplingParams._verify_extra_args; a request's `moa_span_length` (extra_args / the OpenAI API's
+  vllm_xargs) must be a positive integer, refused where the request is made (a 400 naming the field), never in the
+  engine process, whose scheduler reads it (plan/span.span_length).
 - engine_death_exit: vllm.entrypoints.launchers.api_server.entry.serve_http; when the engine process died, vLLM
   answers 500s, stops uvicorn and exits 0; with the moa backend the API server says so and exits 1 instead, so a
   supervisor sees the failure.
@@ -155,8 +159,9 @@ def _check_moa_config(vllm_config) -> None:
         return
     refuse_unsupported_features(vllm_config)
     check_runner_hooks(vllm_config)
-    global _moa_serving
+    global _moa_serving, _beam_refusal
     _moa_serving = True
+    _beam_refusal = beam_search_refusal(vllm_config)
     plan = plan_from_vllm_config(vllm_config)  # resolves (one log line names the source) and checks the plan
     max_len = vllm_config.model_config.max_model_len
     logger.info(
@@ -172,7 +177,7 @@ def _check_moa_config(vllm_config) -> None:
 def configure_prefix_caching(vllm_config) -> None:
     """Prefix caching stays as vLLM set it (on by default, --no-enable-prefix-caching off), except for a model family
     with a derived plan (the BST: its SSM state has no prefix checkpoints here), where it is turned off."""
-    from moa_vllm.vllm_plugin.settings import derived_family, span_grid
+    from moa_vllm.vllm_plugin.settings import derived_family, span_floor, span_grid
 
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching and derived_family(vllm_config.model_config.hf_config) is not None:
@@ -180,8 +185,9 @@ def configure_prefix_caching(vllm_config) -> None:
         cache.enable_prefix_caching = False
     if cache.enable_prefix_caching:
         logger.info(
-            "moa-vllm: prefix caching on for MoA layers (position-ordered prefix blocks; spans from N rounded up to "
-            "a grid of %d steps per octave)",
+            "moa-vllm: prefix caching on for MoA layers (position-ordered prefix blocks; spans taken at N, a client's "
+            "moa_span_length and at least %d tokens, rounded up to a grid of %d steps per octave)",
+            span_floor(vllm_config),
             span_grid(vllm_config),
         )
 
@@ -205,7 +211,7 @@ def moa_layer_spec(layer, vllm_config):
     same for every MoA layer, so that vLLM puts them all in one KV cache group."""
     from moa_vllm.vllm_plugin.moa.backend import layer_index
     from moa_vllm.vllm_plugin.moa.kv_spec import MoARingSpec
-    from moa_vllm.vllm_plugin.settings import span_grid
+    from moa_vllm.vllm_plugin.settings import span_floor, span_grid
 
     plan = layer.impl.plan
     layer_index(layer.layer_name)  # a layer name without an index is refused here, before any cache is made
@@ -221,6 +227,7 @@ def moa_layer_spec(layer, vllm_config):
         betas=tuple(tuple(r.beta for r in rules) for rules in plan.rules),
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
         span_grid=span_grid(vllm_config),
+        span_floor=span_floor(vllm_config),
         prefix_blocks=bool(vllm_config.cache_config.enable_prefix_caching),
     )
 
@@ -249,15 +256,23 @@ def held_blocks(kv_cache_manager, request_id: str) -> int:
     return sum(held(m, request_id) for m in ring_managers(kv_cache_manager))
 
 
-def admission_length(kv_cache_manager, request) -> int:
-    """The request's N as its rings are sized: prompt + max_tokens, capped, rounded up to the span grid."""
-    from moa_vllm.plan.span import request_length, span_length
+def admission_length(kv_cache_manager, request) -> tuple[int, int]:
+    """(L, N) of a request as its rings are sized (plan/span.served_length): its span length, from its N, its
+    client's hint and the server's floor on the span grid, and its own N, the cap of every span."""
+    from moa_vllm.plan.span import served_length
     from moa_vllm.vllm_plugin.moa.kv_spec import ring_managers
+    from moa_vllm.vllm_plugin.settings import span_hint
 
     managers = ring_managers(kv_cache_manager)
-    grid = managers[0].kv_cache_spec.span_grid if managers else 0
-    n = request_length(request.num_prompt_tokens, request.max_tokens, kv_cache_manager.max_model_len)
-    return span_length(n, kv_cache_manager.max_model_len, grid)
+    spec = managers[0].kv_cache_spec if managers else None
+    return served_length(
+        request.num_prompt_tokens,
+        request.max_tokens,
+        kv_cache_manager.max_model_len,
+        spec.span_grid if spec else 0,
+        span_hint(request.sampling_params),
+        spec.span_floor if spec else 0,
+    )
 
 
 def ring_block_bytes(kv_cache_manager) -> int:
@@ -292,8 +307,8 @@ def _admission_lengths() -> None:
             rid = request.request_id
             first = not request_lengths.is_admitted(rid)
             sign_request(self, request)
-            n = admission_length(self, request)
-            request_lengths.admit(rid, n, request.num_prompt_tokens)
+            n, own = admission_length(self, request)
+            request_lengths.admit(rid, n, request.num_prompt_tokens, own)
             num_new = args[0] if args else kwargs.get("num_new_tokens", 0)
             caching = self.enable_caching and moa_block_size(self) > 0
             if caching and single_token_prompt_chunk(request, num_new, moa_block_size(self)):
@@ -358,6 +373,7 @@ def sign_request(kv_cache_manager, request) -> None:
     from moa_vllm.plan.prefix import signature_for
     from moa_vllm.plan.span import request_length
     from moa_vllm.vllm_plugin.moa.kv_spec import ring_managers
+    from moa_vllm.vllm_plugin.settings import span_hint
 
     if getattr(request, SIGNATURE_ATTR, None) is not None or not kv_cache_manager.enable_caching:
         return
@@ -369,7 +385,8 @@ def sign_request(kv_cache_manager, request) -> None:
     betas = np.array(spec.betas, dtype=np.float64)
     max_len = kv_cache_manager.max_model_len
     n = request_length(request.num_prompt_tokens, request.max_tokens, max_len)
-    signature = signature_for(alphas, betas, spec.min_span, n, max_len, spec.span_grid)
+    hint = span_hint(request.sampling_params)
+    signature = signature_for(alphas, betas, spec.min_span, n, max_len, spec.span_grid, hint, spec.span_floor)
     setattr(request, SIGNATURE_ATTR, signature)
     if request.block_hashes:  # hashed when the request was made, without the signature: again, with it
         request.block_hashes.clear()
@@ -472,8 +489,17 @@ def _request_lengths() -> None:
 
 def record_fresh(context, scheduler_output) -> None:
     """Requests whose block lists the runner is about to (re)assign: new ones and (V1) ones resumed after
-    preemption. Their rings are laid out afresh, and a prefix-cache hit is restored into them, at their next step."""
-    context.fresh_ids.update(req.req_id for req in scheduler_output.scheduled_new_reqs)
+    preemption. Their rings are laid out afresh, and a prefix-cache hit is restored into them, at their next step.
+    New requests' span hints are kept until vLLM says they finished."""
+    from moa_vllm.vllm_plugin.settings import span_hint
+
+    for rid in getattr(scheduler_output, "finished_req_ids", None) or ():
+        context.span_hints.pop(rid, None)
+    for req in scheduler_output.scheduled_new_reqs:
+        context.fresh_ids.add(req.req_id)
+        hint = span_hint(getattr(req, "sampling_params", None))
+        if hint is not None:  # the client's span length, which the scheduler sized the rings with
+            context.span_hints[req.req_id] = hint
     cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
     context.fresh_ids.update(getattr(cached, "resumed_req_ids", None) or ())
 
@@ -557,12 +583,24 @@ def _request_lengths_v2() -> None:
 
 # ---- beam_search ----------------------------------------------------------------------------------------------------
 _moa_serving = False  # set by config_check in the API-server / LLM process when the moa backend is selected
+_beam_refusal: str | None = None  # set with it: why this server refuses beam search (None: it serves it)
 
 BEAM_SEARCH_REFUSAL = (
-    "moa-vllm: beam search is not supported with --attention-backend moa (every beam step is a new request whose "
-    "length N, and so its spans, differ: the beams would not be those of one request's spans); use sampling or "
-    "greedy decoding"
+    "moa-vllm: beam search with --attention-backend moa needs one span length for every step of the search (each "
+    "beam step is a new request whose N, and so its spans, would differ, and vLLM's beam search passes no "
+    "moa_span_length to its steps): start the server with --additional-config "
+    "'{{\"moa\": {{\"span_length\": {max_len}}}}}' (span_length >= max_model_len = {max_len}), or use sampling "
+    "or greedy decoding"
 )
+
+
+def beam_search_refusal(vllm_config) -> str | None:
+    """None when every beam step gets the spans at max_model_len (the server's span_length reaches it), so all steps
+    of a search have equal spans and each step's prefix is a cache hit; else the refusal naming the setting."""
+    from moa_vllm.vllm_plugin.settings import span_floor
+
+    max_len = vllm_config.model_config.max_model_len
+    return None if span_floor(vllm_config) >= max_len else BEAM_SEARCH_REFUSAL.format(max_len=max_len)
 
 
 def _beam_search() -> None:
@@ -572,8 +610,8 @@ def _beam_search() -> None:
     def make_async(original):
         @functools.wraps(original)
         async def beam_search(self, *args, **kwargs):
-            if _moa_serving:
-                raise ValueError(BEAM_SEARCH_REFUSAL)
+            if _moa_serving and _beam_refusal:
+                raise ValueError(_beam_refusal)
             async for item in original(self, *args, **kwargs):
                 yield item
 
@@ -582,14 +620,35 @@ def _beam_search() -> None:
     def make_sync(original):
         @functools.wraps(original)
         def beam_search(self, *args, **kwargs):
-            if _moa_serving:
-                raise ValueError(BEAM_SEARCH_REFUSAL)
+            if _moa_serving and _beam_refusal:
+                raise ValueError(_beam_refusal)
             return original(self, *args, **kwargs)
 
         return beam_search
 
     wrap_once(BeamSearchOnlineMixin, "beam_search", make_async)
     wrap_once(BeamSearchOfflineMixin, "beam_search", make_sync)
+
+
+# ---- span_hint -----------------------------------------------------------------------------------------------------
+def _span_hint() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from moa_vllm.vllm_plugin.settings import SPAN_HINT_KEY, span_hint
+
+    def make(original):
+        @functools.wraps(original)
+        def _verify_extra_args(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            try:
+                span_hint(self)
+            except ValueError as err:
+                raise VLLMValidationError(str(err), parameter=SPAN_HINT_KEY) from None
+
+        return _verify_extra_args
+
+    wrap_once(SamplingParams, "_verify_extra_args", make)
 
 
 ENGINE_DEATH_EXIT_STATUS = 1
@@ -654,6 +713,7 @@ PATCHES: tuple[Patch, ...] = (
         _request_lengths_v2,
     ),
     Patch("beam_search", "BeamSearchOnlineMixin/BeamSearchOfflineMixin.beam_search", CHECKED, _beam_search),
+    Patch("span_hint", "SamplingParams._verify_extra_args", CHECKED, _span_hint),
     Patch("engine_death_exit", "launchers.api_server.entry.serve_http", CHECKED, _engine_death_exit),
     Patch("engine_inspect", "EngineCore.moa_inspect (new utility method)", CHECKED, _engine_inspect),
 )

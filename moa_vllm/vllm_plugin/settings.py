@@ -22,9 +22,12 @@ from moa_vllm.plan.attach import PLAN_FILE, folder_plan
 PLAN_ENV = "MOA_VLLM_PLAN"
 BACKEND_PATH = "moa_vllm.vllm_plugin.moa.backend.MoABackend"
 CONFIG_KEY = "moa"
-CONFIG_FIELDS = {"plan", "span_grid"}
-DEFAULT_SPAN_GRID = 8  # steps per octave: spans up to 9% (+16 tokens) wider than at exact N
+CONFIG_FIELDS = {"plan", "span_grid", "span_length"}
+# Steps per octave while prefix caching is on: one, so a conversation's turns share spans while their N stay within one
+# doubling (spans are taken at up to 2N but never exceed N: ring bytes grow only on heads whose span grows with N).
+DEFAULT_SPAN_GRID = 1
 MAX_SPAN_GRID = 64
+SPAN_HINT_KEY = "moa_span_length"  # a request's span length from the client (SamplingParams.extra_args)
 
 logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config prints it
 
@@ -78,14 +81,20 @@ def _section(additional_config: Any) -> dict:
     section = additional_config[CONFIG_KEY]
     if not isinstance(section, dict) or not section or set(section) - CONFIG_FIELDS:
         raise PlanError(
-            'additional_config.moa: expected {"moa": {"plan": "PATH", "span_grid": STEPS}} (either key optional), '
-            f"got {section!r}"
+            'additional_config.moa: expected {"moa": {"plan": "PATH", "span_grid": STEPS, "span_length": TOKENS}} '
+            f"(every key optional), got {section!r}"
         )
     if "plan" in section and not isinstance(section["plan"], str):
         raise PlanError(f"additional_config.moa.plan: expected a path, got {section['plan']!r}")
     grid = section.get("span_grid", 0)
     if isinstance(grid, bool) or not isinstance(grid, int) or not 0 <= grid <= MAX_SPAN_GRID:
         raise PlanError(f"additional_config.moa.span_grid: expected an integer 0..{MAX_SPAN_GRID}, got {grid!r}")
+    floor = section.get("span_length", 0)
+    if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+        raise PlanError(
+            "additional_config.moa.span_length: expected a token count >= 0 (spans of every request are taken at "
+            f"at least this length; 0: the request's own), got {floor!r}"
+        )
     return section
 
 
@@ -106,6 +115,26 @@ def span_grid(vllm_config: Any) -> int:
         return section["span_grid"]
     caching = getattr(getattr(vllm_config, "cache_config", None), "enable_prefix_caching", False)
     return DEFAULT_SPAN_GRID if caching else 0
+
+
+def span_floor(vllm_config: Any) -> int:
+    """The server's span length (`additional_config.moa.span_length`, 0 when absent): every request's spans are taken
+    at no less than this many tokens, so a conversation whose turns stay under it keeps one set of spans."""
+    return _section(getattr(vllm_config, "additional_config", None)).get("span_length", 0)
+
+
+def span_hint(sampling_params: Any) -> int | None:
+    """A request's own span length (`moa_span_length` in vLLM's extra_args / the OpenAI API's vllm_xargs), checked:
+    None when absent; a ValueError naming the field for anything but a positive integer."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    if SPAN_HINT_KEY not in extra:
+        return None
+    value = extra[SPAN_HINT_KEY]
+    if isinstance(value, str) and value.strip().isdigit():  # vllm_xargs from a query string may arrive as text
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{SPAN_HINT_KEY}: expected a positive integer number of tokens, got {value!r}")
+    return value
 
 
 def missing_plan_error(model: str) -> PlanError:

@@ -99,7 +99,7 @@ def test_the_answer_budget_is_per_value_asked_for(tiny_tok, corpus):
 
 def test_a_stored_answer_is_kept_only_for_the_same_plan_prompt_budget_and_settings(tiny_tok, corpus):
     from benchmarks.prose_retrieval.cli import RESULT_KIND, stored_answers
-    from benchmarks.prose_retrieval.results import prompt_sha
+    from benchmarks.prose_retrieval.results import SPAN_GRID, prompt_sha
 
     case = build_case(tiny_tok, corpus, "number", 600, (0.5,), 0, 24)
     record = {"prompt_sha": prompt_sha(case), "max_tokens": case.max_tokens, "answer": "x"}
@@ -107,7 +107,7 @@ def test_a_stored_answer_is_kept_only_for_the_same_plan_prompt_budget_and_settin
         "kind": RESULT_KIND,
         "plan": {"sha256": "p"},
         "model": "m",
-        "settings": {"max_model_len": 2048, "span_grid": 8},
+        "settings": {"max_model_len": 2048, "span_grid": SPAN_GRID},
         "cases": [record],
     }
     assert stored_answers(old, "p", "m", 2048) == {(prompt_sha(case), 24): record}

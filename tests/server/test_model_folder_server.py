@@ -132,10 +132,10 @@ def test_requests_route_and_gauges_follow_the_load(server, folder, tokenizer):
     assert seen, "no request was ever seen holding rings"
     report = max(seen, key=lambda r: r["totals"]["requests"])
     block = report["totals"]["block_size"]
-    n = served_length(prompt_tokens, 200, 2048, DEFAULT_SPAN_GRID)  # the server caches prefixes
+    n, cap = served_length(prompt_tokens, 200, 2048, DEFAULT_SPAN_GRID)  # the server caches prefixes
     expected_blocks = group_blocks(  # one KV cache group: every layer's layer pages in the request's blocks
         [
-            layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, block, len(rules))
+            layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, block, len(rules), cap)
             for rules in plan.rules
         ],
         len(plan.rules),

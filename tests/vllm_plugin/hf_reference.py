@@ -21,14 +21,14 @@ _ACTIVE: dict[str, object] = {}  # plan and N of the generation in progress
 
 def _masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     plan: Plan = _ACTIVE["plan"]
-    n: int = _ACTIVE["n"]
+    n, cap = _ACTIVE["n"]  # (span length, the request's own N)
     if _ACTIVE.get("kv_quant") is not None:  # fp8 KV: every key and value as the cache holds it
         quant, scales = _ACTIVE["kv_quant"]
         ks, vs = scales[module.layer_idx]
         key, value = _as_fp8(key, quant, ks), _as_fp8(value, quant, vs)
     _, hq, q_len, _ = query.shape
     hkv, k_len = key.shape[1], key.shape[2]
-    windows = torch.tensor(plan.windows(n)[module.layer_idx])  # [Hkv]
+    windows = torch.tensor(plan.windows(n, cap)[module.layer_idx])  # [Hkv]
     q_pos = torch.arange(k_len - q_len, k_len)[:, None]
     k_pos = torch.arange(k_len)[None, :]
     mask = (k_pos <= q_pos) & ((k_pos < plan.sink_tokens) | (q_pos - k_pos < windows[:, None, None]))

@@ -154,6 +154,30 @@ def test_fresh_rows_are_marked_once_and_grid_rounds_n():
     assert context.publish(["old", "new", "back"], [100, 1000, 300], max_model_len=2048).fresh == (False,) * 3
 
 
+def test_hints_and_the_floor_set_the_span_length_and_n_caps_the_spans():
+    import pickle
+
+    context = EngineContext(span_grid=1, span_floor=600)
+    new = [
+        SimpleNamespace(req_id="hinted", sampling_params=SimpleNamespace(extra_args={"moa_span_length": 3000})),
+        SimpleNamespace(req_id="plain", sampling_params=SimpleNamespace(extra_args=None)),
+    ]
+    patches.record_fresh(context, SimpleNamespace(scheduled_new_reqs=new))
+    batch = context.publish(["hinted", "plain"], [1000, 100], prompts=[900, 90], max_model_len=8192)
+    assert batch.lengths.tolist() == [4096, 1024] and batch.own_lengths().tolist() == [1000, 100]
+    state = RingState(torch.zeros(1, 2).double(), torch.ones(1, 2).double(), 4, 4, 16, 8192, "cpu", prefix=True)
+    common = SimpleNamespace(
+        num_reqs=2, query_start_loc_cpu=torch.tensor([0, 900, 990]), seq_lens=torch.tensor([900, 90]),
+        seq_lens_cpu_upper_bound=torch.tensor([900, 90]),
+    )  # fmt: skip
+    spans = state.step_for(common, batch).spans  # dense rules: span = L, capped by each request's own N
+    assert spans[0].tolist() == [[1000, 1000], [100, 100]]
+    patches.record_fresh(context, SimpleNamespace(scheduled_new_reqs=[], finished_req_ids={"hinted"}))
+    assert context.span_hints == {}
+    copy = pickle.loads(pickle.dumps(context))
+    assert (copy.span_grid, copy.span_floor) == (1, 600)
+
+
 def test_a_fresh_ring_past_position_zero_without_prefix_caching_is_refused():
     state = RingState(torch.full((1, 2), 64.0).double(), torch.zeros(1, 2).double(), 8, 4, 16, 1000, "cpu")
     context = EngineContext()

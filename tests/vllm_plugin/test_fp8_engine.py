@@ -103,11 +103,11 @@ def _as_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (x.float() / scale).clamp(-448, 448).to(E4M3).double() * scale
 
 
-def _attention_error(calls: dict[int, list], plan, n: int, quantized: bool = True) -> float:
+def _attention_error(calls: dict[int, list], plan, n: tuple[int, int], quantized: bool = True) -> float:
     """Largest |engine - reference| over every layer and step of one request: the step's queries at positions
     [c, c + T) over the layer's keys [0, c + T) under the plan's masks at N = n, float64, K/V as float8 (or not)."""
     worst = 0.0
-    windows = torch.tensor(plan.windows(n))
+    windows = torch.tensor(plan.windows(*n))  # n: (span length, the request's own N)
     for layer, steps in calls.items():
         q_all = torch.cat([c[0] for c in steps])
         k_all, v_all = torch.cat([c[1] for c in steps]), torch.cat([c[2] for c in steps])
@@ -154,7 +154,7 @@ def test_the_attention_reference_without_quantization_fails(runs, plans, prompts
 
 def test_sparse_masks_cut_context(plans, prompts):
     plan, n = _served(plans["hetero"], prompts[-1])
-    assert max(s for layer in plan.spans(n) for s in layer) < LENGTHS[-1]
+    assert max(s for layer in plan.spans(*n) for s in layer) < LENGTHS[-1]
 
 
 @pytest.mark.parametrize("i", range(len(LENGTHS)))

@@ -106,5 +106,5 @@ def test_the_heterogeneous_plan_cuts_context_and_changes_tokens(runs, plans, pro
     """Guard against a backend that ignores the plan at this geometry: spans below the longest prompt, and the
     sparse tokens differ from dense somewhere."""
     n = served_length(len(prompts[-1]), MAX_TOKENS, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
-    assert min(s for layer in load_plan(plans["hetero"]).spans(n) for s in layer) < len(prompts[-1])
+    assert min(s for layer in load_plan(plans["hetero"]).spans(*n) for s in layer) < len(prompts[-1])
     assert [r[0] for r in runs["hetero"]] != [r[0] for r in runs["dense"]]

@@ -256,8 +256,33 @@ def test_beam_search_is_refused_with_moa(monkeypatch):
     from moa_vllm.vllm_plugin import patches
 
     monkeypatch.setattr(patches, "_moa_serving", True)
-    with pytest.raises(ValueError, match="beam search is not supported with --attention-backend moa"):
+    monkeypatch.setattr(patches, "_beam_refusal", patches.BEAM_SEARCH_REFUSAL.format(max_len=4096))
+    with pytest.raises(ValueError, match="needs one span length.*span_length.*4096"):
         BeamSearchOfflineMixin.beam_search(object(), [], None)
+
+
+def test_beam_search_is_served_when_span_length_reaches_max_model_len():
+    from types import SimpleNamespace
+
+    from moa_vllm.vllm_plugin.patches import beam_search_refusal
+
+    def config(moa):
+        return SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), additional_config={"moa": moa})
+
+    assert beam_search_refusal(config({"span_length": 4096})) is None
+    assert beam_search_refusal(config({"span_length": 100000})) is None
+    assert "span_length" in beam_search_refusal(config({"span_length": 4095}))
+    assert "span_length" in beam_search_refusal(config({"span_grid": 1}))
+
+
+def test_a_bad_span_hint_is_refused_where_the_request_is_made():
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    assert SamplingParams(max_tokens=4, extra_args={"moa_span_length": 8192}).extra_args["moa_span_length"] == 8192
+    for bad in (0, -5, "many", 1.5, True):
+        with pytest.raises(VLLMValidationError, match="moa_span_length: expected a positive integer"):
+            SamplingParams(max_tokens=4, extra_args={"moa_span_length": bad})
 
 
 @pytest.mark.model

@@ -69,16 +69,18 @@ def _request(rid: str, tokens: list[int], max_tokens: int, salt: str | None = No
     return Request(rid, tokens, SamplingParams(max_tokens=max_tokens), None, cache_salt=salt, block_hasher=_hasher())
 
 
-def _spans(n: int) -> list[int]:
+def _spans(served: tuple[int, int]) -> list[int]:
     from moa_vllm.plan.prefix import request_spans
 
-    return request_spans(np.array([a for a, _ in RULES]), np.array([b for _, b in RULES]), n, MIN_SPAN).ravel().tolist()
+    n, cap = served
+    alphas, betas = np.array([a for a, _ in RULES]), np.array([b for _, b in RULES])
+    return request_spans(alphas, betas, n, MIN_SPAN, cap).ravel().tolist()
 
 
 def _ring(n: int) -> list[int]:
     """The one group's ring blocks (every layer's layer pages, one block holding a page of each layer)."""
-    n = served_length(n, 0, MAX_LEN, GRID)
-    return [group_blocks([layer_blocks(a, b, n, MIN_SPAN, BLOCK, HEADS) for a, b in RULES], len(RULES))]
+    n, cap = served_length(n, 0, MAX_LEN, GRID)
+    return [group_blocks([layer_blocks(a, b, n, MIN_SPAN, BLOCK, HEADS, cap) for a, b in RULES], len(RULES))]
 
 
 def _schedule(manager, req, chunk: int):
@@ -135,7 +137,7 @@ def test_a_hit_needs_the_same_tokens_and_spans(manager):
     a = _request("a", shared + list(range(60)), 100)
     _prefill(manager, a)
     same = _request("b", shared + list(range(500, 540)), 110)  # N 350 vs 360: one grid step -> same spans
-    assert served_length(240, 110, MAX_LEN, GRID) == served_length(260, 100, MAX_LEN, GRID)
+    assert served_length(240, 110, MAX_LEN, GRID)[0] == served_length(260, 100, MAX_LEN, GRID)[0]
     assert _prefill(manager, same) == 192  # 12 blocks
     assert _columns(manager, "b") == [[0] * cacheable_blocks(240, BLOCK)]
     other_spans = _request("c", shared + list(range(500, 540)), 700)  # N 940: wider spans on the beta > 0 heads

@@ -25,9 +25,14 @@ def _params(max_tokens: int = MAX_TOKENS):
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
 
-def _one(llm, prompt: list[int], salt: str | None = None, max_tokens: int = MAX_TOKENS) -> tuple[list[int], int]:
+def _one(
+    llm, prompt: list[int], salt: str | None = None, max_tokens: int = MAX_TOKENS, hint: int | None = None
+) -> tuple[list[int], int]:
     item = {"prompt_token_ids": prompt} | ({"cache_salt": salt} if salt else {})
-    out = llm.generate([item], _params(max_tokens), use_tqdm=False)[0]
+    params = _params(max_tokens)
+    if hint is not None:
+        params.extra_args = {"moa_span_length": hint}  # the client's span length (vllm_xargs over the API)
+    out = llm.generate([item], params, use_tqdm=False)[0]
     return list(out.outputs[0].token_ids), out.num_cached_tokens or 0
 
 
@@ -55,13 +60,15 @@ def prompts(tokenizer):
 CHAT_OUT = 16
 
 
-def _chat(llm, tokenizer, turns: int = 3) -> list[tuple[list[int], int, int]]:
+def _chat(
+    llm, tokenizer, turns: int = 3, start: int = 300, hint: int | None = None
+) -> list[tuple[list[int], int, int]]:
     """Each turn = the whole history (earlier prompts and answers) + a new user message: (answer, hit, prompt)."""
-    history: list[int] = natural_prompt(tokenizer, 300, seed=90)
+    history: list[int] = natural_prompt(tokenizer, start, seed=90)
     out = []
     for t in range(turns):
         history = history + natural_prompt(tokenizer, 40, seed=91 + t)
-        answer, cached = _one(llm, history, max_tokens=CHAT_OUT)
+        answer, cached = _one(llm, history, max_tokens=CHAT_OUT, hint=hint)
         out.append((answer, cached, len(history)))
         history = history + answer
     return out
@@ -81,7 +88,8 @@ def _shareable(plan_file: str, prompt: int, earlier: list[int]) -> int:
     betas = np.array([[r.beta for r in layer] for layer in plan.rules])
 
     def spans(p: int):
-        return request_spans(alphas, betas, served_length(p, CHAT_OUT, MAX_MODEL_LEN, DEFAULT_SPAN_GRID), plan.min_span)
+        n, cap = served_length(p, CHAT_OUT, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
+        return request_spans(alphas, betas, n, plan.min_span, cap)
 
     best = 0
     for before in earlier:
@@ -91,10 +99,15 @@ def _shareable(plan_file: str, prompt: int, earlier: list[int]) -> int:
     return best
 
 
-def _serve(llm, prompts, tokenizer) -> dict:
+HINTED_CHAT_START = 420  # turns of N 476..~620: across the 512-token grid point (grid 1), under one hint
+
+
+def _serve(llm, prompts, tokenizer, hinted: bool = False) -> dict:
     res = {name: _one(llm, p) for name, p in prompts.items() if name != "same_step"}
     res["same_step"] = _batch(llm, prompts["same_step"])
     res["chat"] = _chat(llm, tokenizer)
+    if hinted:
+        res["hinted_chat"] = _chat(llm, tokenizer, start=HINTED_CHAT_START, hint=MAX_MODEL_LEN)
     return res
 
 
@@ -106,14 +119,14 @@ def runs(model_dir, prompts, tokenizer):
     for name, file in PLAN_FILES.items():
         plan = PLANS / file
         llm = make_llm(model_dir, plan, **common)
-        res[name, "on"] = _serve(llm, prompts, tokenizer)
+        res[name, "on"] = _serve(llm, prompts, tokenizer, hinted=name == "moa")
         core = engine_core(llm)
         res[name, "free"] = core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
         res[name, "blocks"] = core.scheduler.kv_cache_manager.block_pool.num_gpu_blocks
         close_llm(llm)
         off = {"moa": {"plan": str(plan), "span_grid": DEFAULT_SPAN_GRID}}
         llm = make_llm(model_dir, plan, enable_prefix_caching=False, additional_config=off, **common)
-        res[name, "off"] = _serve(llm, prompts, tokenizer)
+        res[name, "off"] = _serve(llm, prompts, tokenizer, hinted=name == "moa")
         close_llm(llm)
     llm = make_llm(model_dir, None, **common)  # stock vLLM, its own prefix caching on
     res["stock"] = _serve(llm, prompts, tokenizer)
@@ -144,6 +157,21 @@ def test_multi_turn_chat_equals_no_cache(runs, plan):
         assert on[t][1] <= _shareable(PLAN_FILES[plan], prompts[t], prompts[:t]), (t, on[t][1])
     if plan == "dense":
         assert all(c >= 300 for _, c, _ in on[1:]), [c for _, c, _ in on]
+
+
+def test_a_chat_under_one_span_hint_hits_its_whole_history_and_equals_no_cache(runs):
+    """The client's moa_span_length holds every turn's spans still (plan/span.span_length), so each turn hits all
+    whole blocks of the previous prompt even where N crosses a grid point; tokens are those of caching off."""
+    from moa_vllm.plan.span import span_length
+    from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
+
+    on, off = runs["moa", "on"]["hinted_chat"], runs["moa", "off"]["hinted_chat"]
+    assert [t for t, _, _ in on] == [t for t, _, _ in off]
+    prompts = [p for _, _, p in on]
+    unhinted = {span_length(p + CHAT_OUT, MAX_MODEL_LEN, DEFAULT_SPAN_GRID) for p in prompts}
+    assert len(unhinted) > 1  # without the hint the turns' spans would move
+    assert [c for _, c, _ in on] == [0] + [p // BLOCK * BLOCK for p in prompts[:-1]]
+    assert all(c == 0 for _, c, _ in off)
 
 
 def test_dense_plan_with_hits_equals_stock_vllm_with_its_prefix_cache(runs):

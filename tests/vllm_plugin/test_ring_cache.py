@@ -94,9 +94,9 @@ def runs(model_dir, plan, prompts, tmp_path_factory):
 
 def test_blocks_equal_the_plan_formula_and_never_change(runs, plan, prompts):
     for rid, (prompt, max_tokens) in zip(runs["plain"][0], prompts):
-        n = served_length(len(prompt), max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
+        n, cap = served_length(len(prompt), max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
         per_layer = [
-            layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, BLOCK, len(rules))
+            layer_blocks([r.alpha for r in rules], [r.beta for r in rules], n, plan.min_span, BLOCK, len(rules), cap)
             for rules in plan.rules
         ]
         want = [group_blocks(per_layer, len(plan.rules))]  # one group: every layer's layer pages in its blocks
@@ -114,8 +114,8 @@ def test_every_block_returns_to_the_pool(runs):
 def test_rings_wrap_and_still_match_the_reference(runs, plan, prompts, model_dir):
     ref = ReferenceLM(model_dir)
     for i, (out, (prompt, max_tokens)) in enumerate(zip(runs["plain"][1], prompts)):
-        n = served_length(len(prompt), max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
-        widest = max(w for layer in plan.windows(n) for w in layer)
+        n, cap = served_length(len(prompt), max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
+        widest = max(w for layer in plan.windows(n, cap) for w in layer)
         assert max_tokens >= 4 * widest or max_tokens < 100  # the long generations wrap every ring 4x or more
         want = ref.greedy(prompt, max_tokens, plan, MAX_MODEL_LEN)
         assert_greedy_close(list(out.token_ids), _top5(out), want.tokens, want.top5, f"request {i} (N={n})")

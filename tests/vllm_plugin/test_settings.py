@@ -104,6 +104,20 @@ def _config(additional=None, caching=True):
     return SimpleNamespace(additional_config=additional, cache_config=SimpleNamespace(enable_prefix_caching=caching))
 
 
+def test_span_length_floor_and_client_hint():
+    assert settings.span_floor(_config()) == 0
+    assert settings.span_floor(_config({"moa": {"span_length": 8192}})) == 8192
+    from types import SimpleNamespace
+
+    assert settings.span_hint(SimpleNamespace(extra_args=None)) is None
+    assert settings.span_hint(SimpleNamespace(extra_args={"other": 1})) is None
+    assert settings.span_hint(SimpleNamespace(extra_args={"moa_span_length": 4096})) == 4096
+    assert settings.span_hint(SimpleNamespace(extra_args={"moa_span_length": "4096"})) == 4096
+    for bad in (0, -1, "x", 2.5, False):
+        with pytest.raises(ValueError, match="moa_span_length"):
+            settings.span_hint(SimpleNamespace(extra_args={"moa_span_length": bad}))
+
+
 def test_span_grid_defaults_with_prefix_caching_and_can_be_set():
     assert settings.span_grid(_config()) == settings.DEFAULT_SPAN_GRID
     assert settings.span_grid(_config(caching=False)) == 0  # exact N, as before prefix caching
@@ -117,7 +131,9 @@ def test_span_grid_defaults_with_prefix_caching_and_can_be_set():
         ({"span_grid": -1}, "span_grid: expected an integer 0..64"),
         ({"span_grid": "8"}, "span_grid: expected an integer"),
         ({"plan": 3}, "moa.plan: expected a path"),
-        ({"plans": "x"}, "either key optional"),
+        ({"plans": "x"}, "every key optional"),
+        ({"span_length": -1}, "span_length: expected a token count >= 0"),
+        ({"span_length": "8k"}, "span_length: expected a token count"),
     ],
 )
 def test_a_bad_moa_section_names_its_field(section, message):

@@ -77,7 +77,7 @@ def reference(model_dir):
 def test_sparse_plan_matches_reference(runs, reference, prompts, hetero_plan_path, which, i):
     plan = load_plan(PLANS / "uniform-d0.25.json" if which == "uniform" else hetero_plan_path)
     n = served_length(len(prompts[i]), MAX_TOKENS, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
-    assert max(s for layer in plan.spans(n) for s in layer) < len(prompts[i])  # the masks really cut context
+    assert max(s for layer in plan.spans(*n) for s in layer) < len(prompts[i])  # the masks really cut context
     ref = reference.greedy(prompts[i], MAX_TOKENS, plan, MAX_MODEL_LEN)
     tokens, top5, logprobs = runs[which][i]
     assert len(tokens) == MAX_TOKENS

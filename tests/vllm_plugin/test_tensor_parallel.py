@@ -69,13 +69,13 @@ def test_each_rank_holds_only_its_heads_rings(runs):
     assert all(spec.num_kv_heads == 1 and spec.tp_size == 3 for spec in specs)
     for (prompt, max_tokens), blocks in zip(PROMPTS, held):
         n = served_length(prompt, max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
-        spans = plan.spans(n)  # ranks share block ids: the widest rank's group blocks (one KV head each here)
+        spans = plan.spans(*n)  # ranks share block ids: the widest rank's group blocks (one KV head each here)
         widest_rank = max(-(-sum(-(-layer[h] // BLOCK) for layer in spans) // len(spans)) for h in range(3))
         assert blocks == [widest_rank]
     _, held1, specs1 = runs[1]
     assert all(spec.num_kv_heads == 3 for spec in specs1)
     for (prompt, max_tokens), blocks in zip(PROMPTS, held1):
         n = served_length(prompt, max_tokens, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
-        spans = plan.spans(n)
+        spans = plan.spans(*n)
         layer_pages = [-(-sum(-(-s // BLOCK) for s in layer) // 3) for layer in spans]
         assert blocks == [-(-sum(layer_pages) // len(spans))]

@@ -215,7 +215,7 @@ class MoAMetadataBuilder(AttentionMetadataBuilder[MoAMetadata]):
         step = self.state.step_for(c, self.context.published)
         self.state.fill(c.block_table_tensor[: c.num_reqs])
         if step.prefix_rows:
-            ring_blocks = [self.spec.blocks_for_length(n) for n in step.lengths]
+            ring_blocks = [self.spec.blocks_for_length(n, cap) for n, cap in zip(step.lengths, step.caps, strict=True)]
             self.state.fill_prefix(c.block_table_tensor[: c.num_reqs], ring_blocks)
         return MoAMetadata(num_actual_tokens=c.num_actual_tokens, step=step)
 

@@ -30,28 +30,36 @@ class EngineContext:
     the first MoA layer's impl while the model is built (before memory profiling); `ring_state` is made by the
     first builder (backend.ring_state) on those buffers and shared by all layers."""
 
-    def __init__(self, span_grid: int = 0) -> None:
+    def __init__(self, span_grid: int = 0, span_floor: int = 0) -> None:
         self.published: PublishedBatch | None = None
         self.ring_state: RingState | None = None
         self.ring_buffers: RingBuffers | None = None
         self.cache_region: tuple | None = None  # (allocation id, cells view, CellMap) of the MoA layers' KV cache
         self.dummy_runs = 0  # > 0 while the V1 runner is inside _dummy_run (warm-up, profiling)
         self.span_grid = span_grid  # steps per octave N is rounded up to (settings.span_grid)
+        self.span_floor = span_floor  # the server's span length (settings.span_floor)
+        self.span_hints: dict[str, int] = {}  # request id -> its client's moa_span_length, until it finishes
         self.fresh_ids: set[str] = set()  # requests whose block lists the runner (re)assigned, until published
         self._serial = 0
 
     def __reduce__(self):  # a config pickled to another process starts that process's engine afresh
-        return (EngineContext, (self.span_grid,))
+        return (EngineContext, (self.span_grid, self.span_floor))
 
     def publish(
         self, req_ids: list[str | None], lengths, dummy: bool = False, prompts=None, max_model_len: int | None = None
     ) -> PublishedBatch:
-        """The step's rows: request ids and N row by row (rounded up to the span grid when max_model_len is given);
-        a new serial marks a new step for the builders. Rows of requests in `fresh_ids` are marked fresh."""
+        """The step's rows: request ids and N row by row (when max_model_len is given, N is kept as each row's cap
+        and its spans are taken at its span length: span.span_length with the row's hint and the server's floor); a
+        new serial marks a new step for the builders. Rows of requests in `fresh_ids` are marked fresh."""
         if len(req_ids) != len(lengths):
             raise ValueError(f"moa-vllm: {len(req_ids)} request ids but {len(lengths)} lengths published")
+        caps = None
         if max_model_len is not None:
-            lengths = [span_length(int(n), max_model_len, self.span_grid) for n in lengths]
+            caps = np.asarray(lengths, dtype=np.int64)
+            lengths = [
+                span_length(int(n), max_model_len, self.span_grid, self.span_hints.get(rid), self.span_floor)
+                for rid, n in zip(req_ids, lengths, strict=True)
+            ]
         fresh = tuple(rid is not None and rid in self.fresh_ids for rid in req_ids)
         self.fresh_ids.difference_update(rid for rid in req_ids if rid is not None)
         self._serial += 1
@@ -62,6 +70,7 @@ class EngineContext:
             dummy,
             None if prompts is None else np.asarray(prompts, dtype=np.int64),
             fresh,
+            caps,
         )
         return self.published
 
@@ -81,8 +90,8 @@ def engine_context(vllm_config: Any) -> EngineContext:
     """The engine's context, made on first use and kept on its VllmConfig."""
     context = vllm_config.__dict__.get(_ATTR)
     if context is None:
-        from moa_vllm.vllm_plugin.settings import span_grid
+        from moa_vllm.vllm_plugin.settings import span_floor, span_grid
 
-        context = EngineContext(span_grid(vllm_config))
+        context = EngineContext(span_grid(vllm_config), span_floor(vllm_config))
         object.__setattr__(vllm_config, _ATTR, context)  # not a config field: outside validation and hashing
     return context

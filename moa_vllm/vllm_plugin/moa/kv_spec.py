@@ -41,9 +41,9 @@ logger = init_logger("vllm.moa_vllm")  # under "vllm" so vLLM's log config print
 
 
 @functools.lru_cache(maxsize=65536)
-def _blocks_for_length(spec: MoARingSpec, n: int) -> int:
+def _blocks_for_length(spec: MoARingSpec, n: int, cap: int | None) -> int:
     """Memoised: the scheduler asks several times per request and step."""
-    return spec._blocks_uncached(n)
+    return spec._blocks_uncached(n, cap)
 
 
 def rank_heads(num_heads: int, heads_per_rank: int, tp_size: int) -> list[range]:
@@ -64,13 +64,14 @@ class MoARingSpec(AttentionSpec):
     betas: tuple[tuple[float, ...], ...]
     tp_size: int = 1
     span_grid: int = 0  # steps per octave N is rounded up to before spans are taken (plan/span.span_length)
+    span_floor: int = 0  # the server's span length: spans are taken at no less (settings.span_floor)
     prefix_blocks: bool = False  # prefix caching on: keep position-ordered prefix blocks after the ring
 
     def __hash__(self) -> int:
         """A cheap hash (equal specs hash equally): the generated one would hash every layer's rules on each call,
         and the scheduler hashes the spec for every memoised block count (`_blocks_for_length`)."""
         return hash((self.block_size, self.num_kv_heads, self.head_size, self.sink_tokens, self.min_span,
-                     len(self.alphas), self.tp_size, self.span_grid, self.prefix_blocks))  # fmt: skip
+                     len(self.alphas), self.tp_size, self.span_grid, self.span_floor, self.prefix_blocks))  # fmt: skip
 
     @property
     def num_layers(self) -> int:
@@ -81,11 +82,12 @@ class MoARingSpec(AttentionSpec):
         """Bytes of one block of the group: one layer page per MoA layer."""
         return self.page_size_bytes * self.num_layers
 
-    def blocks_for_length(self, n: int) -> int:
-        """Blocks a request of length n holds (the widest rank's need, as ranks share block ids)."""
-        return _blocks_for_length(self, n)
+    def blocks_for_length(self, n: int, cap: int | None = None) -> int:
+        """Blocks a request holds with spans at length n and `cap` tokens of its own (None: n); the widest rank's
+        need, as ranks share block ids."""
+        return _blocks_for_length(self, n, None if cap is None or cap >= n else cap)
 
-    def _blocks_uncached(self, n: int) -> int:
+    def _blocks_uncached(self, n: int, cap: int | None = None) -> int:
         return max(
             group_blocks(
                 [
@@ -96,6 +98,7 @@ class MoARingSpec(AttentionSpec):
                         self.min_span,
                         self.block_size,
                         self.num_kv_heads,
+                        cap,
                     )
                     for alphas, betas in zip(self.alphas, self.betas, strict=True)
                 ],
@@ -139,7 +142,9 @@ class MoARingManager(SingleTypeKVCacheManager):
         return self.enable_caching and self.kv_cache_spec.prefix_blocks
 
     def ring_blocks(self, request_id: str) -> int:
-        return self.kv_cache_spec.blocks_for_length(request_lengths.admitted(request_id))
+        return self.kv_cache_spec.blocks_for_length(
+            request_lengths.admitted(request_id), request_lengths.own_length(request_id)
+        )
 
     def _prefix_target(self, request_id: str, num_tokens: int) -> int:
         """Prefix columns the request has once `num_tokens` tokens have slots: one per full prompt block reached."""

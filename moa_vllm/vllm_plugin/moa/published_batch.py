@@ -15,10 +15,14 @@ class PublishedBatch:
 
     serial: int
     req_ids: tuple[str | None, ...]
-    lengths: np.ndarray  # [rows] N per row (rounded up to the span grid)
+    lengths: np.ndarray  # [rows] span length L per row (plan/span.span_length)
     dummy: bool = False
     prompts: np.ndarray | None = None  # [rows] prompt tokens (which positions have prefix blocks)
     fresh: tuple[bool, ...] = ()  # rows whose block list the runner (re)assigned since their last publication
+    caps: np.ndarray | None = None  # [rows] each row's own N, the cap of its spans (None: lengths)
+
+    def own_lengths(self) -> np.ndarray:
+        return self.lengths if self.caps is None else self.caps
 
     @property
     def rows(self) -> int:

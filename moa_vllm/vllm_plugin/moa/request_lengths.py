@@ -1,7 +1,7 @@
 """Request lengths on the scheduler side: KV cache managers see only request ids, the ring size needs N.
 
-The admission patch records each request's N (prompt + max_tokens, capped by max_model_len and rounded up to the
-span grid) and its prompt length before vLLM asks the managers for blocks, and forgets both when the request's
+The admission patch records each request's span length L (plan/span.span_length), its own length N (the cap of
+every span) and its prompt length before vLLM asks the managers for blocks, and forgets both when the request's
 blocks are freed. It also records a request whose chunk found no room for its prefix blocks: that request stops
 caching (kv_spec.py). Scheduler process only, one engine per process. The worker side (N per batch row for the
 metadata builder) is moa_vllm/vllm_plugin/moa/ring_state.py.
@@ -12,12 +12,12 @@ from __future__ import annotations
 # ---- scheduler side -------------------------------------------------------------------------------------------------
 # KV cache managers see only request ids; the admission patch records each request's N before vLLM asks them for
 # blocks and forgets it when the request's blocks are freed. Scheduler process only, one engine per process.
-_admitted: dict[str, tuple[int, int]] = {}  # request id -> (N, prompt tokens)
+_admitted: dict[str, tuple[int, int, int]] = {}  # request id -> (L, prompt tokens, N)
 _not_caching: set[str] = set()
 
 
-def admit(request_id: str, n: int, prompt_tokens: int = 0) -> None:
-    _admitted[request_id] = (n, prompt_tokens)
+def admit(request_id: str, n: int, prompt_tokens: int = 0, cap: int | None = None) -> None:
+    _admitted[request_id] = (n, prompt_tokens, n if cap is None else cap)
 
 
 def is_admitted(request_id: str) -> bool:
@@ -29,7 +29,7 @@ def forget(request_id: str) -> None:
     _not_caching.discard(request_id)
 
 
-def _entry(request_id: str) -> tuple[int, int]:
+def _entry(request_id: str) -> tuple[int, int, int]:
     try:
         return _admitted[request_id]
     except KeyError:
@@ -40,7 +40,13 @@ def _entry(request_id: str) -> tuple[int, int]:
 
 
 def admitted(request_id: str) -> int:
+    """The span length L its spans are taken at."""
     return _entry(request_id)[0]
+
+
+def own_length(request_id: str) -> int:
+    """Its own N (prompt + max_tokens, capped): no span exceeds it."""
+    return _entry(request_id)[2]
 
 
 def prompt_tokens(request_id: str) -> int:

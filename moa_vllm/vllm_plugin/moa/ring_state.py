@@ -108,7 +108,8 @@ class RingStep:
     decode_parts: DecodeSlotParts | None = None  # [L, num_decodes, H]: the decode tokens' slots short of block ids
     layouts: RingPages | None = None  # [L, R, H]: where each ring's pages sit in its row's flat page list
     prefill_launch: object | None = None  # the device prefill kernel's launch data, made by the step's first layer
-    lengths: list[int] = field(default_factory=list)  # [R] N per row (grid-rounded)
+    lengths: list[int] = field(default_factory=list)  # [R] span length L per row
+    caps: list[int] = field(default_factory=list)  # [R] each row's own N (no span exceeds it)
     prompts: list[int] | None = None  # [R] prompt tokens per row (None: the runner did not publish them)
     restore: list[int] = field(default_factory=list)  # rows whose fresh ring is restored from a cache hit first
     prefix_ids: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> its prefix columns' block ids
@@ -257,7 +258,7 @@ class RingState:
         _check_buffers(buffers, layers, max_rows, self.heads, self.max_pages if self.page_tables else 0, device)
         self.buffers = buffers
         self._spans_buf = buffers.spans
-        self._checked: dict[str, int] = {}  # req_id -> the N its blocks were checked at (host)
+        self._checked: dict[str, tuple[int, int]] = {}  # req_id -> the (L, N) its blocks were checked at (host)
         self._batch_key: tuple | None = None
         self._spans: torch.Tensor | None = None
         self.step: RingStep | None = None
@@ -282,7 +283,7 @@ class RingState:
             )
         if batch.dummy and rows != batch.rows:  # a capture / warm-up batch padded by vLLM: every row is dummy
             lengths = torch.full((rows,), self.max_model_len).numpy()
-            batch = PublishedBatch(batch.serial, (None,) * rows, lengths, dummy=True)
+            batch = PublishedBatch(batch.serial, (None,) * rows, lengths, dummy=True)  # caps: the lengths
         if rows > batch.rows:
             raise RuntimeError(
                 f"moa-vllm: rows {batch.rows}..{rows - 1} of a {rows}-row batch were never published (published: "
@@ -304,6 +305,7 @@ class RingState:
         computed = [seq_host[r] - (qsl[r + 1] - qsl[r]) for r in range(rows)]
         req_ids = batch.req_ids[:rows]
         lengths = [int(n) for n in batch.lengths[:rows]]
+        caps = [int(n) for n in batch.own_lengths()[:rows]]
         num_decodes = 0
         while num_decodes < rows and qsl[num_decodes + 1] - qsl[num_decodes] == 1:
             num_decodes += 1
@@ -322,8 +324,8 @@ class RingState:
                 "which positions have prefix blocks"
             )
         prefix_rows = self._prefix_rows(req_ids, computed, prompts, restore)
-        rows_info = dict(lengths=lengths, prompts=prompts, prefix_rows=prefix_rows)  # both RingStep paths below
-        key = tuple(zip(req_ids, lengths, strict=True))
+        rows_info = dict(lengths=lengths, caps=caps, prompts=prompts, prefix_rows=prefix_rows)  # both paths below
+        key = tuple(zip(req_ids, lengths, caps, strict=True))
         restarted = any(c == 0 for c, rid in zip(computed, req_ids, strict=True) if rid is not None) or any(fresh)
         if key == self._batch_key and self.step is not None and not restarted:
             # Same requests in the same rows: only seq_lens and the step's row split change.
@@ -342,7 +344,10 @@ class RingState:
             )
             self._pending = []
             return self.step
-        spans = ring_spans(self.alphas, self.betas, torch.tensor(lengths, dtype=torch.int64), self.min_span)
+        spans = ring_spans(
+            self.alphas, self.betas, torch.tensor(lengths, dtype=torch.int64), self.min_span,
+            torch.tensor(caps, dtype=torch.int64),
+        )  # fmt: skip
         spans[:, [r for r, rid in enumerate(req_ids) if rid is None]] = 0  # padding rows: no ring
         self._spans_buf.zero_()  # rows past the batch and padding rows: no ring, tables of the null block
         self._spans_buf[:, :rows].copy_(spans)
@@ -357,7 +362,7 @@ class RingState:
             del self._checked[rid]
         pending: list[int] = []
         for r, rid in enumerate(req_ids):
-            known = rid is not None and self._checked.get(rid) == lengths[r]
+            known = rid is not None and self._checked.get(rid) == (lengths[r], caps[r])
             if rid is not None and not (known and computed[r] > 0 and not fresh[r]):
                 pending.append(r)  # new, resumed after preemption, N changed or left the batch: check again
         self.step = RingStep(
@@ -443,7 +448,7 @@ class RingState:
 
     def _commit_pending(self) -> None:
         for r in self._pending:
-            self._checked[self.step.req_ids[r]] = int(self._batch_key[r][1])
+            self._checked[self.step.req_ids[r]] = (int(self._batch_key[r][1]), int(self._batch_key[r][2]))
         self._pending = []
 
 
