@@ -170,7 +170,9 @@ def test_a_chat_under_one_span_hint_hits_its_whole_history_and_equals_no_cache(r
     prompts = [p for _, _, p in on]
     unhinted = {span_length(p + CHAT_OUT, MAX_MODEL_LEN, DEFAULT_SPAN_GRID) for p in prompts}
     assert len(unhinted) > 1  # without the hint the turns' spans would move
-    assert [c for _, c, _ in on] == [0] + [p // BLOCK * BLOCK for p in prompts[:-1]]
+    # turn 0 may hit the unhinted chat's opening blocks (same text, spans that reach them); every later turn hits
+    # all whole blocks of the turn before
+    assert [c for _, c, _ in on[1:]] == [p // BLOCK * BLOCK for p in prompts[:-1]]
     assert all(c == 0 for _, c, _ in off)
 
 
