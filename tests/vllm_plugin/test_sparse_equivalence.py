@@ -8,7 +8,6 @@ import pytest
 from moa_vllm.data import natural_prompt
 from moa_vllm.plan import fingerprint_from_hf_config, load_hf_config, load_plan, save_plan
 from moa_vllm.plan.span import served_length
-from moa_vllm.vllm_plugin.settings import DEFAULT_SPAN_GRID
 from tests.conftest import PLANS
 from tests.vllm_plugin.conftest import close_llm, make_llm
 from tests.vllm_plugin.hf_reference import ReferenceLM
@@ -44,14 +43,20 @@ def hetero_plan_path(model_dir, tmp_path_factory):
     return save_plan(heterogeneous_plan(fp), tmp_path_factory.mktemp("plans") / "hetero.json")
 
 
+def _exact(plan) -> dict:
+    """Spans at each request's own N (span grid 0): the short prompts stay sparse, so the masks cut context."""
+    return {"moa": {"plan": str(plan), "span_grid": 0}}
+
+
 @pytest.fixture(scope="module")
 def runs(model_dir, prompts, hetero_plan_path):
     """All engine work of this module, one engine at a time."""
     res = {}
-    llm = make_llm(model_dir, PLANS / "uniform-d0.25.json", max_model_len=MAX_MODEL_LEN, block_size=32)
+    llm = make_llm(model_dir, PLANS / "uniform-d0.25.json", max_model_len=MAX_MODEL_LEN, block_size=32,
+                   additional_config=_exact(PLANS / "uniform-d0.25.json"))  # fmt: skip
     res["uniform"] = _generate(llm, prompts)
     close_llm(llm)
-    llm = make_llm(model_dir, hetero_plan_path, max_model_len=MAX_MODEL_LEN)
+    llm = make_llm(model_dir, hetero_plan_path, max_model_len=MAX_MODEL_LEN, additional_config=_exact(hetero_plan_path))
     res["hetero"] = _generate(llm, prompts)
     close_llm(llm)
     llm = make_llm(
@@ -61,6 +66,7 @@ def runs(model_dir, prompts, hetero_plan_path):
         max_num_batched_tokens=96,
         max_num_seqs=4,
         enable_chunked_prefill=True,
+        additional_config=_exact(hetero_plan_path),
     )
     res["hetero_chunked"] = _generate(llm, prompts)
     close_llm(llm)
@@ -76,9 +82,9 @@ def reference(model_dir):
 @pytest.mark.parametrize("which", ["uniform", "hetero"])
 def test_sparse_plan_matches_reference(runs, reference, prompts, hetero_plan_path, which, i):
     plan = load_plan(PLANS / "uniform-d0.25.json" if which == "uniform" else hetero_plan_path)
-    n = served_length(len(prompts[i]), MAX_TOKENS, MAX_MODEL_LEN, DEFAULT_SPAN_GRID)
+    n = served_length(len(prompts[i]), MAX_TOKENS, MAX_MODEL_LEN, 0)
     assert max(s for layer in plan.spans(*n) for s in layer) < len(prompts[i])  # the masks really cut context
-    ref = reference.greedy(prompts[i], MAX_TOKENS, plan, MAX_MODEL_LEN)
+    ref = reference.greedy(prompts[i], MAX_TOKENS, plan, MAX_MODEL_LEN, span_grid=0)
     tokens, top5, logprobs = runs[which][i]
     assert len(tokens) == MAX_TOKENS
     assert_greedy_close(tokens, top5, ref.tokens, ref.top5, f"{which} plan, prompt {i}")
